@@ -1,0 +1,13 @@
+"""bnlayers: Batch Normalization for Keras, written from scratch.
+
+`bnlayers.BatchNormalization` is a drop-in for `keras.layers.BatchNormalization`
+(same constructor, weights, behaviour and saved files) with a fused fast path
+on TensorFlow, ghost batches, exact synchronized statistics and a list of
+feature axes.
+"""
+
+from bnlayers.batch_normalization import BatchNormalization
+
+__version__ = "0.1.0"
+
+__all__ = ["BatchNormalization", "__version__"]
