@@ -467,16 +467,25 @@ class BatchNormalization(keras.layers.Layer):
         elif self.virtual_batch_size is not None:
             outputs = self._ghost_batch_call(x, weights, gamma, beta)
         else:
-            count, mean, m2 = _math.moments(x, self._reduction_axes, weights)
-            if self.synchronized:
-                count, mean, m2 = _sync.cross_replica_moments(count, mean, m2)
+            replicas = _sync.replica_context() if self.synchronized else None
+            if replicas is None:
+                count, mean, m2 = _math.moments(x, self._reduction_axes, weights)
+                centred, offset = x, mean
+            else:
+                count, shift, residual, m2 = _sync.cross_replica_moments(
+                    replicas, x, self._reduction_axes, weights
+                )
+                mean = shift + residual
+                # The residual is the part of the mean a float32 shift cannot
+                # hold; subtracting the two in turn keeps it (see _sync).
+                centred, offset = x - shift, residual
             var = _math.variance(count, m2)
             if self.renorm:
                 gamma, beta = self._renorm_transform(mean, var, gamma, beta, param_shape)
                 self._update_renorm_statistics(count, mean, var)
             else:
                 self._update_moving_statistics(count, mean, var)
-            outputs = _math.normalize(x, mean, var, gamma, beta, self.epsilon)
+            outputs = _math.normalize(centred, offset, var, gamma, beta, self.epsilon)
         return ops.cast(outputs, self.compute_dtype)
 
     def _use_fused_kernel(self, inputs, mask):
