@@ -7,7 +7,18 @@ feature axes.
 """
 
 from bnlayers.batch_normalization import BatchNormalization
+from bnlayers.tools import fold_batchnorm
+from bnlayers.tools import freeze_batchnorm
+from bnlayers.tools import recalibrate
+from bnlayers.tools import swap_batchnorm
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNormalization", "__version__"]
+__all__ = [
+    "BatchNormalization",
+    "fold_batchnorm",
+    "freeze_batchnorm",
+    "recalibrate",
+    "swap_batchnorm",
+    "__version__",
+]
