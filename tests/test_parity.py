@@ -1,0 +1,433 @@
+"""Parity of bnlayers.BatchNormalization with the built-in layer and with float64.
+
+Every case builds `bnlayers.BatchNormalization` and
+`keras.layers.BatchNormalization` with the same arguments and the same
+(random) weights, runs `STEPS` training steps on the same batches, and after
+each step compares, against the built-in and against the float64 NumPy
+reference in `bn_reference.py`:
+
+- the training output (batch statistics) and its gradients with respect to
+  the inputs, gamma and beta, for a random upstream gradient;
+- all the non-trainable weights (moving statistics, renorm statistics);
+- the inference output on a held-out batch (moving statistics, as they are
+  after the step) and its gradients.
+
+The built-in layer is also checked against the reference, which checks the
+reference itself. Each case runs through both bnlayers code paths
+(`fused_mode`: the reference keras.ops path and the automatic choice).
+
+Errors are relative to the largest magnitude of the expected tensor
+(`bn_reference.rel_err`); the tolerances are in `TOLERANCES`.
+"""
+
+import dataclasses
+import zlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bn_reference as ref
+import bnlayers
+
+STEPS = 3
+
+# Relative error allowed, by policy and by quantity.
+#
+# float32: everything is computed in float32, so the errors are rounding
+# noise (about 1e-7 per operation); the gradient with respect to the inputs
+# subtracts two sums of the size of the upstream gradient, so it is allowed
+# ten times more.
+#
+# mixed_float16 / mixed_bfloat16: statistics are computed in float32 from
+# the same low-precision inputs in every implementation, so the moving
+# statistics and the gamma/beta gradients keep float32 tolerances. The
+# output and the input gradient are rounded to float16 (10-bit mantissa)
+# or bfloat16 (7-bit mantissa): against float64 that is half a unit in the
+# last place, and against the built-in one float32 difference can flip a
+# rounding, a whole unit: 2**-10 ~ 9.8e-4 and 2**-7 ~ 7.8e-3 of the value.
+#
+# float64: both layers then compute in float64; only rounding in float64 is
+# left.
+TOLERANCES = {
+    "float32": {"output": 1e-5, "stats": 1e-5, "grad_x": 1e-4, "grad_param": 1e-5},
+    "mixed_float16": {"output": 1.5e-3, "stats": 1e-5, "grad_x": 1.5e-3, "grad_param": 1e-5},
+    "mixed_bfloat16": {"output": 1.2e-2, "stats": 1e-5, "grad_x": 1.2e-2, "grad_param": 1e-5},
+    "float64": {"output": 1e-12, "stats": 1e-12, "grad_x": 1e-11, "grad_param": 1e-12},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple = (4, 3, 4, 3)
+    axis: object = -1
+    center: bool = True
+    scale: bool = True
+    momentum: float = 0.9
+    epsilon: float = 1e-3
+    mask: bool = False
+    renorm: bool = False
+    renorm_clipping: tuple = ()  # items of the dict, to keep the case hashable
+    renorm_momentum: float = 0.8
+    policy: str = "float32"
+    execution: str = "eager"
+    trainable: bool = True
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def feature_axes(self):
+        axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
+        return sorted(a % self.ndim for a in axes)
+
+    @property
+    def clipping(self):
+        return dict(self.renorm_clipping) or None
+
+    @property
+    def builtin_comparable(self):
+        """The built-in takes one int axis, and expands a mask at the last axis only."""
+        if isinstance(self.axis, (list, tuple)):
+            return False
+        return not self.mask or self.axis % self.ndim == self.ndim - 1
+
+
+def _cases():
+    cases = []
+    # Ranks 2 to 5, positive and negative axes, channels_first (axis=1).
+    axes_by_rank = {
+        (6, 5): [-1, 1],
+        (4, 3, 5): [-1, 1, -2],
+        (4, 3, 4, 3): [-1, 1, 2, -3],
+        (3, 2, 3, 2, 3): [-1, 1, 3, -4],
+    }
+    for shape, axes in axes_by_rank.items():
+        for axis in axes:
+            cases.append(Case(f"rank{len(shape)}-axis{axis}", shape=shape, axis=axis))
+    # Several feature axes at once (a bnlayers extension: reference only).
+    cases.append(Case("rank4-axis[1,3]", axis=(1, 3)))
+    cases.append(Case("rank3-axis[-1,-2]", shape=(4, 3, 5), axis=(-1, -2)))
+    # center / scale.
+    for center, scale in ((True, False), (False, True), (False, False)):
+        cases.append(Case(f"center{center}-scale{scale}", center=center, scale=scale))
+        cases.append(
+            Case(f"rank3-axis1-center{center}-scale{scale}", shape=(4, 3, 5), axis=1,
+                 center=center, scale=scale)
+        )
+    # Momenta (0 keeps the last batch, 1 never moves) and epsilons.
+    for momentum in (0.0, 0.5, 0.99, 1.0):
+        cases.append(Case(f"momentum{momentum}", momentum=momentum))
+    for epsilon in (1e-5, 0.1, 1.0):
+        cases.append(Case(f"epsilon{epsilon}", epsilon=epsilon))
+    # Batch sizes 1 and 2.
+    for batch in (1, 2):
+        cases.append(Case(f"batch{batch}-rank2", shape=(batch, 5)))
+        cases.append(Case(f"batch{batch}-rank4", shape=(batch, 3, 4, 3)))
+        cases.append(Case(f"batch{batch}-rank4-axis1", shape=(batch, 3, 4, 3), axis=1))
+    # Masks (the built-in supports them at axis=-1 only).
+    cases += [
+        Case("mask-rank2", shape=(6, 5), mask=True),
+        Case("mask-rank3", shape=(4, 6, 3), mask=True),
+        Case("mask-rank4", mask=True),
+        Case("mask-batch2-rank3", shape=(2, 5, 3), mask=True),
+        Case("mask-rank3-axis1", shape=(4, 3, 5), axis=1, mask=True),
+        Case("mask-rank4-axis1", axis=1, mask=True),
+        Case("mask-rank4-axis[1,2]", axis=(1, 2), mask=True),
+    ]
+    # Batch renormalization, with and without clipping (clipping that bites:
+    # the data's spread is far from the initial renorm_stddev).
+    clip = (("rmax", 1.5), ("rmin", 0.8), ("dmax", 0.5))
+    cases += [
+        Case("renorm", renorm=True),
+        Case("renorm-clip", renorm=True, renorm_clipping=clip),
+        Case("renorm-clip-rmax", renorm=True, renorm_clipping=(("rmax", 1.2),)),
+        Case("renorm-clip-rank3-axis1", shape=(4, 3, 5), axis=1, renorm=True, renorm_clipping=clip),
+        Case("renorm-clip-nocenter", renorm=True, renorm_clipping=clip, center=False),
+        Case("renorm-clip-noscale", renorm=True, renorm_clipping=clip, scale=False),
+        Case("renorm-clip-mask", shape=(4, 6, 3), renorm=True, renorm_clipping=clip, mask=True),
+        Case("renorm-batch1", shape=(1, 3, 4, 3), renorm=True, renorm_clipping=clip),
+    ]
+    # trainable=False: inference mode even with training=True, no updates.
+    cases += [
+        Case("frozen", trainable=False),
+        Case("frozen-renorm-mask", shape=(4, 6, 3), trainable=False, renorm=True, mask=True),
+    ]
+    # Mixed precision and float64.
+    for policy in ("mixed_float16", "mixed_bfloat16"):
+        cases += [
+            Case(f"{policy}", policy=policy),
+            Case(f"{policy}-rank3-axis1-mask", shape=(4, 3, 5), axis=1, mask=True, policy=policy),
+            Case(f"{policy}-rank2-mask", shape=(6, 5), mask=True, policy=policy),
+            Case(f"{policy}-renorm-clip", renorm=True, renorm_clipping=clip, policy=policy),
+        ]
+    cases.append(Case("float64", policy="float64"))
+    cases.append(Case("float64-rank5-axis1-mask", shape=(3, 2, 3, 2, 3), axis=1, mask=True,
+                      policy="float64"))
+    # Inside tf.function, and compiled with XLA, on a representative subset.
+    for execution in ("function", "jit"):
+        cases += [
+            Case(f"{execution}", execution=execution),
+            Case(f"{execution}-rank3-axis1", shape=(4, 3, 5), axis=1, execution=execution),
+            Case(f"{execution}-rank5-axis-4-noscale", shape=(3, 2, 3, 2, 3), axis=-4,
+                 scale=False, execution=execution),
+            Case(f"{execution}-mask-rank3", shape=(4, 6, 3), mask=True, execution=execution),
+            Case(f"{execution}-batch1-rank2", shape=(1, 5), execution=execution),
+            Case(f"{execution}-renorm-clip", renorm=True, renorm_clipping=clip,
+                 execution=execution),
+            Case(f"{execution}-mixed_float16", policy="mixed_float16", execution=execution),
+            Case(f"{execution}-frozen", trainable=False, execution=execution),
+        ]
+    cases.append(Case("jit-mixed_bfloat16-mask-axis1", shape=(4, 3, 5), axis=1, mask=True,
+                      policy="mixed_bfloat16", execution="jit"))
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names)), "case names must be unique"
+    return cases
+
+
+CASES = _cases()
+
+
+# ---------------------------------------------------------------- data
+
+
+def _data(case):
+    """Initial weights and STEPS batches, seeded by the case name."""
+    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    features = case.feature_axes
+    fshape = tuple(case.shape[a] for a in features)
+    pshape = [case.shape[i] if i in features else 1 for i in range(case.ndim)]
+    mask_shape = tuple(s for i, s in enumerate(case.shape) if i not in features)
+
+    # Each feature gets its own mean and spread, so a mix-up of axes shows.
+    loc = rng.uniform(-2.0, 2.0, fshape).reshape(pshape)
+    spread = rng.uniform(0.5, 3.0, fshape).reshape(pshape)
+
+    def batch():
+        x = loc + spread * rng.standard_normal(case.shape)
+        mask = None
+        if case.mask:
+            mask = rng.random(mask_shape) > 0.35
+            mask.flat[0] = True
+            # Shift the masked positions so that statistics that counted
+            # them would be visibly off.
+            x = x + 4.0 * ~ref._keep(x, mask, features)
+        w = rng.standard_normal(case.shape)
+        return x.astype("float32"), mask, w.astype("float32")
+
+    steps = []
+    for _ in range(STEPS):
+        x, mask, w = batch()
+        x_inf, _, w_inf = batch()
+        steps.append((x, mask, w, x_inf, w_inf))
+
+    values = {
+        "gamma": rng.uniform(0.5, 1.5, fshape),
+        "beta": rng.normal(0.0, 0.5, fshape),
+        "moving_mean": rng.normal(0.0, 0.5, fshape),
+        "moving_variance": rng.uniform(0.5, 2.0, fshape),
+        "renorm_mean": rng.normal(0.0, 0.5, fshape),
+        "renorm_stddev": rng.uniform(0.5, 1.0, fshape),
+    }
+    values["moving_stddev"] = np.sqrt(values["moving_variance"])
+    names = ref.weight_names(case.center, case.scale, case.renorm)
+    weights = [values[n].astype("float32") for n in names]
+    return names, weights, steps
+
+
+# ------------------------------------------------------------- running
+
+
+def _make_layer(cls, case, **extra):
+    kwargs = dict(
+        axis=list(case.axis) if isinstance(case.axis, tuple) else case.axis,
+        momentum=case.momentum,
+        epsilon=case.epsilon,
+        center=case.center,
+        scale=case.scale,
+        renorm=case.renorm,
+        renorm_clipping=case.clipping,
+        renorm_momentum=case.renorm_momentum,
+    )
+    if case.policy == "float64":
+        kwargs["dtype"] = "float64"
+    layer = cls(**kwargs, **extra)
+    layer.build(case.shape)
+    return layer
+
+
+def _run_keras(layer, case, weights, steps):
+    """Per step: training output and gradients, weights, inference output and gradients."""
+    layer.set_weights(weights)
+    layer.trainable = case.trainable
+    params = [v.value for v in (layer.gamma, layer.beta) if v is not None]
+
+    def step(x, mask, w, x_inf, w_inf):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([x, x_inf] + params)
+            y = layer(x, training=True, mask=mask)
+            loss = tf.reduce_sum(tf.cast(y, w.dtype) * w)
+            # Runs after the training call, so it sees the updated statistics.
+            y_inf = layer(x_inf, training=False)
+            loss_inf = tf.reduce_sum(tf.cast(y_inf, w.dtype) * w_inf)
+        grads = tape.gradient(loss, [x] + params)
+        grads_inf = tape.gradient(loss_inf, [x_inf] + params)
+        return y, grads, y_inf, grads_inf
+
+    if case.execution != "eager":
+        step = tf.function(step, jit_compile=case.execution == "jit")
+
+    dtype = "float64" if case.policy == "float64" else "float32"
+    results = []
+    for x, mask, w, x_inf, w_inf in steps:
+        args = [tf.constant(x, dtype), None if mask is None else tf.constant(mask)]
+        args += [tf.constant(w, dtype), tf.constant(x_inf, dtype), tf.constant(w_inf, dtype)]
+        y, grads, y_inf, grads_inf = step(*args)
+        assert keras.backend.standardize_dtype(y.dtype) == layer.compute_dtype
+        assert keras.backend.standardize_dtype(y_inf.dtype) == layer.compute_dtype
+        results.append(
+            {
+                "y": y.numpy(),
+                "grads": [g.numpy() for g in grads],
+                "weights": layer.get_weights(),
+                "y_inf": y_inf.numpy(),
+                "grads_inf": [g.numpy() for g in grads_inf],
+            }
+        )
+    return results
+
+
+def _rounded(a, policy):
+    """`a` as the layer sees it under `policy`, in float64."""
+    compute = {"mixed_float16": tf.float16, "mixed_bfloat16": tf.bfloat16}.get(policy)
+    if compute is None:
+        return np.asarray(a, np.float64)
+    return tf.cast(tf.cast(a, compute), tf.float64).numpy()
+
+
+def _run_reference(case, names, weights, steps):
+    state = dict(zip(names, (np.asarray(w, np.float64) for w in weights)))
+    options = dict(
+        feature_axes=case.feature_axes,
+        epsilon=case.epsilon,
+        momentum=case.momentum,
+        center=case.center,
+        scale=case.scale,
+        trainable=case.trainable,
+        renorm=case.renorm,
+        renorm_clipping=case.clipping,
+        renorm_momentum=case.renorm_momentum,
+    )
+    param_names = [n for n in ("gamma", "beta") if n in names]
+    results = []
+    for x, mask, w, x_inf, w_inf in steps:
+        # The gradient of the output's cast hands the layer the upstream
+        # gradient in the compute dtype.
+        y, g, state = ref.step(
+            _rounded(x, case.policy), state, training=True, mask=mask,
+            upstream=_rounded(w, case.policy), **options
+        )
+        y_inf, g_inf, _ = ref.step(
+            _rounded(x_inf, case.policy), state, training=False,
+            upstream=_rounded(w_inf, case.policy), **options
+        )
+        results.append(
+            {
+                "y": y,
+                "grads": [g["x"]] + [g[n] for n in param_names],
+                "weights": [state[n] for n in names],
+                "y_inf": y_inf,
+                "grads_inf": [g_inf["x"]] + [g_inf[n] for n in param_names],
+                "x_scale": {"grads": g["x_scale"], "grads_inf": g_inf["x_scale"]},
+            }
+        )
+    return results
+
+
+def _compare(case, against, actual, expected, names, reference):
+    """Compare per-step results; `reference` (float64) supplies the error scales."""
+    tol = TOLERANCES[case.policy]
+
+    def check(quantity, kind, a, e, floor=1e-3):
+        err = ref.rel_err(a, e, floor)
+        ref.record(against, case.policy, quantity, err, case.name)
+        assert err <= tol[kind], (
+            f"{case.name}: {quantity} differs from {against}: relative error "
+            f"{err:.2e} > {tol[kind]:.0e}"
+        )
+
+    assert len(actual) == len(expected)
+    for i, (a, e, r) in enumerate(zip(actual, expected, reference)):
+        at = f" (step {i + 1})"
+        check("output/train", "output", a["y"], e["y"])
+        check("output/infer", "output", a["y_inf"], e["y_inf"])
+        for mode in ("grads", "grads_inf"):
+            suffix = "train" if mode == "grads" else "infer"
+            # Measured against the size of the terms it is the difference of
+            # (see bn_reference.step).
+            check(f"grad x/{suffix}", "grad_x", a[mode][0], e[mode][0], r["x_scale"][mode])
+            for p, (ga, ge) in enumerate(zip(a[mode][1:], e[mode][1:])):
+                check(f"grad gamma,beta/{suffix}", "grad_param", ga, ge)
+            assert len(a[mode]) == len(e[mode]), case.name + at
+        assert len(a["weights"]) == len(e["weights"]) == len(names)
+        for name, wa, we in zip(names, a["weights"], e["weights"]):
+            if name in ("gamma", "beta"):
+                np.testing.assert_array_equal(wa, we, err_msg=f"{case.name}: {name} changed{at}")
+            else:
+                check("moving stats", "stats", wa, we)
+
+
+def _assert_not_vacuous(case, names, weights, steps, reference):
+    """A mask or a clipping that changed nothing would test nothing."""
+    if not case.trainable:
+        return
+    if case.mask:
+        unmasked = [(x, None, w, xi, wi) for x, _, w, xi, wi in steps]
+        y = _run_reference(case, names, weights, unmasked)[0]["y"]
+        assert ref.rel_err(y, reference[0]["y"]) > 1e-2, f"{case.name}: the mask changes nothing"
+    if case.clipping:
+        unclipped = dataclasses.replace(case, renorm_clipping=())
+        y = _run_reference(unclipped, names, weights, steps)[0]["y"]
+        assert ref.rel_err(y, reference[0]["y"]) > 1e-2, f"{case.name}: clipping changes nothing"
+
+
+# The built-in and the reference do not depend on `fused_mode`: compute once.
+_BUILTIN = {}
+_REFERENCE = {}
+
+
+@pytest.fixture
+def policy_scope(request, float32_policy_after):
+    def enter(policy):
+        keras.config.set_dtype_policy("float32" if policy == "float64" else policy)
+
+    return enter
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_parity(case, fused_mode, policy_scope):
+    policy_scope(case.policy)
+    names, weights, steps = _data(case)
+
+    ours = _make_layer(bnlayers.BatchNormalization, case, fused=fused_mode)
+    assert [w.path.split("/")[-1] for w in ours.weights] == names
+    ours_results = _run_keras(ours, case, weights, steps)
+
+    if case.name not in _REFERENCE:
+        _REFERENCE[case.name] = _run_reference(case, names, weights, steps)
+        _assert_not_vacuous(case, names, weights, steps, _REFERENCE[case.name])
+    reference = _REFERENCE[case.name]
+    _compare(case, "float64", ours_results, reference, names, reference)
+
+    if case.builtin_comparable:
+        if case.name not in _BUILTIN:
+            builtin = _make_layer(keras.layers.BatchNormalization, case)
+            assert [w.path.split("/")[-1] for w in builtin.weights] == names
+            _BUILTIN[case.name] = _run_keras(builtin, case, weights, steps)
+            # The yardstick checked against the built-in too.
+            _compare(case, "float64 (built-in)", _BUILTIN[case.name], reference, names, reference)
+        _compare(case, "built-in", ours_results, _BUILTIN[case.name], names, reference)
+    ref.CASES_RUN.add((case.name, fused_mode))
