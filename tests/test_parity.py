@@ -431,3 +431,136 @@ def test_parity(case, fused_mode, policy_scope):
             _compare(case, "float64 (built-in)", _BUILTIN[case.name], reference, names, reference)
         _compare(case, "built-in", ours_results, _BUILTIN[case.name], names, reference)
     ref.CASES_RUN.add((case.name, fused_mode))
+
+
+# ------------------------------------------------------- special inputs
+
+
+def _layer_pair(fused_mode, **kwargs):
+    ours = bnlayers.BatchNormalization(fused=fused_mode, **kwargs)
+    builtin = keras.layers.BatchNormalization(**kwargs)
+    return ours, builtin
+
+
+@pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
+def test_fully_masked_batch(fused_mode, renorm):
+    """No statistics at all: finite outputs and gradients, moving statistics kept."""
+    shape = (4, 6, 3)
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.normal(1.0, 2.0, shape).astype("float32"))
+    w = tf.constant(rng.standard_normal(shape).astype("float32"))
+    mask = tf.zeros(shape[:-1], dtype="bool")
+    layer = bnlayers.BatchNormalization(momentum=0.5, renorm=renorm, fused=fused_mode)
+    layer.build(shape)
+    before = [v.copy() for v in layer.get_weights()]
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True, mask=mask)
+        loss = tf.reduce_sum(y * w)
+    grads = tape.gradient(loss, [x] + [v.value for v in layer.trainable_weights])
+    assert np.all(np.isfinite(y.numpy()))
+    for g in grads:
+        assert np.all(np.isfinite(g.numpy()))
+    for name, b, a in zip(ref.weight_names(renorm=renorm), before, layer.get_weights()):
+        np.testing.assert_array_equal(a, b, err_msg=f"{name} moved on a fully masked batch")
+    state = dict(zip(ref.weight_names(renorm=renorm), before))
+    y_ref, g_ref, _ = ref.step(
+        x.numpy(), state, feature_axes=[-1], training=True, epsilon=1e-3, momentum=0.5,
+        renorm=renorm, mask=mask.numpy(), upstream=w.numpy(),
+    )
+    assert ref.rel_err(y.numpy(), y_ref) <= 1e-5
+    assert ref.rel_err(grads[0].numpy(), g_ref["x"], g_ref["x_scale"]) <= 1e-4
+
+
+def test_masked_positions_may_hold_nan_and_inf(fused_mode):
+    """Masked-out padding is selected away, never multiplied by zero."""
+    shape = (4, 6, 3)
+    rng = np.random.default_rng(8)
+    x = rng.normal(1.0, 2.0, shape)
+    mask = rng.random(shape[:-1]) > 0.4
+    mask[0, 0] = True
+    x[~mask] = np.nan
+    x[~mask & (rng.random(shape[:-1]) > 0.5)] = np.inf
+    layer = bnlayers.BatchNormalization(momentum=0.5, fused=fused_mode)
+    layer.build(shape)
+    state = dict(zip(ref.weight_names(), layer.get_weights()))
+    y = layer(tf.constant(x, "float32"), training=True, mask=tf.constant(mask)).numpy()
+    y_ref, _, new_state = ref.step(
+        x.astype("float32"), state, feature_axes=[-1], training=True, epsilon=1e-3,
+        momentum=0.5, mask=mask,
+    )
+    assert ref.rel_err(y[mask], y_ref[mask]) <= 1e-5
+    for name, value in zip(ref.weight_names(), layer.get_weights()):
+        assert ref.rel_err(value, new_state[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_large_values_under_mixed_precision(fused_mode, policy, policy_scope):
+    """Sums and squares of float16-sized values overflow float16 (max 65504):
+    statistics must be taken in float32."""
+    policy_scope(policy)
+    shape = (8, 4, 4, 2)
+    rng = np.random.default_rng(9)
+    x = rng.normal(2e4, 1e3, shape).astype("float32")
+    ours, builtin = _layer_pair(fused_mode, momentum=0.0)
+    y = ours(x, training=True)
+    y_builtin = builtin(x, training=True)
+    assert keras.backend.standardize_dtype(y.dtype) == policy.split("_")[1]
+    assert np.all(np.isfinite(y.numpy().astype("float32")))
+    x_seen = _rounded(x, policy)
+    state = dict(zip(ref.weight_names(), [np.ones(2), np.zeros(2), np.zeros(2), np.ones(2)]))
+    y_ref, _, new_state = ref.step(
+        x_seen, state, feature_axes=[-1], training=True, epsilon=1e-3, momentum=0.0
+    )
+    tol = TOLERANCES[policy]
+    assert ref.rel_err(y, y_ref) <= tol["output"]
+    assert ref.rel_err(y, y_builtin) <= tol["output"]
+    for name, value in zip(ref.weight_names(), ours.get_weights()):
+        assert ref.rel_err(value, new_state[name]) <= tol["stats"], name
+
+
+@pytest.mark.parametrize("execution", ["eager", "function"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_variance_of_large_mean_data(fused_mode, execution, masked):
+    """Mean 1e4, standard deviation 1: the one-pass E[x^2] - E[x]^2 would
+    cancel to nothing in float32; the variance must come out right."""
+    shape = (16, 8, 3)
+    rng = np.random.default_rng(10)
+    x = rng.normal(1e4, 1.0, shape).astype("float32")
+    mask = rng.random(shape[:-1]) > 0.3 if masked else None
+    layer = bnlayers.BatchNormalization(momentum=0.0, fused=fused_mode)
+    layer.build(shape)
+
+    def call(x, mask):
+        return layer(x, training=True, mask=mask)
+
+    if execution == "function":
+        call = tf.function(call)
+    y = call(tf.constant(x), None if mask is None else tf.constant(mask)).numpy()
+    _, mean, var = ref.batch_moments(x, [-1], mask)
+    moving_mean, moving_variance = layer.get_weights()[2:]
+    assert ref.rel_err(moving_variance, var.ravel(), floor=0.0) <= 1e-4
+    assert ref.rel_err(moving_mean, mean.ravel(), floor=0.0) <= 1e-6
+    # The output inherits the error of the float32 mean itself: a sum of
+    # values near 1e4 is a few units of 2**-10 ~ 1e-3 off (the built-in's
+    # mean is off by the same), i.e. ~1e-3 of outputs of size ~3.
+    y_ref = (x - mean) / np.sqrt(var + 1e-3)
+    assert ref.rel_err(y, y_ref) <= 3e-3
+
+
+def test_training_none_means_inference(fused_mode):
+    """`training=None` (a plain call) uses the moving statistics, as the built-in does."""
+    shape = (4, 5, 3)
+    rng = np.random.default_rng(11)
+    x = rng.normal(1.0, 2.0, shape).astype("float32")
+    ours, builtin = _layer_pair(fused_mode)
+    for layer in (ours, builtin):
+        layer.build(shape)
+        layer.set_weights([rng.uniform(0.5, 1.5, 3).astype("float32") for _ in range(4)])
+    builtin.set_weights(ours.get_weights())
+    before = ours.get_weights()
+    y = ours(x)
+    np.testing.assert_array_equal(y, ours(x, training=False))
+    for a, b in zip(before, ours.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert ref.rel_err(y, builtin(x)) <= TOLERANCES["float32"]["output"]
