@@ -125,7 +125,7 @@ class BatchNormalization(keras.layers.Layer):
             `channels_last`, 1 after a `channels_first` convolution). May
             also be a list of axes, e.g. `[1, 2]`, to keep separate
             statistics for every combination of those axes; the weights
-            then have the shape of those axes.
+            then have the shape of those axes, in increasing axis order.
         momentum: Momentum of the moving averages, in [0, 1].
         epsilon: Small float added to the variance to avoid dividing by
             zero; must be > 0.
@@ -158,12 +158,19 @@ class BatchNormalization(keras.layers.Layer):
         virtual_batch_size: None (default) or a positive int. In training,
             the batch is split into consecutive "ghost" batches of this many
             examples, each normalized with its own statistics (Hoffer et
-            al., 2017); a batch that is not a multiple ends with one smaller
-            ghost batch. The moving mean is updated with the mean over all
-            ghost batches and the moving variance with their pooled
-            (count-weighted) within-batch variance, i.e. the variance the
-            ghost batches were normalized with. At inference ghost batches
-            play no part, so any batch size works.
+            al., 2017). A batch that is not a multiple ends with one smaller
+            ghost batch rather than raising: the last batch of an epoch in
+            `fit()` is usually short, and tf-keras, whose reshape needed a
+            multiple (at inference too: keras issue 15790), failed there.
+            Its examples are normalized with the statistics of fewer
+            examples (with rank-2 inputs a last ghost batch of one example
+            outputs `beta`, as any batch of one does); a batch size that is
+            a multiple, or `drop_remainder=True`, avoids that. The moving mean is updated with
+            the mean over all ghost batches and the moving variance with
+            their pooled (count-weighted) within-batch variance, i.e. the
+            variance the ghost batches were normalized with. At inference
+            ghost batches play no part, so any batch size works. Cannot be
+            combined with `renorm` or `synchronized`.
         fused: None (default: use the fused TensorFlow kernel whenever it is
             eligible), True (require it; raise if it is not eligible), or
             False (always use the reference `keras.ops` path). See
@@ -176,7 +183,9 @@ class BatchNormalization(keras.layers.Layer):
             updates the moving ones (unless `trainable` is False); False or
             None uses the moving statistics.
         mask: Optional boolean tensor with the shape of `inputs` without the
-            feature axis (rank of inputs - 1). Masked-out positions are left
+            feature axis (rank of inputs - 1; with a list of feature axes,
+            the shape of `inputs` without all of them, so rank of inputs -
+            len(axis)). Masked-out positions are left
             out of the batch statistics (and so of the moving ones). A batch
             with every position masked yields finite outputs and leaves the
             moving statistics unchanged.
