@@ -63,6 +63,15 @@ def _check_built(model, function):
         )
 
 
+def _check_rebuildable(model, function):
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise TypeError(
+            f"`{function}` works on Sequential and Functional models (nested too); "
+            f"a subclassed model's layers cannot be rebuilt. Received: model={model.name!r} "
+            f"of type {type(model).__name__}"
+        )
+
+
 def _is_batchnorm(layer):
     return isinstance(layer, _BATCHNORM_CLASSES)
 
@@ -208,15 +217,8 @@ class _Rebuilder:
     def model(self, model):
         if isinstance(model, keras.Sequential):
             return self._sequential(model)
-        if isinstance(model, Functional):
-            return keras.models.clone_model(
-                model, clone_function=self.layer, call_function=self._call
-            )
-        raise TypeError(
-            f"`{self.function}` works on Sequential and Functional models (nested too); "
-            f"a subclassed model's layers cannot be rebuilt. Received: model={model.name!r} "
-            f"of type {type(model).__name__}"
-        )
+        _check_rebuildable(model, self.function)
+        return keras.models.clone_model(model, clone_function=self.layer, call_function=self._call)
 
     def layer(self, layer):
         if id(layer) in self.cache:
@@ -242,6 +244,10 @@ class _Rebuilder:
     def _call(self, layer, *args, **kwargs):
         if layer is _SKIPPED:
             return args[0] if args else kwargs["inputs"]
+        if isinstance(layer, ChannelAffine):
+            # It stands in for a BN layer; the `training` and `mask` arguments
+            # that layer was called with mean nothing to a fixed multiply-add.
+            return layer(args[0] if args else kwargs["inputs"])
         return layer(*args, **kwargs)
 
     def _sequential(self, model):
@@ -343,6 +349,7 @@ def swap_batchnorm(model, to="bnlayers"):
         raise ValueError(
             f"`to` must be one of {sorted(_SWAP_TARGETS)}. Received: to={to!r}"
         )
+    _check_rebuildable(model, "swap_batchnorm")
     _check_built(model, "swap_batchnorm")
     target = _SWAP_TARGETS[to]
 
@@ -508,6 +515,7 @@ def fold_batchnorm(model):
         A new `keras.Model` of the same kind, without BN layers.
     """
     _check_model(model, "fold_batchnorm")
+    _check_rebuildable(model, "fold_batchnorm")
     _check_built(model, "fold_batchnorm")
     usage = _graph_usage(model)
     folded = {}  # id(producer) -> bn
@@ -716,6 +724,7 @@ def recalibrate(model, data, steps=None, *, batch_size=None):
     snapshot = [(v, ops.convert_to_numpy(v)) for layer in layers for v in layer.non_trainable_weights]
     momenta = [(layer, layer.momentum, getattr(layer, "renorm_momentum", None)) for layer in layers]
     collected = collections.defaultdict(list)
+    seen_batches = 0
     try:
         for i, layer in enumerate(layers):
             layer.call = make_hook(str(i), layer, layer.call)
@@ -723,6 +732,7 @@ def recalibrate(model, data, steps=None, *, batch_size=None):
             if getattr(layer, "renorm", False):
                 layer.renorm_momentum = 1.0
         for x in batches:
+            seen_batches += 1
             for key, triples in forward(x).items():
                 for triple in triples:
                     collected[key].append([ops.convert_to_numpy(t).astype("float64") for t in triple])
@@ -735,6 +745,11 @@ def recalibrate(model, data, steps=None, *, batch_size=None):
         for variable, value in snapshot:
             variable.assign(value)
 
+    if not seen_batches:
+        raise ValueError(
+            "`data` yielded no batches, so there is nothing to compute statistics "
+            f"over. Received: data of type {type(data).__name__}, steps={steps!r}"
+        )
     for i, layer in enumerate(layers):
         triples = collected.get(str(i))
         if not triples:
