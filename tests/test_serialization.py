@@ -1,0 +1,211 @@
+"""Configs, `.keras` files and weights: interchangeable with the built-in layer."""
+
+import inspect
+import json
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import bn_reference as ref
+import bnlayers
+
+# Outputs of the two layers with equal weights differ by float32 rounding
+# only (see test_parity.py for the measured figures).
+RTOL = 1e-5
+
+
+def _custom_args():
+    return dict(
+        axis=1,
+        momentum=0.9,
+        epsilon=1e-4,
+        center=True,
+        scale=False,
+        beta_initializer=keras.initializers.RandomNormal(stddev=0.1, seed=3),
+        moving_variance_initializer=keras.initializers.Constant(2.0),
+        beta_regularizer=keras.regularizers.L2(1e-4),
+        gamma_regularizer=keras.regularizers.L1(1e-5),
+        beta_constraint=keras.constraints.MaxNorm(2.0),
+        gamma_constraint=keras.constraints.NonNeg(),
+        renorm=True,
+        renorm_clipping={"rmax": 3.0, "rmin": 0.5, "dmax": 1.0},
+        renorm_momentum=0.95,
+        name="bn_custom",
+    )
+
+
+def _normalized(config):
+    """A config as JSON would carry it (tuples become lists, ...)."""
+    return json.loads(json.dumps(config))
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_constructor_matches_the_builtin_argument_for_argument():
+    ours = inspect.signature(bnlayers.BatchNormalization.__init__).parameters
+    theirs = inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+    ours_named = [p for p in ours.values() if p.kind != p.VAR_KEYWORD]
+    theirs_named = [p for p in theirs.values() if p.kind != p.VAR_KEYWORD]
+    assert [(p.name, p.default) for p in ours_named[: len(theirs_named)]] == [
+        (p.name, p.default) for p in theirs_named
+    ]
+    assert [p.name for p in ours_named[len(theirs_named) :]] == ["virtual_batch_size", "fused"]
+    assert any(p.kind == p.VAR_KEYWORD for p in ours.values())
+
+
+def test_default_config_matches_the_builtin():
+    ours = bnlayers.BatchNormalization(name="bn").get_config()
+    theirs = keras.layers.BatchNormalization(name="bn").get_config()
+    assert {k: ours[k] for k in theirs} == theirs
+    assert set(ours) - set(theirs) == {"virtual_batch_size", "fused"}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        _custom_args(),
+        {"axis": [1, 3], "fused": False, "dtype": "mixed_float16"},
+        {"virtual_batch_size": 4, "momentum": 0.5},
+    ],
+    ids=["defaults", "custom", "axis-list-mixed", "ghost"],
+)
+def test_get_config_from_config_round_trip(kwargs):
+    layer = bnlayers.BatchNormalization(**kwargs)
+    config = layer.get_config()
+    clone = bnlayers.BatchNormalization.from_config(config)
+    assert _normalized(clone.get_config()) == _normalized(config)
+    # And through keras' generic (de)serialization, as saving does.
+    revived = keras.layers.deserialize(keras.layers.serialize(layer))
+    assert type(revived) is bnlayers.BatchNormalization
+    assert _normalized(revived.get_config()) == _normalized(config)
+
+
+def test_builtin_config_builds_our_layer():
+    config = keras.layers.BatchNormalization(**_custom_args()).get_config()
+    layer = bnlayers.BatchNormalization.from_config(config)
+    ours_config = layer.get_config()
+    assert _normalized({k: ours_config[k] for k in config}) == _normalized(config)
+
+
+# ----------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
+def test_weights_have_the_builtin_names_shapes_dtypes_and_order(renorm):
+    shape = (2, 5, 4)
+    ours = bnlayers.BatchNormalization(axis=1, renorm=renorm)
+    theirs = keras.layers.BatchNormalization(axis=1, renorm=renorm)
+    ours.build(shape)
+    theirs.build(shape)
+
+    def describe(layer):
+        return [(w.path.split("/")[-1], tuple(w.shape), w.dtype, w.trainable) for w in layer.weights]
+
+    assert describe(ours) == describe(theirs)
+    assert [n for n, *_ in describe(ours)] == ref.weight_names(renorm=renorm)
+
+
+@pytest.mark.parametrize("direction", ["builtin->ours", "ours->builtin"])
+def test_set_weights_from_get_weights(direction, fused_mode):
+    rng = np.random.default_rng(0)
+    shape = (6, 4, 3)
+    x = rng.normal(1.0, 2.0, shape).astype("float32")
+    ours = bnlayers.BatchNormalization(renorm=True, fused=fused_mode)
+    theirs = keras.layers.BatchNormalization(renorm=True)
+    ours.build(shape)
+    theirs.build(shape)
+    source, target = (theirs, ours) if direction == "builtin->ours" else (ours, theirs)
+    source.set_weights([rng.uniform(0.5, 1.5, 3).astype("float32") for _ in source.weights])
+    target.set_weights(source.get_weights())
+    for a, b in zip(source.get_weights(), target.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert ref.rel_err(ours(x), theirs(x)) <= RTOL
+    assert ref.rel_err(ours(x, training=True), theirs(x, training=True)) <= RTOL
+
+
+# ------------------------------------------------------------------- files
+
+
+def _article_model(bn):
+    return keras.Sequential(
+        [
+            keras.layers.InputLayer(shape=(28, 28, 1)),
+            keras.layers.Conv2D(8, (3, 3), activation="relu"),
+            bn,
+            keras.layers.MaxPooling2D((2, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+
+def _images(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 28, 28, 1)).astype("float32"), rng.integers(0, 10, n)
+
+
+def _trained(model):
+    """Every weight moved away from its initial value, moving statistics included."""
+    rng = np.random.default_rng(5)
+    model.set_weights(
+        [w + rng.normal(0.0, 0.1, w.shape).astype(w.dtype) for w in model.get_weights()]
+    )
+    x, _ = _images()
+    model(x, training=True)  # eager training calls update the moving statistics
+    model(x[::-1] * 2.0, training=True)
+    return model
+
+
+def test_keras_file_round_trip(tmp_path, fused_mode):
+    args = _custom_args()
+    args["axis"] = -1
+    model = _trained(_article_model(bnlayers.BatchNormalization(fused=fused_mode, **args)))
+    path = tmp_path / "model.keras"
+    model.save(path)
+
+    with zipfile.ZipFile(path) as archive:
+        saved = json.loads(archive.read("config.json"))
+    # The saved layer list starts with the InputLayer.
+    bn_config = saved["config"]["layers"][2]
+    assert bn_config["registered_name"] == "bnlayers>BatchNormalization"
+
+    reloaded = keras.saving.load_model(path)  # no custom_objects
+    layer = reloaded.layers[1]
+    assert type(layer) is bnlayers.BatchNormalization
+    assert _normalized(layer.get_config()) == _normalized(model.layers[1].get_config())
+    for a, b in zip(model.get_weights(), reloaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x, _ = _images(seed=1)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), reloaded.predict(x, verbose=0))
+    # Training mode too (batch statistics, renorm corrections from the
+    # reloaded renorm statistics).
+    np.testing.assert_array_equal(model(x, training=True), reloaded(x, training=True))
+
+
+@pytest.mark.parametrize("direction", ["builtin->ours", "ours->builtin"])
+@pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
+def test_weights_h5_interchange(tmp_path, direction, renorm, fused_mode):
+    def ours():
+        return _article_model(bnlayers.BatchNormalization(renorm=renorm, fused=fused_mode))
+
+    def theirs():
+        return _article_model(keras.layers.BatchNormalization(renorm=renorm))
+
+    make_source, make_target = (theirs, ours) if direction == "builtin->ours" else (ours, theirs)
+    source = _trained(make_source())
+    path = tmp_path / "model.weights.h5"
+    source.save_weights(path)
+    target = make_target()
+    target.load_weights(path)
+
+    for a, b in zip(source.get_weights(), target.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # The moving statistics really moved, so the check above means something.
+    bn_weights = source.layers[1].get_weights()
+    assert not np.allclose(bn_weights[2], 0.0) and not np.allclose(bn_weights[3], 1.0)
+    x, _ = _images(seed=2)
+    assert ref.rel_err(target.predict(x, verbose=0), source.predict(x, verbose=0)) <= RTOL
