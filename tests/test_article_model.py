@@ -1,0 +1,108 @@
+"""The article's model trained with each BatchNormalization, side by side.
+
+The model is built once with the built-in layer and once with bnlayers (both
+code paths), all starting from the same weights, and trained on the same
+batches of the bundled MNIST subset with deterministic ops. Per-step losses
+over the first 20 steps must agree within 1e-3 relative, and the test
+accuracies after one epoch within 1 point.
+
+`tf.config.experimental.enable_op_determinism()` is process-global (and makes
+some ops raise), so the training runs in a subprocess: this file run as a
+script prints its figures as JSON. Run it by hand to see them:
+
+    python tests/test_article_model.py
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+
+MNIST_NPZ = pathlib.Path(__file__).resolve().parents[1] / "examples" / "data" / "mnist_10k.npz"
+BATCH_SIZE = 64
+COMPARED_STEPS = 20
+LOSS_RTOL = 1e-3
+ACCURACY_POINTS = 1.0
+
+
+def _train_all():
+    """Train every variant for one epoch; returns per-step losses and test accuracies."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import bnlayers
+
+    tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(0)
+    with np.load(MNIST_NPZ) as data:
+        x_train = data["x_train"].astype("float32")[..., None] / 255.0
+        y_train = data["y_train"].astype("int64")
+        x_test = data["x_test"].astype("float32")[..., None] / 255.0
+        y_test = data["y_test"].astype("int64")
+
+    def article_model(batch_normalization):
+        # The article's model, verbatim but for the BatchNormalization line.
+        model = keras.Sequential(
+            [
+                keras.layers.InputLayer(shape=(28, 28, 1)),
+                keras.layers.Conv2D(32, (3, 3), activation="relu"),
+                batch_normalization,
+                keras.layers.MaxPooling2D((2, 2)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(10, activation="softmax"),
+            ]
+        )
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    models = {
+        "builtin": article_model(keras.layers.BatchNormalization()),
+        "bnlayers-reference": article_model(bnlayers.BatchNormalization(fused=False)),
+        "bnlayers-auto": article_model(bnlayers.BatchNormalization()),
+    }
+    initial = models["builtin"].get_weights()
+    for model in models.values():
+        model.set_weights(initial)
+
+    order = np.random.default_rng(0).permutation(len(x_train))
+    batches = [order[i : i + BATCH_SIZE] for i in range(0, len(order), BATCH_SIZE)]
+    results = {}
+    for name, model in models.items():
+        # train_on_batch resets the metrics first: it returns this batch's loss.
+        losses = [float(model.train_on_batch(x_train[b], y_train[b])[0]) for b in batches]
+        _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
+        results[name] = {"losses": losses, "test_accuracy": float(accuracy)}
+    return results
+
+
+def test_article_model_trains_alike():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    builtin = results.pop("builtin")
+    assert len(builtin["losses"]) == -(-8000 // BATCH_SIZE)
+    # Training did something, so agreement is not agreement on nothing.
+    assert builtin["losses"][COMPARED_STEPS - 1] < builtin["losses"][0]
+    assert builtin["test_accuracy"] > 0.8
+    for name, ours in results.items():
+        for step, (a, b) in enumerate(zip(ours["losses"][:COMPARED_STEPS], builtin["losses"])):
+            assert abs(a - b) <= LOSS_RTOL * abs(b), f"{name}, step {step + 1}: loss {a} vs {b}"
+        gap = 100.0 * abs(ours["test_accuracy"] - builtin["test_accuracy"])
+        assert gap <= ACCURACY_POINTS, f"{name}: test accuracy {ours['test_accuracy']} vs {builtin['test_accuracy']}"
+
+
+if __name__ == "__main__":
+    figures = _train_all()
+    base = figures["builtin"]["losses"][:COMPARED_STEPS]
+    for name, entry in figures.items():
+        ours = entry["losses"][:COMPARED_STEPS]
+        entry["max_rel_loss_diff_first_20"] = max(abs(a - b) / abs(b) for a, b in zip(ours, base))
+    print(json.dumps(figures))
