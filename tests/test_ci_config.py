@@ -1,0 +1,115 @@
+"""Lint the GitHub Actions workflow and keep it in step with `.ci/run`.
+
+The workflow is validated against the GitHub workflow JSON schema that
+`check-jsonschema` (in the dev extra) ships, so the check needs no network.
+"""
+
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+
+import pytest
+from ruamel.yaml import YAML  # a dependency of check-jsonschema
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
+CI_RUN = REPO / ".ci" / "run"
+
+
+def _lint(path):
+    # A proxy that refuses every connection proves the check is offline.
+    env = dict(os.environ, HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def _load(text):
+    return YAML(typ="safe").load(text)
+
+
+@pytest.fixture(scope="module")
+def workflow():
+    return _load(WORKFLOW.read_text())
+
+
+def test_workflow_passes_the_schema_offline():
+    proc = _lint(WORKFLOW)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        ("    runs-on: ubuntu-latest\n", ""),  # a job needs somewhere to run
+        ("    steps:\n", "    step:\n"),  # unknown key
+        ("    timeout-minutes: 60\n", "    timeout-minutes: [60]\n"),  # wrong type
+    ],
+    ids=["no-runs-on", "unknown-key", "wrong-type"],
+)
+def test_the_lint_rejects_a_broken_workflow(tmp_path, breakage):
+    """The schema check is not a formality: each of these breakages fails it."""
+    old, new = breakage
+    text = WORKFLOW.read_text()
+    assert old in text
+    broken = tmp_path / "ci.yml"
+    broken.write_text(text.replace(old, new, 1))
+    assert _lint(broken).returncode != 0
+
+
+def test_every_job_runs_the_local_ci_script(workflow):
+    for name, job in workflow["jobs"].items():
+        runs = [step["run"].strip() for step in job["steps"] if "run" in step]
+        assert "bash .ci/run" in runs, f"job {name} does not run .ci/run"
+
+
+def _pytest_args(command):
+    """Arguments after `-m pytest` in a shell command line."""
+    for part in re.split(r"&&|;|\n", command):
+        words = shlex.split(part, comments=True)
+        for i in range(len(words) - 1):
+            if words[i] == "-m" and words[i + 1] == "pytest":
+                return words[i + 2 :]
+    return None
+
+
+def test_ci_script_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"Run the tests.*?```bash\n(.*?)```", readme, re.S)
+    assert match, "README has no test command block"
+    readme_args = _pytest_args(match.group(1))
+    assert readme_args is not None, match.group(1)
+    script = CI_RUN.read_text()
+    assert _pytest_args(script) == readme_args
+    assert 'install -q -e ".[dev]"' in script or 'install -e ".[dev]"' in script
+    assert "set -euo pipefail" in script  # any failing step fails CI
+
+
+def test_matrix_covers_the_supported_pythons_with_a_pip_cache(workflow):
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    lowest = re.fullmatch(r">=\s*3\.(\d+)", pyproject["project"]["requires-python"])
+    assert lowest, pyproject["project"]["requires-python"]
+    job = workflow["jobs"]["test"]
+    versions = job["strategy"]["matrix"]["python-version"]
+    assert len(versions) >= 3
+    minors = sorted(int(str(v).split(".")[1]) for v in versions)
+    # The lowest Python the package claims is the lowest one CI tests.
+    assert minors[0] == int(lowest.group(1))
+    # ... and every tested Python can install the runtime dependencies.
+    for dist in ("keras", "tensorflow"):
+        needs = metadata.metadata(dist)["Requires-Python"]
+        low = re.search(r">=\s*3\.(\d+)", needs or "")
+        if low:
+            assert minors[0] >= int(low.group(1)), f"{dist} needs Python {needs}"
+    setup = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/setup-python")]
+    assert setup and setup[0]["with"]["cache"] == "pip"
+    assert setup[0]["with"]["python-version"] == "${{ matrix.python-version }}"
