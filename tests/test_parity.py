@@ -48,12 +48,18 @@ STEPS = 3
 # last place, and against the built-in one float32 difference can flip a
 # rounding, a whole unit: 2**-10 ~ 9.8e-4 and 2**-7 ~ 7.8e-3 of the value.
 #
+# float16 / bfloat16 layers (dtype="float16"): as above, and the weights
+# themselves are stored in float16/bfloat16, so every quantity carries that
+# rounding.
+#
 # float64: both layers then compute in float64; only rounding in float64 is
 # left.
 TOLERANCES = {
     "float32": {"output": 1e-5, "stats": 1e-5, "grad_x": 1e-4, "grad_param": 1e-5},
     "mixed_float16": {"output": 1.5e-3, "stats": 1e-5, "grad_x": 1.5e-3, "grad_param": 1e-5},
     "mixed_bfloat16": {"output": 1.2e-2, "stats": 1e-5, "grad_x": 1.2e-2, "grad_param": 1e-5},
+    "float16": {"output": 1.5e-3, "stats": 1.5e-3, "grad_x": 1.5e-3, "grad_param": 1.5e-3},
+    "bfloat16": {"output": 1.2e-2, "stats": 1.2e-2, "grad_x": 1.2e-2, "grad_param": 1.2e-2},
     "float64": {"output": 1e-12, "stats": 1e-12, "grad_x": 1e-11, "grad_param": 1e-12},
 }
 
@@ -164,6 +170,12 @@ def _cases():
             Case(f"{policy}-rank2-mask", shape=(6, 5), mask=True, policy=policy),
             Case(f"{policy}-renorm-clip", renorm=True, renorm_clipping=clip, policy=policy),
         ]
+    for policy in ("float16", "bfloat16"):
+        cases += [
+            Case(f"{policy}-layer", policy=policy),
+            Case(f"{policy}-layer-rank3-axis1-mask", shape=(4, 3, 5), axis=1, mask=True,
+                 policy=policy),
+        ]
     cases.append(Case("float64", policy="float64"))
     cases.append(Case("float64-rank5-axis1-mask", shape=(3, 2, 3, 2, 3), axis=1, mask=True,
                       policy="float64"))
@@ -252,8 +264,8 @@ def _make_layer(cls, case, **extra):
         renorm_clipping=case.clipping,
         renorm_momentum=case.renorm_momentum,
     )
-    if case.policy == "float64":
-        kwargs["dtype"] = "float64"
+    if case.policy in _LAYER_DTYPES:
+        kwargs["dtype"] = case.policy
     layer = cls(**kwargs, **extra)
     layer.build(case.shape)
     return layer
@@ -300,16 +312,32 @@ def _run_keras(layer, case, weights, steps):
     return results
 
 
+# Policies given to the layer as its `dtype` (the others are set globally).
+_LAYER_DTYPES = ("float16", "bfloat16", "float64")
+
+
 def _rounded(a, policy):
     """`a` as the layer sees it under `policy`, in float64."""
-    compute = {"mixed_float16": tf.float16, "mixed_bfloat16": tf.bfloat16}.get(policy)
+    compute = {
+        "mixed_float16": tf.float16,
+        "mixed_bfloat16": tf.bfloat16,
+        "float16": tf.float16,
+        "bfloat16": tf.bfloat16,
+    }.get(policy)
     if compute is None:
         return np.asarray(a, np.float64)
     return tf.cast(tf.cast(a, compute), tf.float64).numpy()
 
 
 def _run_reference(case, names, weights, steps):
-    state = dict(zip(names, (np.asarray(w, np.float64) for w in weights)))
+    # A float16/bfloat16 layer stores its weights in that dtype: round the
+    # state whenever the layer would.
+    stored = case.policy in ("float16", "bfloat16")
+
+    def store(state):
+        return {k: _rounded(v, case.policy) if stored else v for k, v in state.items()}
+
+    state = store(dict(zip(names, (np.asarray(w, np.float64) for w in weights))))
     options = dict(
         feature_axes=case.feature_axes,
         epsilon=case.epsilon,
@@ -330,6 +358,7 @@ def _run_reference(case, names, weights, steps):
             _rounded(x, case.policy), state, training=True, mask=mask,
             upstream=_rounded(w, case.policy), **options
         )
+        state = store(state)
         y_inf, g_inf, _ = ref.step(
             _rounded(x_inf, case.policy), state, training=False,
             upstream=_rounded(w_inf, case.policy), **options
@@ -402,7 +431,7 @@ _REFERENCE = {}
 @pytest.fixture
 def policy_scope(request, float32_policy_after):
     def enter(policy):
-        keras.config.set_dtype_policy("float32" if policy == "float64" else policy)
+        keras.config.set_dtype_policy("float32" if policy in _LAYER_DTYPES else policy)
 
     return enter
 
