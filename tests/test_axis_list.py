@@ -1,4 +1,7 @@
-"""Feature axes as a list (`axis=[1, 2]`): shapes, float64 reference, built-in equivalence, masks, saving."""
+"""Feature axes as a list (`axis=[1, 2]`).
+
+Shapes, float64 reference, built-in equivalence, masks, saving.
+"""
 
 import os
 
@@ -120,7 +123,8 @@ def test_equals_builtin_on_flattened_feature_axes(case):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
             y_ours = ours(x, training=True)
-            y_builtin = _from_single_axis(builtin(_to_single_axis(x, features), training=True), features, shape)
+            flat = builtin(_to_single_axis(x, features), training=True)
+            y_builtin = _from_single_axis(flat, features, shape)
             loss_ours = tf.reduce_sum(y_ours * dy)
             loss_builtin = tf.reduce_sum(y_builtin * dy)
         ref.assert_close(y_ours, y_builtin, RTOL, "outputs")
@@ -132,7 +136,8 @@ def test_equals_builtin_on_flattened_feature_axes(case):
     for a, b in zip(ours.get_weights(), builtin.get_weights()):
         ref.assert_close(a.reshape(-1), b, RTOL, "weights")
     x = rng.standard_normal(shape).astype("float32")
-    ref.assert_close(ours(x), _from_single_axis(builtin(_to_single_axis(x, features)), features, shape), RTOL, "inference")
+    flat = builtin(_to_single_axis(x, features))
+    ref.assert_close(ours(x), _from_single_axis(flat, features, shape), RTOL, "inference")
 
 
 def test_single_element_list_is_the_int_axis():

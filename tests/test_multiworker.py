@@ -3,9 +3,10 @@
 Each worker (`tests/_multiworker_worker.py`) trains the same small model on
 its half of every global batch; both must end with identical moving
 statistics (and weights), equal to one process training on the global
-batches. The BN layer's inputs have means up to ~170 next to a spread of
-~1, where E[x^2] - E[x]^2 in float32 loses most of its digits. Loopback only; the workers are killed on any failure or after
-`TIMEOUT_S`, which frees their ports.
+batches. The BN layer's inputs have a mean near 1e3 next to a spread
+near 1, where E[x^2] - E[x]^2 in float32 keeps only a few bits. Loopback
+only; the workers are killed on any failure or after `TIMEOUT_S`, which
+frees their ports.
 """
 
 import json
