@@ -1,0 +1,188 @@
+"""The figures behind the README's `tools` section, measured in one run.
+
+1. swap: agreement of a keras.applications MobileNetV2 (weights=None,
+   random BN statistics) with its copy swapped to bnlayers.
+2. fold: agreement of folded models with the originals, and `predict`
+   throughput before and after folding on a stack of Conv -> BN -> ReLU
+   blocks (same process, interleaved rounds, medians, ratio).
+3. recalibrate: the article's model after one epoch on the bundled MNIST
+   subset, test loss and accuracy before and after recalibration.
+
+Run from the repository root:
+
+    python examples/tools_benchmark.py            # everything (a few minutes on 2 cores)
+    python examples/tools_benchmark.py --only fold --rounds 21
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse
+import pathlib
+import statistics
+import time
+
+import keras
+import numpy as np
+
+import bnlayers
+
+DATA = pathlib.Path(__file__).resolve().parent / "data" / "mnist_10k.npz"
+
+
+def randomize_batchnorm(model, seed):
+    """BN statistics and affine weights far from their initial values."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, (keras.layers.BatchNormalization, bnlayers.BatchNormalization)):
+            n = layer.moving_mean.shape
+            layer.set_weights(
+                [
+                    rng.normal(1.0, 0.3, n).astype("float32"),
+                    rng.normal(0.0, 0.5, n).astype("float32"),
+                    rng.normal(0.0, 0.5, n).astype("float32"),
+                    rng.uniform(0.3, 3.0, n).astype("float32"),
+                ]
+            )
+
+
+def agreement(model, other, x):
+    """Largest |difference| of the inference outputs, absolute and relative to the largest output."""
+    ref = model.predict(x, verbose=0)
+    out = other.predict(x, verbose=0)
+    diff = float(np.max(np.abs(out - ref)))
+    return diff, diff / float(np.max(np.abs(ref)))
+
+
+def swap_figures():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(
+        input_shape=(96, 96, 3), alpha=0.5, weights=None, classes=10, classifier_activation=None
+    )
+    randomize_batchnorm(model, seed=0)
+    x = np.random.default_rng(0).normal(size=(64, 96, 96, 3)).astype("float32")
+    swapped = bnlayers.swap_batchnorm(model, to="bnlayers")
+    count = sum(isinstance(l, bnlayers.BatchNormalization) for l in swapped.layers)
+    diff, rel = agreement(model, swapped, x)
+    print(f"swap  MobileNetV2(96x96, alpha=0.5, weights=None): {count} BN layers -> bnlayers")
+    print(f"      logits max |diff| {diff:.2e} ({rel:.2e} of max |logit|)")
+    back = bnlayers.swap_batchnorm(swapped, to="keras")
+    diff, rel = agreement(model, back, x)
+    print(f"      and back to keras: max |diff| {diff:.2e}")
+    folded = bnlayers.fold_batchnorm(model)
+    diff, rel = agreement(model, folded, x)
+    print(f"fold  the same MobileNetV2: max |diff| {diff:.2e} ({rel:.2e} of max |logit|)")
+
+
+def conv_stack(bn, blocks=6, width=32):
+    layers = [keras.Input((32, 32, 3))]
+    for i in range(blocks):
+        layers += [
+            keras.layers.Conv2D(width, 3, padding="same", use_bias=False),
+            bn(),
+            keras.layers.ReLU(),
+        ]
+        if i % 2 == 1:
+            layers.append(keras.layers.MaxPooling2D())
+    layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+    return keras.Sequential(layers)
+
+
+def mobilenet(bn):
+    model = keras.applications.MobileNetV2(
+        input_shape=(96, 96, 3), alpha=0.5, weights=None, classes=10, classifier_activation=None
+    )
+    if bn is bnlayers.BatchNormalization:
+        model = bnlayers.swap_batchnorm(model, to="bnlayers")
+    return model
+
+
+def fold_speed(rounds):
+    """predict time of each original and of the folded model, interleaved."""
+    cases = [
+        ("conv stack: 6 x (Conv2D 32, 3x3 -> BN -> ReLU), 32x32x3", conv_stack, 512),
+        ("MobileNetV2 96x96, alpha 0.5 (52 Conv/DepthwiseConv -> BN)", mobilenet, 128),
+    ]
+    for title, build, n in cases:
+        x = np.random.default_rng(1).normal(size=(n,) + build(keras.layers.BatchNormalization).input_shape[1:])
+        x = x.astype("float32")
+        models = {}
+        for bn in (keras.layers.BatchNormalization, bnlayers.BatchNormalization):
+            keras.utils.set_random_seed(1)
+            model = build(bn)
+            randomize_batchnorm(model, seed=1)
+            models[f"{bn.__module__.split('.')[0]} BN"] = model
+        original = models["keras BN"]
+        models["folded"] = bnlayers.fold_batchnorm(original)
+        diff, rel = agreement(original, models["folded"], x)
+        times = {name: [] for name in models}
+        for m in models.values():  # warm-up: tracing and first-call costs
+            m.predict(x, batch_size=64, verbose=0)
+        names = list(models)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                start = time.perf_counter()
+                models[name].predict(x, batch_size=64, verbose=0)
+                times[name].append(time.perf_counter() - start)
+        print(f"fold  {title}; predict {n} images, batch 64, {rounds} interleaved rounds")
+        print(f"      agreement: max |diff| {diff:.2e} ({rel:.2e} of max |output|)")
+        for name in names:
+            median = statistics.median(times[name])
+            line = f"      {name:<12} median {median * 1e3:7.1f} ms  ({n / median:6.0f} images/s)"
+            if name != "folded":
+                # Each round's two timings are seconds apart and see the same
+                # load from other processes, so the ratio is taken per round.
+                ratios = [a / b for a, b in zip(times[name], times["folded"])]
+                line += f"  -> folded: {statistics.median(ratios):.2f}x the throughput (median per-round ratio)"
+            print(line)
+
+
+def recalibration_figures():
+    with np.load(DATA) as data:
+        x_train = data["x_train"].astype("float32")[..., None] / 255.0
+        y_train = data["y_train"].astype("int64")
+        x_test = data["x_test"].astype("float32")[..., None] / 255.0
+        y_test = data["y_test"].astype("int64")
+    for bn in (keras.layers.BatchNormalization, bnlayers.BatchNormalization):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential(
+            [
+                keras.layers.InputLayer(shape=(28, 28, 1)),
+                keras.layers.Conv2D(32, (3, 3), activation="relu"),
+                bn(),
+                keras.layers.MaxPooling2D((2, 2)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(10, activation="softmax"),
+            ]
+        )
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
+        loss0, acc0 = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
+        folded = bnlayers.fold_batchnorm(model)
+        diff, rel = agreement(model, folded, x_test)
+        start = time.perf_counter()
+        bnlayers.recalibrate(model, x_train, batch_size=64)
+        seconds = time.perf_counter() - start
+        loss1, acc1 = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
+        name = f"{bn.__module__.split('.')[0]}.BatchNormalization"
+        print(f"recalibrate  article model with {name}, 1 epoch (125 steps of 64) on 8,000 digits:")
+        print(f"      test loss {loss0:.3f} -> {loss1:.3f}, accuracy {acc0:.2%} -> {acc1:.2%} ({seconds:.1f} s)")
+        print(f"fold  this model (BN after ReLU -> ChannelAffine): softmax max |diff| {diff:.2e}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["swap", "fold", "recalibrate"])
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
+    args = parser.parse_args()
+    if args.only in (None, "swap"):
+        swap_figures()
+    if args.only in (None, "fold"):
+        fold_speed(args.rounds)
+    if args.only in (None, "recalibrate"):
+        recalibration_figures()
+
+
+if __name__ == "__main__":
+    main()
