@@ -738,7 +738,8 @@ def recalibrate(model, data, steps=None, *, batch_size=None):
                     collected[key].append([ops.convert_to_numpy(t).astype("float64") for t in triple])
     finally:
         for layer, momentum, renorm_momentum in momenta:
-            del layer.call
+            if "call" in vars(layer):
+                del layer.call
             layer.momentum = momentum
             if getattr(layer, "renorm", False):
                 layer.renorm_momentum = renorm_momentum

@@ -54,7 +54,9 @@ def _relative(out, ref):
 
 
 def _infer(model, x, jit=False):
-    fn = tf.function(lambda t: model(t, training=False), jit_compile=jit)
+    if not jit:  # eager: one call costs less than tracing a graph
+        return keras.ops.convert_to_numpy(model(x, training=False))
+    fn = tf.function(lambda t: model(t, training=False), jit_compile=True)
     return keras.ops.convert_to_numpy(fn(x))
 
 
