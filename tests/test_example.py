@@ -1,0 +1,507 @@
+"""End-to-end tests of examples/mnist_cnn.py, run as a user runs it: in a subprocess.
+
+Training runs are few and shared: one full epoch on the bundled data with
+both layers, --fold and --recalibrate (`main_run`); and on the first 2,000
+training images for 2 epochs, an uninterrupted run (`short_run`), the same
+under MirroredStrategy over 2 logical CPUs (`replicas_run`), and a run killed
+after its first backed-up epoch then started again (`resumed_run`). Bad
+arguments are checked without training: they fail before TensorFlow loads.
+"""
+
+import gzip
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "mnist_cnn.py"
+BUNDLED = REPO / "examples" / "data" / "mnist_10k.npz"
+SHORT = ["--limit", "2000", "--epochs", "2"]
+RUN_TIMEOUT = 600
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_script(*args, env=None, timeout=RUN_TIMEOUT):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env or _env(),
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def table_row(stdout, label):
+    """The cells of the summary table's row `label`, as strings."""
+    for line in stdout.splitlines():
+        if line.startswith(label + "  "):
+            return line[len(label) :].split()
+    raise AssertionError(f"no row {label!r} in the output:\n{stdout[-2000:]}")
+
+
+def history(out):
+    return json.loads((out / "history.json").read_text())
+
+
+def sections(stdout):
+    """The output of each training run, keyed by "bnlayers" / "keras"."""
+    parts, current = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("Training the article's model with "):
+            current = "bnlayers" if "bnlayers." in line else "keras"
+            parts[current] = []
+        elif current is not None:
+            parts[current].append(line)
+    return {name: "\n".join(lines) for name, lines in parts.items()}
+
+
+def load_script_module():
+    spec = importlib.util.spec_from_file_location("mnist_cnn_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------ the runs
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("main")
+    proc = _ok(run_script("--epochs", 1, "--fold", "--recalibrate", "--out", out))
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("short")
+    return _ok(run_script(*SHORT, "--out", out)), out
+
+
+@pytest.fixture(scope="module")
+def replicas_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("replicas")
+    return _ok(run_script(*SHORT, "--replicas", 2, "--quiet", "--out", out)), out
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """Starts a checkpointed run, SIGKILLs it once epoch 1 is backed up, starts it again."""
+    base = tmp_path_factory.mktemp("resume")
+    out, checkpoints, log_path = base / "out", base / "checkpoints", base / "first.log"
+    args = [*SHORT, "--checkpoint-dir", checkpoints, "--out", out]
+    with open(log_path, "w") as log:
+        first = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *map(str, args)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=REPO,
+        )
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while "bnlayers: backed up after epoch 1" not in log_path.read_text():
+                assert first.poll() is None, "the run ended before it was killed:\n" + log_path.read_text()
+                assert time.monotonic() < deadline, "no backup within the time limit"
+                time.sleep(0.02)
+            first.send_signal(signal.SIGKILL)
+        finally:
+            first.kill()
+            first.wait()
+    killed_output = log_path.read_text()
+    second = _ok(run_script(*args))
+    return killed_output, second, out, checkpoints
+
+
+# ------------------------------------------------------ main run: table, files
+
+
+def test_main_run_prints_the_table(main_run):
+    proc, _ = main_run
+    assert "125/125 - " in proc.stdout  # the compact progress line of the one epoch
+    accuracies = [float(cell) for cell in table_row(proc.stdout, "test accuracy")[:2]]
+    assert all(accuracy > 0.85 for accuracy in accuracies), accuracies
+    assert abs(accuracies[0] - accuracies[1]) <= 0.01, accuracies
+    losses = [float(cell) for cell in table_row(proc.stdout, "test loss")[:2]]
+    assert all(np.isfinite(losses)) and all(loss > 0 for loss in losses)
+    seconds = [float(cell) for cell in table_row(proc.stdout, "seconds per epoch")[:2]]
+    assert all(second > 0 for second in seconds)
+    table_row(proc.stdout, "largest curve gap, accuracy")
+    table_row(proc.stdout, "largest curve gap, loss")
+
+
+def test_history_json_holds_what_the_table_says(main_run):
+    proc, out = main_run
+    document = history(out)
+    assert document["data"]["train_examples"] == 8000
+    assert document["data"]["test_examples"] == 2000
+    assert document["arguments"]["epochs"] == 1
+    assert set(document["runs"]) == {"bnlayers", "keras"}
+    accuracy_cells = table_row(proc.stdout, "test accuracy")
+    loss_cells = table_row(proc.stdout, "test loss")
+    for column, name in enumerate(("bnlayers", "keras")):
+        run = document["runs"][name]
+        (epoch,) = run["history"]
+        assert epoch["epoch"] == 1
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
+            assert np.isfinite(epoch[key]) and epoch[key] > 0, (name, key, epoch)
+        assert f"{run['test_accuracy']:.4f}" == accuracy_cells[column]
+        assert f"{run['test_loss']:.4f}" == loss_cells[column]
+        # Evaluated after the last epoch: the same model on the same data as val_*.
+        assert run["test_accuracy"] == pytest.approx(epoch["val_accuracy"], abs=1e-6)
+        assert run["test_loss"] == pytest.approx(epoch["val_loss"], rel=1e-5)
+    gaps = document["largest_curve_gap"]
+    first, second = (document["runs"][name]["history"][0] for name in ("bnlayers", "keras"))
+    assert gaps["accuracy"]["gap"] == pytest.approx(
+        max(abs(first[k] - second[k]) for k in ("accuracy", "val_accuracy")), abs=1e-12
+    )
+    assert gaps["loss"]["gap"] == pytest.approx(
+        max(abs(first[k] - second[k]) for k in ("loss", "val_loss")), abs=1e-12
+    )
+
+
+def test_figure_is_a_real_png(main_run):
+    _, out = main_run
+    data = (out / "learning_curves.png").read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert 600 <= width <= 3000 and 300 <= height <= 2000, (width, height)
+    # Two panels of axes, text and curves: far more than an empty canvas.
+    assert len(data) > 20_000
+
+
+def test_saved_models_reload_and_score_as_reported(main_run):
+    _, out = main_run
+    import keras
+
+    import bnlayers
+
+    with np.load(BUNDLED) as data:
+        x_test = data["x_test"].astype("float32")[..., None] / 255.0
+        y_test = data["y_test"].astype("int64")
+    document = history(out)
+    for name, layer_class in (
+        ("bnlayers", bnlayers.BatchNormalization),
+        ("keras", keras.layers.BatchNormalization),
+    ):
+        run = document["runs"][name]
+        model = keras.models.load_model(out / run["model_file"])
+        assert type(model.layers[1]) is layer_class
+        loss, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
+        # The file holds the model as trained (saved before recalibration).
+        assert accuracy == pytest.approx(run["test_accuracy"], abs=1e-6)
+        assert loss == pytest.approx(run["test_loss"], rel=1e-5)
+
+
+def test_fold_agrees_and_recalibration_repairs_the_test_loss(main_run):
+    proc, out = main_run
+    document = history(out)
+    for name in ("bnlayers", "keras"):
+        run = document["runs"][name]
+        fold = run["fold"]
+        # Folding is exact arithmetic rounded once to float32; softmax outputs are <= 1.
+        assert fold["max_abs_difference"] <= 1e-5, fold
+        assert fold["same_class_fraction"] >= 0.999, fold
+        assert fold["speedup"] > 0 and fold["predict_seconds_folded"] > 0
+        # After one epoch the moving statistics still remember their initial
+        # values (issue 6: accuracy ~0.9, loss ~1.5); recalibration fixes that.
+        before, after = run["test_loss"], run["recalibrated"]["test_loss"]
+        assert after < 0.5 * before and after < 0.5, (before, after)
+        assert run["recalibrated"]["test_accuracy"] > 0.9
+    assert len(table_row(proc.stdout, "folded: max abs difference")) == 2
+    recalibrated = table_row(proc.stdout, "recalibrated: test loss")
+    assert recalibrated == [f"{document['runs'][n]['recalibrated']['test_loss']:.4f}" for n in ("bnlayers", "keras")]
+
+
+# ----------------------------------------------------- replicas and resuming
+
+
+def test_replicas_match_the_single_device_run(short_run, replicas_run):
+    (_, single_out), (proc, replicas_out) = short_run, replicas_run
+    # --quiet: the table and nothing of the training progress.
+    assert "Epoch " not in proc.stdout and "test accuracy" in proc.stdout
+    single, replicas = history(single_out), history(replicas_out)
+    for name in ("bnlayers", "keras"):
+        one, two = single["runs"][name], replicas["runs"][name]
+        assert two["synchronized"] and not one["synchronized"]
+        # Same global batches, exact synchronized statistics: the runs differ
+        # by the rounding of the split batch and the gradient all-reduce,
+        # which 64 Adam steps amplify a little.
+        for a, b in zip(one["history"], two["history"]):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (name, a, b)
+        assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.005, name
+        assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-2), name
+
+
+def test_killed_run_resumes_and_ends_as_an_uninterrupted_one(resumed_run, short_run):
+    killed_output, second, out, checkpoints = resumed_run
+    assert "bnlayers: backed up after epoch 1" in killed_output
+    assert "Training the article's model with keras" not in killed_output
+
+    parts = sections(second.stdout)
+    assert "bnlayers: resumed from the backup after epoch 1" in parts["bnlayers"]
+    assert "Epoch 1/2" not in parts["bnlayers"] and "Epoch 2/2" in parts["bnlayers"]
+    # The built-in's run had not started: it trains from its first epoch.
+    assert "Epoch 1/2" in parts["keras"] and "resumed" not in parts["keras"]
+    assert not checkpoints.exists(), "backups are deleted once the run completes"
+
+    resumed, uninterrupted = history(out), history(short_run[1])
+    for name in ("bnlayers", "keras"):
+        a, b = resumed["runs"][name], uninterrupted["runs"][name]
+        assert [e["epoch"] for e in a["history"]] == [1, 2]
+        # Deterministic ops, restored optimizer state and per-epoch batch
+        # order fixed by (seed, epoch): the same numbers, not just close ones.
+        for x, y in zip(a["history"], b["history"]):
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+                assert x[key] == y[key], (name, key, x, y)
+        assert a["test_loss"] == b["test_loss"] and a["test_accuracy"] == b["test_accuracy"]
+
+
+# ------------------------------------------------------------- bad arguments
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def _good_arrays(n=4):
+    return dict(
+        x_train=np.zeros((n, 28, 28), np.uint8),
+        y_train=np.arange(n) % 10,
+        x_test=np.zeros((n, 28, 28), np.uint8),
+        y_test=np.arange(n) % 10,
+    )
+
+
+def _bad_cases(tmp):
+    keys = _good_arrays()
+    del keys["x_test"], keys["y_test"]
+    shapes = _good_arrays()
+    shapes["x_train"] = np.zeros((4, 32, 32, 3), np.uint8)
+    labels = _good_arrays()
+    labels["y_test"] = np.array([0, 1, 2, 10])
+    counts = _good_arrays()
+    counts["y_train"] = np.zeros(3, np.int64)
+    (tmp / "not.npz").write_text("hello")
+    (tmp / "empty").mkdir(exist_ok=True)
+    return {
+        "unknown dataset": (["--dataset", "cifar10"], 2, "invalid choice: 'cifar10'"),
+        "missing file": (["--data", tmp / "nope.npz"], 2, "nope.npz: no such file"),
+        "not an npz": (["--data", tmp / "not.npz"], 2, "is not a readable .npz file"),
+        "missing keys": (
+            ["--data", _npz(tmp / "keys.npz", **keys)],
+            2,
+            "lacks x_test, y_test",
+        ),
+        "wrong shape": (
+            ["--data", _npz(tmp / "shapes.npz", **shapes)],
+            2,
+            "x_train has shape (4, 32, 32, 3)",
+        ),
+        "bad labels": (["--data", _npz(tmp / "labels.npz", **labels)], 2, "y_test holds labels 0..10"),
+        "label count": (["--data", _npz(tmp / "counts.npz", **counts)], 2, "y_train has shape (3,)"),
+        "zero epochs": (["--epochs", "0"], 2, "argument --epochs: must be a positive integer, got '0'"),
+        "negative epochs": (["--epochs", "-3"], 2, "argument --epochs: must be a positive integer"),
+        "text epochs": (["--epochs", "ten"], 2, "argument --epochs: must be a positive integer, got 'ten'"),
+        "zero batch size": (["--batch-size", "0"], 2, "argument --batch-size: must be a positive integer"),
+        "zero replicas": (["--replicas", "0"], 2, "argument --replicas: must be a positive integer"),
+        "missing data dir": (
+            ["--dataset", "fashion_mnist", "--data-dir", tmp / "nowhere"],
+            2,
+            "nowhere: no such directory",
+        ),
+        "empty data dir": (
+            ["--dataset", "fashion_mnist", "--data-dir", tmp / "empty"],
+            2,
+            "no train-images-idx3-ubyte or train-images-idx3-ubyte.gz in it",
+        ),
+        "data dir without dataset": (["--data-dir", tmp / "empty"], 2, "say which with --dataset"),
+        "data and data dir": (
+            ["--data", BUNDLED, "--data-dir", tmp / "empty"],
+            2,
+            "not allowed with argument",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown dataset",
+        "missing file",
+        "not an npz",
+        "missing keys",
+        "wrong shape",
+        "bad labels",
+        "label count",
+        "zero epochs",
+        "negative epochs",
+        "text epochs",
+        "zero batch size",
+        "zero replicas",
+        "missing data dir",
+        "empty data dir",
+        "data dir without dataset",
+        "data and data dir",
+    ],
+)
+def test_bad_argument_fails_in_one_line(case, tmp_path):
+    args, code, message = _bad_cases(tmp_path)[case]
+    proc = run_script(*args, "--out", tmp_path / "out", timeout=120)
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("mnist_cnn.py: error: ") and message in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+def test_offline_download_fails_in_one_sentence(tmp_path):
+    # A proxy on a closed local port makes every download fail at once,
+    # online or not; an empty KERAS_HOME has nothing cached.
+    env = _env(
+        https_proxy="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+        no_proxy="",
+        NO_PROXY="",
+        KERAS_HOME=str(tmp_path / "keras"),
+    )
+    for dataset, advice in (
+        ("mnist", "--data PATH with a local copy of mnist.npz"),
+        ("fashion_mnist", "--data-dir /usr/share/datasets/fashion-mnist"),
+    ):
+        proc = run_script("--dataset", dataset, "--out", tmp_path / "out", env=env, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert f"cannot download {dataset} through Keras" in lines[0]
+        assert "offline: use --dataset bundled" in lines[0] and advice in lines[0]
+
+
+def test_checkpoint_dir_of_other_arguments_is_refused(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    stored = dict(bn="both", dataset="bundled", data=None, data_dir=None, epochs=5)
+    stored.update(batch_size=64, limit=None, seed=0, replicas=1)
+    (checkpoints / "arguments.json").write_text(json.dumps(stored))
+    proc = run_script("--checkpoint-dir", checkpoints, "--out", tmp_path / "out", timeout=120)
+    assert proc.returncode == 2
+    assert "holds the backup of a run with other arguments (epochs 5 there, 10 here)" in proc.stderr
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("mine")
+    proc = run_script("--checkpoint-dir", tmp_path / "other", "--out", tmp_path / "out", timeout=120)
+    assert proc.returncode == 2 and "is not a backup of this script" in proc.stderr
+
+
+def test_bad_arguments_fail_before_tensorflow_loads():
+    """All the cases above, through main() in one process that must never import TensorFlow."""
+    code = f"""
+import json, pathlib, sys, tempfile
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+import mnist_cnn, test_example
+tmp = pathlib.Path(tempfile.mkdtemp())
+codes = {{}}
+for case, (args, _, _) in test_example._bad_cases(tmp).items():
+    codes[case] = mnist_cnn.main([*map(str, args), "--out", str(tmp / "out")])
+print(json.dumps({{"codes": codes, "tensorflow": "tensorflow" in sys.modules}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["codes"].values()) == {2}
+    assert result["tensorflow"] is False
+
+
+# ------------------------------------------------------------ data readers
+
+
+def _write_idx(path, array, magic, compress):
+    header = struct.pack(f">i{array.ndim}i", magic, *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(path, "wb") as file:
+            file.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
+def test_idx_directory_reads_like_keras(tmp_path, compress):
+    script = load_script_module()
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train": (rng.integers(0, 256, (30, 28, 28)), rng.integers(0, 10, 30)),
+        "t10k": (rng.integers(0, 256, (12, 28, 28)), rng.integers(0, 10, 12)),
+    }
+    suffix = ".gz" if compress else ""
+    for prefix, (images, labels) in arrays.items():
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", images, 0x803, compress)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", labels, 0x801, compress)
+    x_train, y_train, x_test, y_test = script.read_idx_dir(tmp_path)
+    assert x_train.shape == (30, 28, 28, 1) and x_test.shape == (12, 28, 28, 1)
+    assert x_train.dtype == np.float32
+    np.testing.assert_array_equal(x_train[..., 0], arrays["train"][0] / np.float32(255))
+    np.testing.assert_array_equal(y_test, arrays["t10k"][1])
+
+    # A truncated file is reported, not misread.
+    images = tmp_path / f"t10k-images-idx3-ubyte{suffix}"
+    raw = gzip.decompress(images.read_bytes()) if compress else images.read_bytes()
+    _write_idx(images, arrays["t10k"][0][:5], 0x803, compress)  # header says 5 images
+    with pytest.raises(script.UsageError, match="t10k-labels|y_test has shape"):
+        script.read_idx_dir(tmp_path)
+    truncated = raw[: len(raw) - 100]
+    if compress:
+        images.write_bytes(gzip.compress(truncated))
+    else:
+        images.write_bytes(truncated)
+    with pytest.raises(script.UsageError, match="its header says"):
+        script.read_idx_dir(tmp_path)
+
+
+@pytest.mark.skipif(
+    not pathlib.Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
+def test_debian_fashion_mnist_files_are_read():
+    script = load_script_module()
+    x_train, y_train, x_test, y_test = script.read_idx_dir(pathlib.Path("/usr/share/datasets/fashion-mnist"))
+    assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
+    assert np.bincount(y_train).tolist() == [6000] * 10
+    assert np.bincount(y_test).tolist() == [1000] * 10
+    assert 0.25 < float(x_train.mean()) < 0.35  # Fashion-MNIST's mean grey level is about 0.286
+
+
+def test_table_for_a_single_run():
+    script = load_script_module()
+    entry = {"epoch": 1, "seconds": 2.0, "loss": 0.5, "accuracy": 0.9, "val_loss": 0.4, "val_accuracy": 0.91}
+    results = {"keras": {"history": [entry], "test_accuracy": 0.91, "test_loss": 0.4}}
+    text = script.table(results, None)
+    header, rule, *rows = text.splitlines()
+    assert header.split() == ["keras"]
+    assert rows == ["test accuracy      0.9100", "test loss          0.4000", "seconds per epoch    2.00"]
