@@ -584,7 +584,9 @@ def _batches(data, steps, batch_size):
                 "`data` given as arrays must hold only arrays (x, or a tuple (x, y) or "
                 f"(x, y, sample_weight)). Received: data of type {type(data).__name__}"
             )
-        x = unpack(data)[0] if isinstance(data, (tuple, list)) else data
+        # As in `fit`: a tuple is (x, y[, sample_weight]); a list or dict is
+        # the inputs of a model with several.
+        x = unpack(data)[0] if isinstance(data, tuple) else data
         if batch_size is None:
             batch_size = 32
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
@@ -664,9 +666,9 @@ def recalibrate(model, data, steps=None, *, batch_size=None):
             layers.
         data: The inputs to compute the statistics over: a `tf.data.Dataset`
             or `keras.utils.PyDataset` of batches, arrays (`x`, or a tuple
-            `(x, y)` / `(x, y, sample_weight)`; `x` may be a dict of arrays
-            for a model with several inputs), or a generator or iterable of
-            batches of the same forms. Only `x` is used.
+            `(x, y)` / `(x, y, sample_weight)`; `x` may be a list or dict of
+            arrays for a model with several inputs), or a generator or
+            iterator of batches of the same forms. Only `x` is used.
         steps: Optional positive int: use at most this many batches. Needed
             for an endless dataset or generator.
         batch_size: For array data only: the batch size (default 32).
