@@ -6,6 +6,7 @@ on TensorFlow, ghost batches, exact synchronized statistics and a list of
 feature axes.
 """
 
+from bnlayers._fused import fused_eligibility
 from bnlayers.batch_normalization import BatchNormalization
 from bnlayers.tools import fold_batchnorm
 from bnlayers.tools import freeze_batchnorm
@@ -18,6 +19,7 @@ __all__ = [
     "BatchNormalization",
     "fold_batchnorm",
     "freeze_batchnorm",
+    "fused_eligibility",
     "recalibrate",
     "swap_batchnorm",
     "__version__",

@@ -1,14 +1,427 @@
-"""TensorFlow's fused batch-norm kernel as a fast path (work in progress, issue 4).
+"""The fused fast path of `BatchNormalization` on TensorFlow.
 
 `ineligibility(layer, inputs, mask)` is the one place that decides whether a
-call can run the fused kernel: it returns None when it can, else a short
-reason. Until the kernel path lands, every call takes the reference path.
+call can take the fast path: it returns None when it can, else a short
+reason. `fused_call` runs it, with one of two implementations of the same
+computation (`implementation()` picks):
+
+- ``"xla"``: the batch-norm arithmetic written out here in TensorFlow ops,
+  forward and backward (a `tf.custom_gradient`), each compiled by XLA into
+  a few fused loops. XLA fuses the elementwise work into the reductions, so
+  a training step reads and writes the data about as few times as the
+  arithmetic allows. Measured on CPU (`examples/benchmark.py`) this beats
+  TensorFlow's fused kernel, which on CPU is a chain of Eigen expressions.
+  Inside a function that is XLA-compiled as a whole (`jit_compile=True`)
+  the same ops are simply inlined.
+- ``"kernel"``: TensorFlow's fused batch-norm kernel, `FusedBatchNormV3`,
+  differentiated by its registered `FusedBatchNormGradV3`; on a GPU this is
+  cuDNN's batch norm. Used when a GPU is visible and the call is not under
+  XLA (XLA lowers this op with a one-pass variance, E[x^2] - E[x]^2, which
+  cancels to nothing when the mean is large next to the spread: a mean of
+  1e4 with variance 1 came out as variances of -34 and 87). In training the
+  kernel returns the unbiased (n / (n - 1)) batch variance; Keras' moving
+  variance follows the biased one, so the correction is undone.
+
+Both compute what the reference path in `_math` computes: statistics in
+float32 (float64 for float64 inputs), a two-pass variance around the mean,
+`(x - mean) * (gamma / sqrt(var + epsilon)) + beta`, the moving averages
+updated by the layer's own rule.
+
+TensorFlow is imported inside the functions, so that importing bnlayers on
+another Keras backend does not import it.
 """
+
+import functools
+
+from keras import backend
+
+from bnlayers import _math
+
+# Which implementation `fused_call` uses: None chooses (see `implementation`);
+# "xla" or "kernel" force one (the tests run both on CPU).
+IMPLEMENTATION = None
+
+# FusedBatchNormV3 computes in float32 (its `U` type) for these input types.
+_KERNEL_DTYPES = ("float16", "bfloat16", "float32")
+_XLA_DTYPES = _KERNEL_DTYPES + ("float64",)
+
+# cuDNN rejects a smaller epsilon (CUDNN_BN_MIN_EPSILON is 1e-5; and
+# tf.nn.fused_batch_norm silently raises anything smaller to this value).
+KERNEL_MIN_EPSILON = 1.001e-5
+
+
+def _static_shape(inputs):
+    return tuple(None if d is None else int(d) for d in inputs.shape)
+
+
+def _feature_axes(layer, shape):
+    if layer._feature_axes is not None:
+        return layer._feature_axes
+    return layer._resolve_axes(len(shape), shape)
+
+
+def in_xla_context():
+    """True while tracing a function that XLA compiles (`jit_compile=True`)."""
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return False
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - private module moved
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def implementation():
+    """"kernel" (FusedBatchNormV3) on a GPU outside XLA, else "xla"."""
+    if IMPLEMENTATION is not None:
+        return IMPLEMENTATION
+    if in_xla_context():
+        return "xla"
+    return "kernel" if _gpu_visible() else "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_visible():
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 def ineligibility(layer, inputs, mask):
-    return "the fused kernel path is not available in this version"
+    """Why this call cannot take the fused fast path, or None if it can.
+
+    `inputs` is anything with `.shape` and `.dtype` (a tensor, a
+    KerasTensor, a `tf.TensorSpec`).
+    """
+    if backend.backend() != "tensorflow":
+        return f"the Keras backend is {backend.backend()!r}, not 'tensorflow'"
+    if mask is not None:
+        return "a mask is given (the fused path cannot leave positions out of the statistics)"
+    if layer.renorm:
+        return "renorm=True (the fused path has no batch renormalization)"
+    if layer.virtual_batch_size is not None:
+        return (
+            f"virtual_batch_size={layer.virtual_batch_size} (the fused path normalizes the "
+            "whole batch at once)"
+        )
+    if layer.synchronized:
+        from bnlayers import _sync
+
+        replicas = _sync.replica_context()
+        if replicas is not None:
+            return (
+                f"synchronized=True with {replicas.num_replicas_in_sync} replicas (the fused "
+                "path sees one replica's batch only)"
+            )
+    shape = _static_shape(inputs)
+    axes = _feature_axes(layer, shape)
+    if len(axes) != 1:
+        return f"axis={layer.axis!r} names several feature axes (the fused path takes one)"
+    dtype = backend.standardize_dtype(inputs.dtype)
+    kernel = implementation() == "kernel"
+    dtypes = _KERNEL_DTYPES if kernel else _XLA_DTYPES
+    if dtype not in dtypes:
+        return f"inputs of dtype {dtype} (the fused path takes {', '.join(dtypes)})"
+    if kernel and layer.epsilon < KERNEL_MIN_EPSILON:
+        return (
+            f"epsilon={layer.epsilon!r} is below {KERNEL_MIN_EPSILON}, the smallest "
+            "TensorFlow's fused kernel accepts on GPUs (cuDNN)"
+        )
+    return None
 
 
 def fused_call(layer, inputs, use_batch_statistics):
-    raise NotImplementedError("the fused kernel path is not available in this version")
+    """The layer's call on the fast path; returns outputs in the compute dtype.
+
+    With `use_batch_statistics`, normalizes with the batch statistics and
+    updates the layer's moving statistics; otherwise normalizes with the
+    moving statistics.
+    """
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(inputs)
+    axis = layer._feature_axes[0]
+    stats_dtype = _math.statistics_dtype(x.dtype)
+    out_dtype = layer.compute_dtype
+    if implementation() == "kernel":
+        return _kernel_call(layer, x, axis, use_batch_statistics, out_dtype)
+
+    def per_feature(variable, fill):
+        if variable is None:
+            return tf.fill([x.shape[axis]], tf.constant(fill, stats_dtype))
+        return tf.cast(variable, stats_dtype)
+
+    gamma = per_feature(layer.gamma if layer.scale else None, 1.0)
+    beta = per_feature(layer.beta if layer.center else None, 0.0)
+    epsilon = tf.constant(layer.epsilon, stats_dtype)
+    if not use_batch_statistics:
+        mean = tf.cast(layer.moving_mean, stats_dtype)
+        var = tf.cast(layer.moving_variance, stats_dtype)
+        return _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype)
+    y, mean, var = _xla_training(x, gamma, beta, epsilon, axis, out_dtype)
+    count = _count(x, axis, stats_dtype)
+    layer._update_moving_statistics(count, mean, var)
+    return y
+
+
+def _count(x, axis, dtype):
+    """Elements per feature: a constant when the shape is static."""
+    import tensorflow as tf
+
+    shape = _static_shape(x)
+    if None not in shape:
+        n = 1
+        for i, d in enumerate(shape):
+            if i != axis:
+                n *= d
+        return tf.constant(n, dtype)
+    return tf.cast(tf.size(x, out_type=tf.int64) // shape[axis], dtype)
+
+
+# ---------------------------------------------------------------- XLA path
+#
+# The compiled functions see the inputs as a matrix (rows, features) when
+# the features are the last axis, else as (before, features, after): XLA
+# reduces merged axes fastest (measured). They take the feature axis and
+# the output dtype as Python values (one trace each), the rest as tensors;
+# arithmetic is in the dtype of `gamma` (the statistics dtype).
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_functions():
+    import tensorflow as tf
+
+    def merged(x, axis):
+        shape = tf.shape(x, out_type=tf.int64)
+        dims = [tf.reduce_prod(shape[:axis]), shape[axis]]
+        if axis < x.shape.rank - 1:
+            dims.append(tf.reduce_prod(shape[axis + 1 :]))
+        return tf.reshape(x, dims)
+
+    def stats_axes(x):
+        return [0] if x.shape.rank == 2 else [0, 2]
+
+    def per_feature(v, x):
+        return tf.reshape(v, [1, -1] if x.shape.rank == 2 else [1, -1, 1])
+
+    def count(x, dtype):
+        """Elements per feature, at least 1 (an empty batch gives zeros, not NaN)."""
+        n = tf.size(x, out_type=tf.int64) // tf.shape(x, out_type=tf.int64)[1]
+        return tf.cast(tf.maximum(n, 1), dtype)
+
+    @tf.function(jit_compile=True, autograph=False)
+    def forward(x, gamma, beta, epsilon, axis, out_dtype):
+        shape = tf.shape(x)
+        x = tf.cast(merged(x, axis), gamma.dtype)
+        n = count(x, gamma.dtype)
+        mean = tf.reduce_sum(x, stats_axes(x)) / n
+        centred = x - per_feature(mean, x)
+        # Two passes: the variance around the mean, never E[x^2] - E[x]^2.
+        var = tf.reduce_sum(tf.square(centred), stats_axes(x)) / n
+        y = centred * per_feature(tf.math.rsqrt(var + epsilon) * gamma, x) + per_feature(beta, x)
+        return tf.reshape(tf.cast(y, out_dtype), shape), mean, var
+
+    @tf.function(jit_compile=True, autograph=False)
+    def backward(dy, x, mean, var, gamma, epsilon, axis):
+        shape, dtype = tf.shape(x), x.dtype
+        x = tf.cast(merged(x, axis), gamma.dtype)
+        dy = tf.cast(merged(dy, axis), gamma.dtype)
+        n = count(x, gamma.dtype)
+        inv = tf.math.rsqrt(var + epsilon)
+        centred = x - per_feature(mean, x)
+        dbeta = tf.reduce_sum(dy, stats_axes(x))
+        dgamma = tf.reduce_sum(dy * centred, stats_axes(x)) * inv
+        # With xhat = (x - mean) * inv and the batch statistics depending on
+        # x, the derivative of gamma * xhat + beta is
+        # gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), and
+        # sum(dy * xhat) is dgamma.
+        dx = per_feature(gamma * inv, x) * (
+            dy - per_feature(dbeta / n, x) - centred * per_feature(inv * dgamma / n, x)
+        )
+        return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
+
+    @tf.function(jit_compile=True, autograph=False)
+    def inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
+        shape = tf.shape(x)
+        x = tf.cast(merged(x, axis), gamma.dtype)
+        # The mean is subtracted before scaling, as in the reference path
+        # (x * a + b would lose digits when the mean is large next to the spread).
+        y = (x - per_feature(mean, x)) * per_feature(tf.math.rsqrt(var + epsilon) * gamma, x)
+        return tf.reshape(tf.cast(y + per_feature(beta, x), out_dtype), shape)
+
+    @tf.function(jit_compile=True, autograph=False)
+    def inference_backward(dy, x, mean, var, gamma, epsilon, axis):
+        shape, dtype = tf.shape(x), x.dtype
+        x = tf.cast(merged(x, axis), gamma.dtype)
+        dy = tf.cast(merged(dy, axis), gamma.dtype)
+        inv = tf.math.rsqrt(var + epsilon)
+        dx = dy * per_feature(inv * gamma, x)
+        dgamma = tf.reduce_sum(dy * (x - per_feature(mean, x)), stats_axes(x)) * inv
+        dbeta = tf.reduce_sum(dy, stats_axes(x))
+        return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
+
+    return forward, backward, inference, inference_backward
+
+
+def _xla_training(x, gamma, beta, epsilon, axis, out_dtype):
+    import tensorflow as tf
+
+    forward, backward, _, _ = _xla_functions()
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        y, mean, var = forward(x, gamma, beta, epsilon, axis, out_dtype)
+
+        def grad(dy, dmean, dvar):
+            # The batch statistics only feed the moving averages (no gradient).
+            del dmean, dvar
+            dx, dgamma, dbeta = backward(dy, x, mean, var, gamma, epsilon, axis)
+            return dx, dgamma, dbeta
+
+        return (y, mean, var), grad
+
+    y, mean, var = normalize(x, gamma, beta)
+    return y, tf.stop_gradient(mean), tf.stop_gradient(var)
+
+
+def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
+    import tensorflow as tf
+
+    _, _, inference, inference_backward = _xla_functions()
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        y = inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype)
+
+        def grad(dy):
+            return inference_backward(dy, x, mean, var, gamma, epsilon, axis)
+
+        return y, grad
+
+    return normalize(x, gamma, beta)
+
+
+# ------------------------------------------------------------- kernel path
+
+
+def _kernel_layout(shape, axis):
+    """How to present inputs of `shape` with feature `axis` to the kernel.
+
+    Returns `(kernel_shape, data_format)`; `kernel_shape` is None when the
+    inputs go in as they are. Every single feature axis fits by a reshape
+    alone (no data moves): the axes before it merge into N, those after it
+    into H, and the features sit last (NHWC) or second (NCHW).
+    """
+    rank = len(shape)
+    channels = shape[axis]
+    if axis == rank - 1:
+        return (None if rank == 4 else [-1, 1, 1, channels]), "NHWC"
+    if rank == 4 and axis == 1:
+        return None, "NCHW"
+    if None in shape[axis + 1 :]:
+        return "dynamic", "NCHW"
+    inner = 1
+    for d in shape[axis + 1 :]:
+        inner *= d
+    return [-1, channels, inner, 1], "NCHW"
+
+
+def _kernel_call(layer, x, axis, use_batch_statistics, out_dtype):
+    import tensorflow as tf
+
+    if backend.standardize_dtype(x.dtype) != out_dtype:
+        # The reference path returns the compute dtype computed from float32
+        # statistics; a kernel run in the input dtype would round to it.
+        x = tf.cast(x, tf.float32)
+    shape = _static_shape(x)
+    channels = shape[axis]
+    kernel_shape, data_format = _kernel_layout(shape, axis)
+    if kernel_shape == "dynamic":
+        kernel_shape = tf.stack([-1, channels, tf.reduce_prod(tf.shape(x)[axis + 1 :]), 1])
+    xk = x if kernel_shape is None else tf.reshape(x, kernel_shape)
+
+    def per_feature(variable, fill):
+        if variable is None:
+            return tf.fill([channels], tf.constant(fill, tf.float32))
+        return tf.cast(variable, tf.float32)
+
+    scale = per_feature(layer.gamma if layer.scale else None, 1.0)
+    offset = per_feature(layer.beta if layer.center else None, 0.0)
+    if use_batch_statistics:
+        y, mean, unbiased_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=xk,
+            scale=scale,
+            offset=offset,
+            mean=tf.zeros([0], tf.float32),
+            variance=tf.zeros([0], tf.float32),
+            epsilon=layer.epsilon,
+            data_format=data_format,
+            is_training=True,
+        )
+        count = _count(x, axis, tf.float32)
+        # Undo the kernel's n / (n - 1). With n = 1 it left the (zero)
+        # variance alone, and (n - 1) / n = 0 keeps it zero.
+        var = unbiased_var * (tf.maximum(count - 1.0, 0.0) / tf.maximum(count, 1.0))
+        layer._update_moving_statistics(count, mean, var)
+    else:
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=xk,
+            scale=scale,
+            offset=offset,
+            mean=tf.cast(layer.moving_mean, tf.float32),
+            variance=tf.cast(layer.moving_variance, tf.float32),
+            epsilon=layer.epsilon,
+            data_format=data_format,
+            is_training=False,
+        )[0]
+    if kernel_shape is not None:
+        y = tf.reshape(y, tf.shape(x))
+    return tf.cast(y, out_dtype)
+
+
+# ------------------------------------------------------------------ public
+
+
+def fused_eligibility(layer, inputs, mask=None):
+    """Why `layer` would not take its fused fast path on `inputs`, or None if it would.
+
+    With `fused=None` (the default) a `bnlayers.BatchNormalization` layer
+    takes its fused fast path whenever it can, and its reference
+    `keras.ops` path otherwise; with `fused=True` it raises instead of
+    falling back. The fast path is taken when all of these hold:
+
+    - the Keras backend is TensorFlow;
+    - no mask is given;
+    - `renorm=False` and `virtual_batch_size=None`;
+    - not `synchronized=True` inside a `tf.distribute` strategy with several
+      replicas (outside one, `synchronized` changes nothing);
+    - a single feature axis (any one);
+    - floating inputs: float16, bfloat16, float32 or float64 (float64 not on
+      a GPU, where TensorFlow's fused kernel does not take it);
+    - on a GPU, also `epsilon >= 1.001e-5` (cuDNN's lower bound).
+
+    Training and inference (`training=False`, or `trainable=False`),
+    `tf.function` and `jit_compile=True` are all covered. On a GPU the fast
+    path is TensorFlow's fused batch-norm kernel (cuDNN); elsewhere, and
+    inside XLA-compiled functions, it is the same computation compiled by
+    XLA into a few fused loops.
+
+    Args:
+        layer: a `bnlayers.BatchNormalization` layer, built or not.
+        inputs: a tensor, a `keras.KerasTensor` or `tf.TensorSpec` (anything
+            with `.shape` and `.dtype`), or an input shape (a tuple; the
+            dtype is then the layer's compute dtype).
+        mask: the mask the layer would be called with, if any.
+
+    Returns:
+        None if the call would take the fast path, else a short reason.
+        The answer does not depend on `layer.fused`: with `fused=False` the
+        layer never takes it.
+    """
+    if isinstance(inputs, (tuple, list)):
+        import keras
+
+        inputs = keras.KerasTensor(tuple(inputs), dtype=layer.compute_dtype)
+    return ineligibility(layer, inputs, mask)
