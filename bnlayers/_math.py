@@ -30,7 +30,10 @@ def statistics_dtype(dtype):
     dtype = backend.standardize_dtype(dtype)
     if dtype in _LOW_PRECISION:
         return "float32"
-    return backend.result_type(dtype, "float32")
+    # Not backend.result_type(dtype, "float32"): off TensorFlow, Keras' type
+    # promotion maps float64 to float32 (JAX's rule without x64), which would
+    # take float64 statistics in float32 on PyTorch.
+    return "float64" if dtype == "float64" else "float32"
 
 
 def _reduced_size(x, axes):
@@ -58,7 +61,8 @@ def moments(x, axes, weights=None):
     axes = tuple(axes)
     if weights is None:
         count = ops.cast(_reduced_size(x, axes), x.dtype)
-        mean = ops.mean(x, axis=axes, keepdims=True)
+        # Not ops.mean: on PyTorch it averages float64 in float32.
+        mean = ops.sum(x, axis=axes, keepdims=True) / count
         # The variance's derivative with respect to the mean is zero at the
         # mean, so the mean needs no gradient path through the second pass.
         centred = x - ops.stop_gradient(mean)

@@ -102,8 +102,11 @@ def moving_update(moving, value, momentum):
 
 def assert_close(actual, expected, rtol, what=""):
     """max |actual - expected| <= rtol * max |expected| (scale-relative)."""
-    actual = np.asarray(actual, "float64")
-    expected = np.asarray(expected, "float64")
+    # NumPy cannot read every backend's tensors (PyTorch's that require grad).
+    from bn_reference import as_float64
+
+    actual = as_float64(actual)
+    expected = as_float64(expected)
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-12)
     err = float(np.max(np.abs(actual - expected), initial=0.0)) / scale

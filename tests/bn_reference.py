@@ -186,6 +186,16 @@ def step(
     return y, grads, new_state
 
 
+def as_float64(x):
+    """A float64 NumPy array from NumPy values or a tensor of any Keras backend
+    (NumPy cannot read a PyTorch tensor that requires grad on its own)."""
+    if not isinstance(x, (np.ndarray, np.generic, int, float, list, tuple)):
+        from keras import ops
+
+        x = ops.convert_to_numpy(x)
+    return np.asarray(x, dtype=np.float64)
+
+
 def rel_err(actual, expected, floor=1e-3):
     """Largest absolute difference, relative to the largest expected magnitude.
 
@@ -193,8 +203,8 @@ def rel_err(actual, expected, floor=1e-3):
     number describes a whole tensor; this is the error measure the tests
     state their tolerances in.
     """
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
+    actual = as_float64(actual)
+    expected = as_float64(expected)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     if actual.size == 0:
         return 0.0

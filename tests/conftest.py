@@ -8,9 +8,45 @@ import pathlib
 
 import numpy as np
 import pytest
+from backend_ops import BACKEND
+from backend_ops import has_x64
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MNIST_NPZ = REPO / "examples" / "data" / "mnist_10k.npz"
+
+# The suite runs under whichever Keras backend KERAS_BACKEND names. A test
+# (or a whole module, through `pytestmark`) that needs one backend says so:
+#     @pytest.mark.backends("tensorflow", reason="tf.distribute")
+# and is skipped, with that reason, under the others. One that needs float64
+# or int64 tensors is marked `needs_x64`: JAX has them only with
+# jax_enable_x64 (without, it makes them 32-bit without a word).
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "backends(*names, reason): runs only under these Keras backends; "
+        "skipped with the reason under the others",
+    )
+    config.addinivalue_line(
+        "markers", "needs_x64: uses float64 or int64 tensors (skipped on JAX without jax_enable_x64)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("needs_x64") and not has_x64():
+            item.add_marker(pytest.mark.skip(reason="JAX has no float64/int64 without jax_enable_x64"))
+        for marker in item.iter_markers("backends"):
+            if BACKEND not in marker.args:
+                reason = marker.kwargs.get("reason", "")
+                item.add_marker(
+                    pytest.mark.skip(
+                        reason=f"needs the {' or '.join(marker.args)} backend, "
+                        f"not {BACKEND}: {reason}"
+                    )
+                )
+                break
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +58,13 @@ def mnist_subset():
         return x_train, data["y_train"].astype("int64"), x_test, data["y_test"].astype("int64")
 
 
-@pytest.fixture(params=[False, None], ids=["reference", "auto"])
+# Off TensorFlow there is no fused kernel and the automatic choice is the
+# reference path, so running both would only repeat every test
+# (tests/test_backends.py checks that the two are identical there).
+_FUSED_MODES = ([False, None], ["reference", "auto"]) if BACKEND == "tensorflow" else ([None], ["auto"])
+
+
+@pytest.fixture(params=_FUSED_MODES[0], ids=_FUSED_MODES[1])
 def fused_mode(request):
     """The `fused` argument for bnlayers layers: every parity test runs both
     the reference keras.ops path (False) and the automatic choice (None),

@@ -16,6 +16,11 @@ The built-in layer is also checked against the reference, which checks the
 reference itself. Each case runs through both bnlayers code paths
 (`fused_mode`: the reference keras.ops path and the automatic choice).
 
+The grid runs under every Keras backend, against that backend's built-in
+layer; gradients come from `backend_ops.value_and_grads`. Execution "jit"
+is `tf.function(jit_compile=True)` on TensorFlow and `jax.jit` on JAX;
+"function" (`tf.function` without XLA) is TensorFlow's alone.
+
 Errors are relative to the largest magnitude of the expected tensor
 (`bn_reference.rel_err`); the tolerances are in `TOLERANCES`.
 """
@@ -26,10 +31,14 @@ import zlib
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 import bn_reference as ref
 import bnlayers
+from backend_ops import BACKEND
+from backend_ops import has_x64
+from backend_ops import to_numpy
+from backend_ops import value_and_grads
 
 STEPS = 3
 
@@ -275,38 +284,39 @@ def _run_keras(layer, case, weights, steps):
     """Per step: training output and gradients, weights, inference output and gradients."""
     layer.set_weights(weights)
     layer.trainable = case.trainable
-    params = [v.value for v in (layer.gamma, layer.beta) if v is not None]
+    params = [v for v in (layer.gamma, layer.beta) if v is not None]
+    jax_jit = BACKEND == "jax" and case.execution == "jit"
 
     def step(x, mask, w, x_inf, w_inf):
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch([x, x_inf] + params)
-            y = layer(x, training=True, mask=mask)
-            loss = tf.reduce_sum(tf.cast(y, w.dtype) * w)
-            # Runs after the training call, so it sees the updated statistics.
-            y_inf = layer(x_inf, training=False)
-            loss_inf = tf.reduce_sum(tf.cast(y_inf, w.dtype) * w_inf)
-        grads = tape.gradient(loss, [x] + params)
-        grads_inf = tape.gradient(loss_inf, [x_inf] + params)
+        y, grads = value_and_grads(
+            lambda t: layer(t, training=True, mask=mask), [x], w, params, [layer], jit=jax_jit
+        )
+        # Runs after the training call, so it sees the updated statistics.
+        y_inf, grads_inf = value_and_grads(
+            lambda t: layer(t, training=False), [x_inf], w_inf, params, [layer], jit=jax_jit
+        )
         return y, grads, y_inf, grads_inf
 
-    if case.execution != "eager":
+    if BACKEND == "tensorflow" and case.execution != "eager":
+        import tensorflow as tf
+
         step = tf.function(step, jit_compile=case.execution == "jit")
 
     dtype = "float64" if case.policy == "float64" else "float32"
     results = []
     for x, mask, w, x_inf, w_inf in steps:
-        args = [tf.constant(x, dtype), None if mask is None else tf.constant(mask)]
-        args += [tf.constant(w, dtype), tf.constant(x_inf, dtype), tf.constant(w_inf, dtype)]
+        args = [ops.convert_to_tensor(x, dtype), None if mask is None else ops.convert_to_tensor(mask)]
+        args += [ops.convert_to_tensor(a, dtype) for a in (w, x_inf, w_inf)]
         y, grads, y_inf, grads_inf = step(*args)
         assert keras.backend.standardize_dtype(y.dtype) == layer.compute_dtype
         assert keras.backend.standardize_dtype(y_inf.dtype) == layer.compute_dtype
         results.append(
             {
-                "y": y.numpy(),
-                "grads": [g.numpy() for g in grads],
+                "y": to_numpy(y),
+                "grads": [to_numpy(g) for g in grads],
                 "weights": layer.get_weights(),
-                "y_inf": y_inf.numpy(),
-                "grads_inf": [g.numpy() for g in grads_inf],
+                "y_inf": to_numpy(y_inf),
+                "grads_inf": [to_numpy(g) for g in grads_inf],
             }
         )
     return results
@@ -319,14 +329,18 @@ _LAYER_DTYPES = ("float16", "bfloat16", "float64")
 def _rounded(a, policy):
     """`a` as the layer sees it under `policy`, in float64."""
     compute = {
-        "mixed_float16": tf.float16,
-        "mixed_bfloat16": tf.bfloat16,
-        "float16": tf.float16,
-        "bfloat16": tf.bfloat16,
+        "mixed_float16": "float16",
+        "mixed_bfloat16": "bfloat16",
+        "float16": "float16",
+        "bfloat16": "bfloat16",
     }.get(policy)
     if compute is None:
         return np.asarray(a, np.float64)
-    return tf.cast(tf.cast(a, compute), tf.float64).numpy()
+    # JAX without x64 has no float64: go through float32 there, which holds
+    # every float16/bfloat16 value exactly.
+    wide = "float64" if has_x64() else "float32"
+    rounded = ops.cast(ops.cast(ops.convert_to_tensor(a, wide), compute), wide)
+    return to_numpy(rounded).astype(np.float64)
 
 
 def _run_reference(case, names, weights, steps):
@@ -376,9 +390,9 @@ def _run_reference(case, names, weights, steps):
     return results
 
 
-def _compare(case, against, actual, expected, names, reference):
+def _compare(case, against, actual, expected, names, reference, tol=None):
     """Compare per-step results; `reference` (float64) supplies the error scales."""
-    tol = TOLERANCES[case.policy]
+    tol = tol or TOLERANCES[case.policy]
 
     def check(quantity, kind, a, e, floor=1e-3):
         err = ref.rel_err(a, e, floor)
@@ -436,7 +450,26 @@ def policy_scope(request, float32_policy_after):
     return enter
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def _builtin_tolerances(case):
+    """Off TensorFlow the built-in layer takes float64 statistics in float32
+    (Keras' type promotion, `result_type(dtype, "float32")`, maps float64 to
+    float32 there), so against it float64 keeps float32 tolerances."""
+    if case.policy == "float64" and BACKEND != "tensorflow":
+        return TOLERANCES["float32"]
+    return None
+
+
+def _param(case):
+    marks = {
+        "function": [pytest.mark.backends("tensorflow", reason="tf.function")],
+        "jit": [pytest.mark.backends("tensorflow", "jax", reason="XLA: tf.function or jax.jit")],
+    }.get(case.execution, [])
+    if case.policy == "float64":
+        marks = marks + [pytest.mark.needs_x64]
+    return pytest.param(case, id=case.name, marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_parity(case, fused_mode, policy_scope):
     policy_scope(case.policy)
     names, weights, steps = _data(case)
@@ -457,8 +490,10 @@ def test_parity(case, fused_mode, policy_scope):
             assert [w.path.split("/")[-1] for w in builtin.weights] == names
             _BUILTIN[case.name] = _run_keras(builtin, case, weights, steps)
             # The yardstick checked against the built-in too.
-            _compare(case, "float64 (built-in)", _BUILTIN[case.name], reference, names, reference)
-        _compare(case, "built-in", ours_results, _BUILTIN[case.name], names, reference)
+            _compare(case, "float64 (built-in)", _BUILTIN[case.name], reference, names, reference,
+                     _builtin_tolerances(case))
+        _compare(case, "built-in", ours_results, _BUILTIN[case.name], names, reference,
+                 _builtin_tolerances(case))
     ref.CASES_RUN.add((case.name, fused_mode))
 
 
@@ -476,29 +511,28 @@ def test_fully_masked_batch(fused_mode, renorm):
     """No statistics at all: finite outputs and gradients, moving statistics kept."""
     shape = (4, 6, 3)
     rng = np.random.default_rng(7)
-    x = tf.constant(rng.normal(1.0, 2.0, shape).astype("float32"))
-    w = tf.constant(rng.standard_normal(shape).astype("float32"))
-    mask = tf.zeros(shape[:-1], dtype="bool")
+    x = rng.normal(1.0, 2.0, shape).astype("float32")
+    w = rng.standard_normal(shape).astype("float32")
+    mask = np.zeros(shape[:-1], dtype="bool")
     layer = bnlayers.BatchNormalization(momentum=0.5, renorm=renorm, fused=fused_mode)
     layer.build(shape)
     before = [v.copy() for v in layer.get_weights()]
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True, mask=mask)
-        loss = tf.reduce_sum(y * w)
-    grads = tape.gradient(loss, [x] + [v.value for v in layer.trainable_weights])
-    assert np.all(np.isfinite(y.numpy()))
+    y, grads = value_and_grads(
+        lambda t: layer(t, training=True, mask=mask), [x], w, layer.trainable_weights, [layer]
+    )
+    y = to_numpy(y)
+    assert np.all(np.isfinite(y))
     for g in grads:
-        assert np.all(np.isfinite(g.numpy()))
+        assert np.all(np.isfinite(to_numpy(g)))
     for name, b, a in zip(ref.weight_names(renorm=renorm), before, layer.get_weights()):
         np.testing.assert_array_equal(a, b, err_msg=f"{name} moved on a fully masked batch")
     state = dict(zip(ref.weight_names(renorm=renorm), before))
     y_ref, g_ref, _ = ref.step(
-        x.numpy(), state, feature_axes=[-1], training=True, epsilon=1e-3, momentum=0.5,
-        renorm=renorm, mask=mask.numpy(), upstream=w.numpy(),
+        x, state, feature_axes=[-1], training=True, epsilon=1e-3, momentum=0.5,
+        renorm=renorm, mask=mask, upstream=w,
     )
-    assert ref.rel_err(y.numpy(), y_ref) <= 1e-5
-    assert ref.rel_err(grads[0].numpy(), g_ref["x"], g_ref["x_scale"]) <= 1e-4
+    assert ref.rel_err(y, y_ref) <= 1e-5
+    assert ref.rel_err(grads[0], g_ref["x"], g_ref["x_scale"]) <= 1e-4
 
 
 def test_masked_positions_may_hold_nan_and_inf(fused_mode):
@@ -513,7 +547,7 @@ def test_masked_positions_may_hold_nan_and_inf(fused_mode):
     layer = bnlayers.BatchNormalization(momentum=0.5, fused=fused_mode)
     layer.build(shape)
     state = dict(zip(ref.weight_names(), layer.get_weights()))
-    y = layer(tf.constant(x, "float32"), training=True, mask=tf.constant(mask)).numpy()
+    y = to_numpy(layer(x.astype("float32"), training=True, mask=mask))
     y_ref, _, new_state = ref.step(
         x.astype("float32"), state, feature_axes=[-1], training=True, epsilon=1e-3,
         momentum=0.5, mask=mask,
@@ -535,7 +569,7 @@ def test_large_values_under_mixed_precision(fused_mode, policy, policy_scope):
     y = ours(x, training=True)
     y_builtin = builtin(x, training=True)
     assert keras.backend.standardize_dtype(y.dtype) == policy.split("_")[1]
-    assert np.all(np.isfinite(y.numpy().astype("float32")))
+    assert np.all(np.isfinite(to_numpy(y).astype("float32")))
     x_seen = _rounded(x, policy)
     state = dict(zip(ref.weight_names(), [np.ones(2), np.zeros(2), np.zeros(2), np.ones(2)]))
     y_ref, _, new_state = ref.step(
@@ -548,7 +582,10 @@ def test_large_values_under_mixed_precision(fused_mode, policy, policy_scope):
         assert ref.rel_err(value, new_state[name]) <= tol["stats"], name
 
 
-@pytest.mark.parametrize("execution", ["eager", "function"])
+@pytest.mark.parametrize(
+    "execution",
+    ["eager", pytest.param("function", marks=pytest.mark.backends("tensorflow", reason="tf.function"))],
+)
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_variance_of_large_mean_data(fused_mode, execution, masked):
     """Mean 1e4, standard deviation 1: the one-pass E[x^2] - E[x]^2 would
@@ -564,8 +601,10 @@ def test_variance_of_large_mean_data(fused_mode, execution, masked):
         return layer(x, training=True, mask=mask)
 
     if execution == "function":
+        import tensorflow as tf
+
         call = tf.function(call)
-    y = call(tf.constant(x), None if mask is None else tf.constant(mask)).numpy()
+    y = to_numpy(call(ops.convert_to_tensor(x), None if mask is None else ops.convert_to_tensor(mask)))
     _, mean, var = ref.batch_moments(x, [-1], mask)
     moving_mean, moving_variance = layer.get_weights()[2:]
     assert ref.rel_err(moving_variance, var.ravel(), floor=0.0) <= 1e-4
@@ -589,7 +628,7 @@ def test_training_none_means_inference(fused_mode):
     builtin.set_weights(ours.get_weights())
     before = ours.get_weights()
     y = ours(x)
-    np.testing.assert_array_equal(y, ours(x, training=False))
+    np.testing.assert_array_equal(to_numpy(y), to_numpy(ours(x, training=False)))
     for a, b in zip(before, ours.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert ref.rel_err(y, builtin(x)) <= TOLERANCES["float32"]["output"]
