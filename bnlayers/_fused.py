@@ -37,8 +37,8 @@ from keras import backend
 
 from bnlayers import _math
 
-# Which implementation `fused_call` uses: None chooses (see `implementation`);
-# "xla" or "kernel" force one (the tests run both on CPU).
+# Which implementation `fused_call` uses outside XLA: None chooses (see
+# `implementation`); "xla" or "kernel" force one (the tests run both on CPU).
 IMPLEMENTATION = None
 
 # FusedBatchNormV3 computes in float32 (its `U` type) for these input types.
@@ -74,11 +74,15 @@ def in_xla_context():
 
 
 def implementation():
-    """"kernel" (FusedBatchNormV3) on a GPU outside XLA, else "xla"."""
-    if IMPLEMENTATION is not None:
-        return IMPLEMENTATION
+    """"kernel" (FusedBatchNormV3) on a GPU outside XLA, else "xla".
+
+    Under XLA it is always "xla", even when `IMPLEMENTATION` asks for the
+    kernel: XLA's lowering of the kernel loses the variance (see above).
+    """
     if in_xla_context():
         return "xla"
+    if IMPLEMENTATION is not None:
+        return IMPLEMENTATION
     return "kernel" if _gpu_visible() else "xla"
 
 

@@ -421,7 +421,7 @@ def main(argv=None):
                     flush=True,
                 )
     if args.only in (None, "model"):
-        report["model"] = bench_model(epochs, train_size=1024 if args.quick else 8000)
+        report["model"] = bench_model(epochs, train_size=256 if args.quick else 8000)
         s = report["model"]["seconds_per_epoch"]
         print(
             f"article model: keras {s['keras']:.2f} s/epoch, bnlayers {s['bnlayers']:.2f} s/epoch, "

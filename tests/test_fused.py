@@ -1,0 +1,479 @@
+"""The fused fast path (`bnlayers/_fused.py`): when it is taken, and that it
+computes what the reference path and the built-in layer compute.
+
+Both implementations run here on CPU: "xla" (the arithmetic compiled by
+XLA, what CPUs take) and "kernel" (TensorFlow's FusedBatchNormV3, what a GPU
+takes), forced through `_fused.IMPLEMENTATION`. Layers are built with
+`fused=True`, which raises unless the fast path is really taken.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import zlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bn_reference as ref
+import bnlayers
+from bnlayers import _fused
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Relative errors allowed (as in test_parity.py): float32 rounding noise,
+# ten times more for the input gradient (a difference of two sums of the
+# size of the upstream gradient); under mixed precision the output and the
+# input gradient are rounded to float16 (2**-10 ~ 9.8e-4 per unit flipped)
+# or bfloat16 (2**-7 ~ 7.8e-3), statistics stay float32; a float16 layer
+# also stores its weights in float16.
+TOLERANCES = {
+    "float32": {"output": 1e-5, "stats": 1e-5, "grad_x": 1e-4, "grad_param": 1e-5},
+    "mixed_float16": {"output": 1.5e-3, "stats": 1e-5, "grad_x": 1.5e-3, "grad_param": 1e-5},
+    "mixed_bfloat16": {"output": 1.2e-2, "stats": 1e-5, "grad_x": 1.2e-2, "grad_param": 1e-5},
+    "float16": {"output": 1.5e-3, "stats": 1.5e-3, "grad_x": 1.5e-3, "grad_param": 1.5e-3},
+    "float64": {"output": 1e-12, "stats": 1e-12, "grad_x": 1e-11, "grad_param": 1e-12},
+}
+
+
+@pytest.fixture(params=["xla", "kernel"])
+def implementation(request, monkeypatch):
+    monkeypatch.setattr(_fused, "IMPLEMENTATION", request.param)
+    return request.param
+
+
+@pytest.fixture
+def policy_after():
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
+# ------------------------------------------------------------ eligibility
+
+
+def _built(shape=(4, 5, 5, 3), **kwargs):
+    layer = bnlayers.BatchNormalization(**kwargs)
+    layer.build(shape)
+    return layer
+
+
+def test_default_layer_is_eligible_for_every_single_axis():
+    for shape, axis in [((8, 4), -1), ((4, 6, 3), 1), ((4, 5, 5, 3), -1), ((4, 3, 5, 5), 1),
+                        ((2, 3, 4, 5, 6), 2), ((2, 3, 4, 5, 6), -1), ((6, 4), 0)]:
+        layer = bnlayers.BatchNormalization(axis=axis)
+        assert bnlayers.fused_eligibility(layer, shape) is None, (shape, axis)
+
+
+@pytest.mark.parametrize(
+    "kwargs, mask, expected",
+    [
+        ({"renorm": True}, None, "renorm=True"),
+        ({"virtual_batch_size": 2}, None, "virtual_batch_size=2"),
+        ({"axis": [1, 3]}, None, "axis=[1, 3] names several feature axes"),
+        ({}, np.ones((4, 5, 5), bool), "a mask is given"),
+    ],
+    ids=["renorm", "virtual_batch_size", "axis-list", "mask"],
+)
+def test_ineligible_with_reason(kwargs, mask, expected):
+    layer = _built(**kwargs)
+    x = tf.zeros((4, 5, 5, 3))
+    mask = None if mask is None else tf.constant(mask)
+    reason = bnlayers.fused_eligibility(layer, x, mask=mask)
+    assert reason is not None and expected in reason, reason
+
+
+def test_synchronized_rule(monkeypatch):
+    """Eligible outside a strategy; not with several replicas."""
+    layer = _built(synchronized=True)
+    assert bnlayers.fused_eligibility(layer, (4, 5, 5, 3)) is None
+
+    class TwoReplicas:
+        num_replicas_in_sync = 2
+
+    from bnlayers import _sync
+
+    monkeypatch.setattr(_sync, "replica_context", lambda: TwoReplicas())
+    reason = bnlayers.fused_eligibility(layer, (4, 5, 5, 3))
+    assert "synchronized=True with 2 replicas" in reason
+
+
+def test_backend_rule(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    reason = bnlayers.fused_eligibility(_built(), (4, 5, 5, 3))
+    assert reason == "the Keras backend is 'jax', not 'tensorflow'"
+
+
+def test_dtype_and_epsilon_rules(implementation):
+    x64 = tf.zeros((4, 5, 5, 3), tf.float64)
+    small_eps = _built(epsilon=1e-5)
+    if implementation == "xla":
+        assert bnlayers.fused_eligibility(_built(), x64) is None
+        assert bnlayers.fused_eligibility(small_eps, (4, 5, 5, 3)) is None
+    else:
+        assert "inputs of dtype float64" in bnlayers.fused_eligibility(_built(), x64)
+        reason = bnlayers.fused_eligibility(small_eps, (4, 5, 5, 3))
+        assert "epsilon=1e-05 is below 1.001e-05" in reason
+        assert bnlayers.fused_eligibility(_built(epsilon=1.001e-5), (4, 5, 5, 3)) is None
+    for dtype in ("float16", "bfloat16", "float32"):
+        assert bnlayers.fused_eligibility(_built(), tf.zeros((2, 3), dtype)) is None
+
+
+def test_eligibility_of_unbuilt_layer_and_specs():
+    layer = bnlayers.BatchNormalization(axis=1)
+    assert bnlayers.fused_eligibility(layer, (None, 3, 7)) is None
+    assert bnlayers.fused_eligibility(layer, tf.TensorSpec((None, 3, 7), tf.float32)) is None
+    assert bnlayers.fused_eligibility(layer, keras.KerasTensor((None, 3, 7))) is None
+    assert not layer.built
+
+
+def test_fused_true_raises_when_ineligible():
+    layer = bnlayers.BatchNormalization(renorm=True, fused=True)
+    with pytest.raises(ValueError, match=r"`fused=True`.*renorm=True"):
+        layer(tf.zeros((4, 3)), training=True)
+    layer = bnlayers.BatchNormalization(fused=True)
+    with pytest.raises(ValueError, match=r"`fused=True`.*a mask is given"):
+        layer(tf.zeros((4, 5, 3)), training=True, mask=tf.ones((4, 5), bool))
+
+
+# ------------------------------------------------- the fast path is taken
+
+
+def _graph_ops(fn, *args):
+    graph = fn.get_concrete_function(*args).graph
+    ops = {op.type for op in graph.get_operations()}
+    for f in graph.as_graph_def().library.function:
+        ops |= {node.op for node in f.node_def}
+    return ops
+
+
+def _train_step(layer):
+    @tf.function
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, [x] + [v.value for v in layer.trainable_weights], output_gradients=dy)
+
+    return step
+
+
+def test_auto_takes_fast_path_in_graphs(implementation):
+    """The traced training step holds the fast path's ops, not the reference path's."""
+    x = tf.zeros((4, 5, 5, 3))
+    auto = _graph_ops(_train_step(_built(fused=None)), x, x)
+    reference = _graph_ops(_train_step(_built(fused=False)), x, x)
+    assert "SquaredDifference" in reference or "Square" in reference
+    if implementation == "kernel":
+        assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= auto
+        assert "FusedBatchNormV3" not in reference
+    else:
+        compiled = [
+            f.signature.name
+            for f in _train_step(_built(fused=None)).get_concrete_function(x, x).graph.as_graph_def().library.function
+            if f.attr.get("_XlaMustCompile") is not None and f.attr["_XlaMustCompile"].b
+        ]
+        assert any("forward" in name for name in compiled), compiled
+        assert any("backward" in name for name in compiled), compiled
+
+
+def test_auto_takes_fast_path_in_parity_grid(monkeypatch):
+    """Every case of the parity grid that can take the fast path does, under `fused=None`."""
+    import test_parity
+
+    calls = []
+    real = _fused.fused_call
+    monkeypatch.setattr(_fused, "fused_call", lambda *a: calls.append(a[0].name) or real(*a))
+    taken = 0
+    for case in test_parity.CASES:
+        dtype = {"float64": "float64", "float16": "float16", "bfloat16": "bfloat16"}.get(case.policy)
+        layer = test_parity._make_layer(bnlayers.BatchNormalization, case, fused=None)
+        mask = np.ones([s for i, s in enumerate(case.shape) if i not in case.feature_axes], bool)
+        reason = bnlayers.fused_eligibility(
+            layer, tf.TensorSpec(case.shape, dtype or "float32"), mask=mask if case.mask else None
+        )
+        expected = not case.mask and not case.renorm and len(case.feature_axes) == 1
+        if _fused.implementation() == "kernel":  # on a GPU
+            expected = expected and case.epsilon >= _fused.KERNEL_MIN_EPSILON
+            expected = expected and case.policy != "float64"
+        assert (reason is None) == expected, (case.name, reason)
+        taken += reason is None
+    assert taken >= 40, taken
+    # And a call really goes through fused_call.
+    case = next(c for c in test_parity.CASES if c.name == "rank4-axis1")
+    layer = test_parity._make_layer(bnlayers.BatchNormalization, case, fused=None)
+    layer(tf.zeros(case.shape), training=True)
+    layer(tf.zeros(case.shape), training=False)
+    assert calls == [layer.name, layer.name]
+
+
+def test_jit_never_uses_the_kernel_op(monkeypatch):
+    """Under XLA the kernel's lowering computes a one-pass variance: the XLA
+    implementation is used even when the kernel is asked for."""
+    monkeypatch.setattr(_fused, "IMPLEMENTATION", "kernel")
+    layer = _built(fused=True, momentum=0.0)
+    step = tf.function(_train_step(layer).python_function, jit_compile=True)
+    x = tf.constant(np.random.default_rng(0).normal(1e4, 1.0, (4, 5, 5, 3)).astype("float32"))
+    assert "FusedBatchNormV3" not in _graph_ops(step, x, x)
+    step(x, x)
+    var = x.numpy().astype(np.float64).reshape(-1, 3).var(axis=0)
+    assert ref.rel_err(layer.moving_variance.numpy(), var, floor=0.0) <= 1e-4
+
+
+# ------------------------------------------------------------------ parity
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple = (4, 5, 5, 6)
+    axis: int = -1
+    center: bool = True
+    scale: bool = True
+    momentum: float = 0.8
+    epsilon: float = 1e-3
+    policy: str = "float32"
+    execution: str = "eager"
+    trainable: bool = True
+
+
+CASES = [
+    Case("rank4-last"),
+    Case("rank4-axis1", shape=(4, 6, 5, 5), axis=1),
+    Case("rank4-axis2", shape=(3, 4, 6, 5), axis=2),
+    Case("rank2", shape=(16, 6)),
+    Case("rank2-batch1", shape=(1, 6)),
+    Case("rank3-last", shape=(4, 7, 6)),
+    Case("rank3-axis1", shape=(4, 6, 7), axis=1),
+    Case("rank5-last", shape=(2, 3, 4, 5, 6)),
+    Case("rank5-axis1", shape=(2, 6, 3, 4, 5), axis=1),
+    Case("rank4-axis0", shape=(6, 4, 3, 2), axis=0),
+    Case("no-center-no-scale", center=False, scale=False),
+    Case("no-scale", scale=False, shape=(4, 6, 7), axis=1),
+    Case("momentum0-eps0.1", momentum=0.0, epsilon=0.1),
+    Case("frozen", trainable=False),
+    Case("mixed_float16", policy="mixed_float16"),
+    Case("mixed_bfloat16-axis1", shape=(4, 6, 7), axis=1, policy="mixed_bfloat16"),
+    Case("float16-layer", policy="float16"),
+    Case("float64-layer", policy="float64"),
+    Case("function", execution="function"),
+    Case("function-rank2", shape=(16, 6), execution="function"),
+    Case("jit", execution="jit"),
+    Case("jit-axis1-mixed_float16", shape=(4, 6, 7), axis=1, execution="jit", policy="mixed_float16"),
+]
+
+
+def _data(case):
+    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    axis = case.axis % len(case.shape)
+    channels = case.shape[axis]
+    pshape = [channels if i == axis else 1 for i in range(len(case.shape))]
+    loc = rng.uniform(-2.0, 2.0, channels).reshape(pshape)
+    spread = rng.uniform(0.5, 3.0, channels).reshape(pshape)
+    steps = [
+        tuple((loc + spread * rng.standard_normal(case.shape)).astype("float32") for _ in range(2))
+        + tuple(rng.standard_normal(case.shape).astype("float32") for _ in range(2))
+        for _ in range(2)
+    ]
+    weights = {
+        "gamma": rng.uniform(0.5, 1.5, channels),
+        "beta": rng.normal(0.0, 0.5, channels),
+        "moving_mean": rng.normal(0.0, 0.5, channels),
+        "moving_variance": rng.uniform(0.5, 2.0, channels),
+    }
+    names = ref.weight_names(case.center, case.scale)
+    return names, [weights[n].astype("float32") for n in names], steps
+
+
+def _run(layer, case, weights, steps):
+    layer.build(case.shape)
+    layer.set_weights(weights)
+    layer.trainable = case.trainable
+    params = [v.value for v in (layer.gamma, layer.beta) if v is not None]
+    dtype = "float64" if case.policy == "float64" else "float32"
+
+    def step(x, w, x_inf, w_inf):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([x, x_inf])
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, w.dtype) * w)
+            y_inf = layer(x_inf, training=False)
+            loss_inf = tf.reduce_sum(tf.cast(y_inf, w.dtype) * w_inf)
+        return y, tape.gradient(loss, [x] + params), y_inf, tape.gradient(loss_inf, [x_inf] + params)
+
+    if case.execution != "eager":
+        step = tf.function(step, jit_compile=case.execution == "jit")
+    results = []
+    for x, x_inf, w, w_inf in steps:
+        y, grads, y_inf, grads_inf = step(*(tf.constant(a, dtype) for a in (x, w, x_inf, w_inf)))
+        assert keras.backend.standardize_dtype(y.dtype) == layer.compute_dtype
+        results.append(
+            {
+                "output": [y.numpy(), y_inf.numpy()],
+                "grad_x": [grads[0].numpy(), grads_inf[0].numpy()],
+                "grad_param": [g.numpy() for g in grads[1:] + grads_inf[1:]],
+                "stats": [layer.moving_mean.numpy(), layer.moving_variance.numpy()],
+            }
+        )
+    return results
+
+
+def _compare(case, actual, expected, against):
+    tol = TOLERANCES["float16" if case.policy == "float16" else case.policy]
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        for quantity in ("output", "grad_x", "grad_param", "stats"):
+            assert len(a[quantity]) == len(e[quantity])
+            for ta, te in zip(a[quantity], e[quantity]):
+                err = ref.rel_err(ta, te)
+                assert err <= tol[quantity], (
+                    f"{case.name}, step {step + 1}: {quantity} differs from {against}: "
+                    f"{err:.2e} > {tol[quantity]:.0e}"
+                )
+
+
+# The reference path's and the built-in's results do not depend on the
+# implementation under test: computed once per case.
+_EXPECTED = {}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_fast_path_matches_reference_and_builtin(case, implementation, policy_after):
+    if implementation == "kernel" and case.policy == "float64":
+        pytest.skip("the kernel takes no float64 (see test_dtype_and_epsilon_rules)")
+    layer_dtype = case.policy if case.policy in ("float16", "float64") else None
+    keras.config.set_dtype_policy("float32" if layer_dtype else case.policy)
+    names, weights, steps = _data(case)
+
+    def make(cls, **extra):
+        return cls(axis=case.axis, momentum=case.momentum, epsilon=case.epsilon,
+                   center=case.center, scale=case.scale, dtype=layer_dtype, **extra)
+
+    fused = _run(make(bnlayers.BatchNormalization, fused=True), case, weights, steps)
+    if case.name not in _EXPECTED:
+        _EXPECTED[case.name] = (
+            _run(make(bnlayers.BatchNormalization, fused=False), case, weights, steps),
+            _run(make(keras.layers.BatchNormalization), case, weights, steps),
+        )
+    reference, builtin = _EXPECTED[case.name]
+    _compare(case, fused, reference, "the reference path")
+    _compare(case, fused, builtin, "the built-in")
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_moving_variance_is_the_biased_one(implementation, batch):
+    """The kernel's Bessel correction is undone: with momentum 0 the moving
+    variance is the batch's biased variance (0 for a batch of one)."""
+    x = np.random.default_rng(batch).normal(1.0, 2.0, (batch, 5)).astype("float32")
+    layer = _built(shape=(batch, 5), momentum=0.0, fused=True)
+    layer(x, training=True)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), x64.mean(axis=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), x64.var(axis=0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("execution", ["eager", "function", "jit"])
+def test_variance_of_large_mean_data(implementation, execution):
+    """Mean 1e4, standard deviation 1: a one-pass variance would cancel."""
+    x = np.random.default_rng(3).normal(1e4, 1.0, (16, 8, 3)).astype("float32")
+    layer = _built(shape=x.shape, momentum=0.0, fused=True)
+    call = lambda x: layer(x, training=True)  # noqa: E731
+    if execution != "eager":
+        call = tf.function(call, jit_compile=execution == "jit")
+    y = call(tf.constant(x)).numpy()
+    _, mean, var = ref.batch_moments(x, [-1])
+    assert ref.rel_err(layer.moving_variance.numpy(), var.ravel(), floor=0.0) <= 1e-4
+    assert ref.rel_err(layer.moving_mean.numpy(), mean.ravel(), floor=0.0) <= 1e-6
+    # The output inherits the rounding of the float32 mean (~1e-3 at 1e4).
+    assert ref.rel_err(y, (x - mean) / np.sqrt(var + 1e-3)) <= 3e-3
+
+
+def test_empty_batch_keeps_moving_statistics(implementation):
+    layer = _built(shape=(None, 4), momentum=0.5, fused=True)
+    before = layer.get_weights()
+    x = tf.zeros((0, 4))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+    grads = tape.gradient(y, [x] + [v.value for v in layer.trainable_weights])
+    assert y.shape == (0, 4)
+    for g in grads[1:]:
+        np.testing.assert_array_equal(g.numpy(), np.zeros(4))
+    for a, b in zip(before, layer.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_batch_size_in_a_function(implementation):
+    """Traced once with a None batch dimension, run at two batch sizes."""
+    layer = _built(shape=(None, 6, 3), momentum=0.0, fused=True)
+    call = tf.function(
+        lambda x: layer(x, training=True), input_signature=[tf.TensorSpec((None, 6, 3))]
+    )
+    rng = np.random.default_rng(4)
+    for batch in (5, 2):
+        x = rng.normal(0.5, 2.0, (batch, 6, 3)).astype("float32")
+        y = call(x).numpy()
+        _, mean, var = ref.batch_moments(x, [-1])
+        assert ref.rel_err(y, (x - mean) / np.sqrt(var + 1e-3)) <= 1e-5
+        assert ref.rel_err(layer.moving_variance.numpy(), var.ravel()) <= 1e-5
+
+
+def test_article_model_fits_alike_with_jit_and_without():
+    """A few fit steps of the article's model: fast path (graph and XLA) vs built-in."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0.0, 1.0, (128, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, 128)
+
+    def model(bn, jit):
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([
+            keras.layers.InputLayer(shape=(28, 28, 1)),
+            keras.layers.Conv2D(32, (3, 3), activation="relu"),
+            bn,
+            keras.layers.MaxPooling2D((2, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ])
+        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=jit)
+        return m
+
+    models = {
+        "builtin": model(keras.layers.BatchNormalization(), False),
+        "fused": model(bnlayers.BatchNormalization(fused=True), False),
+        "fused-jit": model(bnlayers.BatchNormalization(fused=True), True),
+    }
+    initial = models["builtin"].get_weights()
+    losses = {}
+    for name, m in models.items():
+        m.set_weights(initial)
+        losses[name] = [float(m.train_on_batch(x[i : i + 32], y[i : i + 32])) for i in range(0, 128, 32)]
+    for name in ("fused", "fused-jit"):
+        np.testing.assert_allclose(losses[name], losses["builtin"], rtol=1e-4, err_msg=name)
+
+
+# --------------------------------------------------------------- benchmark
+
+
+def test_benchmark_quick_run(tmp_path):
+    """The benchmark script runs end to end and writes what it says (no timing asserted)."""
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "examples" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "bench"
+    report = benchmark.main(["--quick", "--rounds", "1", "--epochs", "1", "--out", str(out)])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["machine"]["tensorflow"] == tf.__version__
+    assert [(r["case"], r["step"]) for r in saved["layer"]] == [("tiny", "train"), ("tiny", "infer")]
+    for row in saved["layer"]:
+        assert row["bnlayers_path"] == f"fused ({_fused.implementation()})"
+        assert all(v > 0 for v in row["ms"].values())
+        assert all(v > 0 for v in row["passes"].values())
+        assert row["ratio"] > 0 and row["ratio_reference"] > 0
+    model = saved["model"]
+    assert model["steps_per_epoch"] == 4 and model["epochs_timed"] == 1
+    assert all(v > 0 for v in model["seconds_per_epoch"].values()) and model["ratio"] > 0
+    text = out.with_suffix(".md").read_text()
+    assert "| (8, 6, 6, 4) tiny | -1 | train |" in text
+    assert "keras.layers.BatchNormalization" in text
