@@ -1,11 +1,12 @@
 """End-to-end tests of examples/mnist_cnn.py, run as a user runs it: in a subprocess.
 
 Training runs are few and shared: one full epoch on the bundled data with
-both layers, --fold and --recalibrate (`main_run`); and on the first 2,000
+both layers, --fold and --recalibrate (`main_run`); and, on the first 1,000
 training images for 2 epochs, an uninterrupted run (`short_run`), the same
-under MirroredStrategy over 2 logical CPUs (`replicas_run`), and a run killed
-after its first backed-up epoch then started again (`resumed_run`). Bad
-arguments are checked without training: they fail before TensorFlow loads.
+with bnlayers under MirroredStrategy over 2 logical CPUs (`replicas_run`),
+and a run killed after its first backed-up epoch then started again
+(`resumed_run`). Bad arguments are checked without training: they fail
+before TensorFlow loads.
 """
 
 import gzip
@@ -25,7 +26,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "mnist_cnn.py"
 BUNDLED = REPO / "examples" / "data" / "mnist_10k.npz"
-SHORT = ["--limit", "2000", "--epochs", "2"]
+SHORT = ["--limit", "1000", "--epochs", "2"]
 RUN_TIMEOUT = 600
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -105,7 +106,10 @@ def short_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def replicas_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("replicas")
-    return _ok(run_script(*SHORT, "--replicas", 2, "--quiet", "--out", out)), out
+    # bnlayers only: the built-in's synchronized mode is Keras' to test, and
+    # one model instead of two keeps this file within its time budget.
+    args = [*SHORT, "--replicas", 2, "--bn", "bnlayers", "--quiet", "--out", out]
+    return _ok(run_script(*args)), out
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +129,9 @@ def resumed_run(tmp_path_factory):
         try:
             deadline = time.monotonic() + RUN_TIMEOUT
             while "bnlayers: backed up after epoch 1" not in log_path.read_text():
-                assert first.poll() is None, "the run ended before it was killed:\n" + log_path.read_text()
+                assert first.poll() is None, (
+                    "the run ended before it was killed:\n" + log_path.read_text()
+                )
                 assert time.monotonic() < deadline, "no backup within the time limit"
                 time.sleep(0.02)
             first.send_signal(signal.SIGKILL)
@@ -148,7 +154,7 @@ def test_main_run_prints_the_table(main_run):
     assert abs(accuracies[0] - accuracies[1]) <= 0.01, accuracies
     losses = [float(cell) for cell in table_row(proc.stdout, "test loss")[:2]]
     assert all(np.isfinite(losses)) and all(loss > 0 for loss in losses)
-    seconds = [float(cell) for cell in table_row(proc.stdout, "seconds per epoch")[:2]]
+    seconds = [float(cell) for cell in table_row(proc.stdout, "train seconds per epoch")[:2]]
     assert all(second > 0 for second in seconds)
     table_row(proc.stdout, "largest curve gap, accuracy")
     table_row(proc.stdout, "largest curve gap, loss")
@@ -235,7 +241,9 @@ def test_fold_agrees_and_recalibration_repairs_the_test_loss(main_run):
         assert run["recalibrated"]["test_accuracy"] > 0.9
     assert len(table_row(proc.stdout, "folded: max abs difference")) == 2
     recalibrated = table_row(proc.stdout, "recalibrated: test loss")
-    assert recalibrated == [f"{document['runs'][n]['recalibrated']['test_loss']:.4f}" for n in ("bnlayers", "keras")]
+    assert recalibrated == [
+        f"{document['runs'][n]['recalibrated']['test_loss']:.4f}" for n in ("bnlayers", "keras")
+    ]
 
 
 # ----------------------------------------------------- replicas and resuming
@@ -245,17 +253,23 @@ def test_replicas_match_the_single_device_run(short_run, replicas_run):
     (_, single_out), (proc, replicas_out) = short_run, replicas_run
     # --quiet: the table and nothing of the training progress.
     assert "Epoch " not in proc.stdout and "test accuracy" in proc.stdout
+    # One run: one column, no difference column.
+    assert proc.stdout.splitlines()[0].split() == ["bnlayers"]
     single, replicas = history(single_out), history(replicas_out)
-    for name in ("bnlayers", "keras"):
+    assert set(replicas["runs"]) == {"bnlayers"} and replicas["largest_curve_gap"] is None
+    for name in ("bnlayers",):
         one, two = single["runs"][name], replicas["runs"][name]
         assert two["synchronized"] and not one["synchronized"]
         # Same global batches, exact synchronized statistics: the runs differ
-        # by the rounding of the split batch and the gradient all-reduce,
-        # which 64 Adam steps amplify a little.
-        for a, b in zip(one["history"], two["history"]):
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (name, a, b)
-        assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.005, name
-        assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-2), name
+        # only by the rounding of the split batch and of the gradient
+        # all-reduce, which the Adam steps carry along (measured on 2,000
+        # images, 2 epochs: train loss 4e-6, test loss 6e-5 relative).
+        for a, b in zip(one["history"], two["history"], strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (name, a, b)
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3), (name, a, b)
+        # 0.002 is 4 of the 2,000 test images.
+        assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.002, name
+        assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-3), name
 
 
 def test_killed_run_resumes_and_ends_as_an_uninterrupted_one(resumed_run, short_run):
@@ -324,13 +338,37 @@ def _bad_cases(tmp):
             2,
             "x_train has shape (4, 32, 32, 3)",
         ),
-        "bad labels": (["--data", _npz(tmp / "labels.npz", **labels)], 2, "y_test holds labels 0..10"),
-        "label count": (["--data", _npz(tmp / "counts.npz", **counts)], 2, "y_train has shape (3,)"),
-        "zero epochs": (["--epochs", "0"], 2, "argument --epochs: must be a positive integer, got '0'"),
+        "bad labels": (
+            ["--data", _npz(tmp / "labels.npz", **labels)],
+            2,
+            "y_test holds labels 0..10",
+        ),
+        "label count": (
+            ["--data", _npz(tmp / "counts.npz", **counts)],
+            2,
+            "y_train has shape (3,)",
+        ),
+        "zero epochs": (
+            ["--epochs", "0"],
+            2,
+            "argument --epochs: must be a positive integer, got '0'",
+        ),
         "negative epochs": (["--epochs", "-3"], 2, "argument --epochs: must be a positive integer"),
-        "text epochs": (["--epochs", "ten"], 2, "argument --epochs: must be a positive integer, got 'ten'"),
-        "zero batch size": (["--batch-size", "0"], 2, "argument --batch-size: must be a positive integer"),
-        "zero replicas": (["--replicas", "0"], 2, "argument --replicas: must be a positive integer"),
+        "text epochs": (
+            ["--epochs", "ten"],
+            2,
+            "argument --epochs: must be a positive integer, got 'ten'",
+        ),
+        "zero batch size": (
+            ["--batch-size", "0"],
+            2,
+            "argument --batch-size: must be a positive integer",
+        ),
+        "zero replicas": (
+            ["--replicas", "0"],
+            2,
+            "argument --replicas: must be a positive integer",
+        ),
         "missing data dir": (
             ["--dataset", "fashion_mnist", "--data-dir", tmp / "nowhere"],
             2,
@@ -414,7 +452,9 @@ def test_checkpoint_dir_of_other_arguments_is_refused(tmp_path):
     assert "holds the backup of a run with other arguments (epochs 5 there, 10 here)" in proc.stderr
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file.txt").write_text("mine")
-    proc = run_script("--checkpoint-dir", tmp_path / "other", "--out", tmp_path / "out", timeout=120)
+    proc = run_script(
+        "--checkpoint-dir", tmp_path / "other", "--out", tmp_path / "out", timeout=120
+    )
     assert proc.returncode == 2 and "is not a backup of this script" in proc.stderr
 
 
@@ -431,7 +471,9 @@ for case, (args, _, _) in test_example._bad_cases(tmp).items():
     codes[case] = mnist_cnn.main([*map(str, args), "--out", str(tmp / "out")])
 print(json.dumps({{"codes": codes, "tensorflow": "tensorflow" in sys.modules}}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["codes"].values()) == {2}
@@ -466,7 +508,8 @@ def test_idx_directory_reads_like_keras(tmp_path, compress):
     x_train, y_train, x_test, y_test = script.read_idx_dir(tmp_path)
     assert x_train.shape == (30, 28, 28, 1) and x_test.shape == (12, 28, 28, 1)
     assert x_train.dtype == np.float32
-    np.testing.assert_array_equal(x_train[..., 0], arrays["train"][0] / np.float32(255))
+    expected = arrays["train"][0].astype(np.float32) / np.float32(255)
+    np.testing.assert_array_equal(x_train[..., 0], expected)
     np.testing.assert_array_equal(y_test, arrays["t10k"][1])
 
     # A truncated file is reported, not misread.
@@ -490,7 +533,9 @@ def test_idx_directory_reads_like_keras(tmp_path, compress):
 )
 def test_debian_fashion_mnist_files_are_read():
     script = load_script_module()
-    x_train, y_train, x_test, y_test = script.read_idx_dir(pathlib.Path("/usr/share/datasets/fashion-mnist"))
+    x_train, y_train, x_test, y_test = script.read_idx_dir(
+        pathlib.Path("/usr/share/datasets/fashion-mnist")
+    )
     assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
     assert np.bincount(y_train).tolist() == [6000] * 10
     assert np.bincount(y_test).tolist() == [1000] * 10
@@ -499,9 +544,22 @@ def test_debian_fashion_mnist_files_are_read():
 
 def test_table_for_a_single_run():
     script = load_script_module()
-    entry = {"epoch": 1, "seconds": 2.0, "loss": 0.5, "accuracy": 0.9, "val_loss": 0.4, "val_accuracy": 0.91}
+    entry = {
+        "epoch": 1,
+        "seconds": 2.0,
+        "loss": 0.5,
+        "accuracy": 0.9,
+        "val_loss": 0.4,
+        "val_accuracy": 0.91,
+    }
     results = {"keras": {"history": [entry], "test_accuracy": 0.91, "test_loss": 0.4}}
     text = script.table(results, None)
     header, rule, *rows = text.splitlines()
     assert header.split() == ["keras"]
-    assert rows == ["test accuracy      0.9100", "test loss          0.4000", "seconds per epoch    2.00"]
+    assert [row.rsplit(maxsplit=1) for row in rows] == [
+        ["test accuracy", "0.9100"],
+        ["test loss", "0.4000"],
+        ["train seconds per epoch", "2.00"],
+    ]
+    # No difference column; values right-aligned under the run's name.
+    assert len({len(line) for line in (header, rule, *rows)}) == 1
