@@ -21,6 +21,17 @@ MNIST_NPZ = REPO / "examples" / "data" / "mnist_10k.npz"
 # or int64 tensors is marked `needs_x64`: JAX has them only with
 # jax_enable_x64 (without, it makes them 32-bit without a word).
 
+# Modules about what only TensorFlow has, skipped whole under other backends.
+TENSORFLOW_ONLY_MODULES = {
+    "test_fused.py": "the fused kernel is TensorFlow's FusedBatchNormV3",
+    "test_sync.py": "synchronized statistics run on tf.distribute",
+    "test_multiworker.py": "MultiWorkerMirroredStrategy",
+    "test_article_model.py": "trains under TensorFlow's op determinism (test_cross_backend.py "
+    "trains the article's model on every backend)",
+    "test_example.py": "examples/mnist_cnn.py is written for TensorFlow (tf.distribute, op determinism)",
+    "test_tools.py": "the tools' tests use tf.function and tf.data",
+}
+
 
 def pytest_configure(config):
     config.addinivalue_line(
@@ -35,6 +46,14 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        if BACKEND != "tensorflow" and item.path.name in TENSORFLOW_ONLY_MODULES:
+            item.add_marker(
+                pytest.mark.skip(
+                    reason=f"needs the tensorflow backend, not {BACKEND}: "
+                    + TENSORFLOW_ONLY_MODULES[item.path.name]
+                )
+            )
+            continue
         if item.get_closest_marker("needs_x64") and not has_x64():
             item.add_marker(pytest.mark.skip(reason="JAX has no float64/int64 without jax_enable_x64"))
         for marker in item.iter_markers("backends"):

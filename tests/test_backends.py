@@ -1,0 +1,67 @@
+"""What differs by Keras backend, checked under the backend the suite runs on.
+
+The comparison tests (test_parity, test_math, test_validation,
+test_serialization, test_ghost, test_axis_list) run unchanged under each
+backend; here are the backend-specific promises: off TensorFlow there is no
+fused kernel (the automatic choice is the reference path, `fused=True` is
+refused) and no `synchronized=True`; on TensorFlow both exist.
+"""
+
+import numpy as np
+import pytest
+
+import bnlayers
+from backend_ops import BACKEND
+from backend_ops import to_numpy
+from backend_ops import value_and_grads
+
+OTHER_BACKENDS = pytest.mark.backends("jax", "torch", reason="what TensorFlow has and they lack")
+
+
+def _data(shape=(8, 5, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(2.0, 3.0, shape).astype("float32"), rng.standard_normal(shape).astype("float32")
+
+
+@OTHER_BACKENDS
+def test_synchronized_is_refused_with_the_backend_named():
+    with pytest.raises(ValueError, match=rf"`synchronized=True` needs the TensorFlow backend.*'{BACKEND}'"):
+        bnlayers.BatchNormalization(synchronized=True)
+    # The default stays usable, and so is an explicit False (configs saved
+    # on TensorFlow carry it).
+    bnlayers.BatchNormalization(synchronized=False)
+
+
+@pytest.mark.backends("tensorflow", reason="tf.distribute is TensorFlow's")
+def test_synchronized_is_accepted_on_tensorflow():
+    assert bnlayers.BatchNormalization(synchronized=True).synchronized
+
+
+@OTHER_BACKENDS
+def test_fused_true_is_refused_with_the_reason():
+    x, _ = _data()
+    layer = bnlayers.BatchNormalization(fused=True)
+    with pytest.raises(ValueError, match=rf"`fused=True`.*the Keras backend is '{BACKEND}'"):
+        layer(x, training=True)
+
+
+@OTHER_BACKENDS
+@pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
+def test_automatic_choice_is_the_reference_path(renorm):
+    """fused=None and fused=False: the same outputs, gradients and moving
+    statistics bit for bit (the parity grid runs fused=None only here)."""
+    x, dy = _data()
+    results = []
+    for fused in (None, False):
+        layer = bnlayers.BatchNormalization(momentum=0.5, renorm=renorm, fused=fused)
+        layer.build(x.shape)
+        steps = []
+        for _ in range(2):
+            y, grads = value_and_grads(
+                lambda t: layer(t, training=True), [x], dy, [layer.gamma, layer.beta], [layer]
+            )
+            steps += [to_numpy(y)] + [to_numpy(g) for g in grads]
+        steps += layer.get_weights() + [to_numpy(layer(x, training=False))]
+        results.append(steps)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
