@@ -171,10 +171,17 @@ class BatchNormalization(keras.layers.Layer):
             variance the ghost batches were normalized with. At inference
             ghost batches play no part, so any batch size works. Cannot be
             combined with `renorm` or `synchronized`.
-        fused: None (default: use the fused TensorFlow kernel whenever it is
+        fused: None (default: take the fused fast path whenever it is
             eligible), True (require it; raise if it is not eligible), or
-            False (always use the reference `keras.ops` path). See
-            `bnlayers.fused_eligibility` for when the kernel can be used.
+            False (always use the reference `keras.ops` path). The fast
+            path computes the same thing in a few fused loops: on a GPU
+            with TensorFlow's fused batch-norm kernel (cuDNN), elsewhere
+            and under `jit_compile=True` with the arithmetic compiled by
+            XLA. It is eligible on the TensorFlow backend with a single
+            feature axis, no mask, no `renorm`, no `virtual_batch_size` and
+            no `synchronized` strategy of several replicas;
+            `bnlayers.fused_eligibility(layer, inputs)` gives the reason
+            when it is not.
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:
@@ -508,7 +515,7 @@ class BatchNormalization(keras.layers.Layer):
             return True
         if self.fused:
             raise ValueError(
-                f"`fused=True` but the fused kernel cannot be used here: {reason}. "
+                f"`fused=True` but the fused fast path cannot be taken here: {reason}. "
                 "Pass fused=None to fall back to the reference path automatically."
             )
         return False

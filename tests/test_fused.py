@@ -470,10 +470,31 @@ def test_benchmark_quick_run(tmp_path):
         assert row["bnlayers_path"] == f"fused ({_fused.implementation()})"
         assert all(v > 0 for v in row["ms"].values())
         assert all(v > 0 for v in row["passes"].values())
-        assert row["ratio"] > 0 and row["ratio_reference"] > 0
+        assert row["ratio"] > 0 and row["ratio_cpu"] > 0 and row["ratio_reference"] > 0
     model = saved["model"]
     assert model["steps_per_epoch"] == 4 and model["epochs_timed"] == 1
     assert all(v > 0 for v in model["seconds_per_epoch"].values()) and model["ratio"] > 0
+    assert model["ratio_cpu"] > 0
     text = out.with_suffix(".md").read_text()
     assert "| (8, 6, 6, 4) tiny | -1 | train |" in text
     assert "keras.layers.BatchNormalization" in text
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_second_order_gradients(implementation, training):
+    """A gradient penalty differentiates the gradient: same as the reference path."""
+    x = tf.constant(np.random.default_rng(6).normal(size=(6, 5, 4)).astype("float32"))
+    weights = [np.full(4, v, "float32") for v in (1.3, 0.2, 0.1, 1.7)]
+    results = []
+    for fused in (True, False):
+        layer = _built(shape=x.shape, fused=fused)
+        layer.set_weights(weights)
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(layer(x, training=training) ** 3)
+            penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
+        results.append([penalty.numpy()] + [g.numpy() for g in outer.gradient(penalty, [x, layer.gamma.value])])
+    for a, e in zip(*results):
+        assert ref.rel_err(a, e) <= 1e-5
