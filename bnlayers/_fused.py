@@ -164,10 +164,7 @@ def fused_call(layer, inputs, use_batch_statistics):
         mean = tf.cast(layer.moving_mean, stats_dtype)
         var = tf.cast(layer.moving_variance, stats_dtype)
         return _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype)
-    y, mean, var = _xla_training(x, gamma, beta, epsilon, axis, out_dtype)
-    count = _count(x, axis, stats_dtype)
-    layer._update_moving_statistics(count, mean, var)
-    return y
+    return _xla_training(layer, x, gamma, beta, epsilon, axis, out_dtype)
 
 
 def _count(x, axis, dtype):
@@ -216,7 +213,8 @@ def _xla_functions():
         return tf.cast(tf.maximum(n, 1), dtype)
 
     @tf.function(jit_compile=True, autograph=False)
-    def forward(x, gamma, beta, epsilon, axis, out_dtype):
+    def forward(x, gamma, beta, moving_mean, moving_var, momentum, epsilon, axis, out_dtype):
+        """Outputs, batch mean and variance, and the updated moving statistics."""
         shape = tf.shape(x)
         x = tf.cast(merged(x, axis), gamma.dtype)
         n = count(x, gamma.dtype)
@@ -225,7 +223,12 @@ def _xla_functions():
         # Two passes: the variance around the mean, never E[x^2] - E[x]^2.
         var = tf.reduce_sum(tf.square(centred), stats_axes(x)) / n
         y = centred * per_feature(tf.math.rsqrt(var + epsilon) * gamma, x) + per_feature(beta, x)
-        return tf.reshape(tf.cast(y, out_dtype), shape), mean, var
+        # The layer's update rule, here rather than in a dozen small ops
+        # outside; an empty batch leaves the moving statistics as they are.
+        counted = tf.size(x) > 0
+        new_mean = tf.where(counted, _math.moving_average(moving_mean, mean, momentum), moving_mean)
+        new_var = tf.where(counted, _math.moving_average(moving_var, var, momentum), moving_var)
+        return tf.reshape(tf.cast(y, out_dtype), shape), mean, var, new_mean, new_var
 
     @tf.function(jit_compile=True, autograph=False)
     def backward(dy, x, mean, var, gamma, epsilon, axis):
@@ -269,25 +272,33 @@ def _xla_functions():
     return forward, backward, inference, inference_backward
 
 
-def _xla_training(x, gamma, beta, epsilon, axis, out_dtype):
+def _xla_training(layer, x, gamma, beta, epsilon, axis, out_dtype):
+    """Outputs with batch statistics; updates the layer's moving statistics."""
     import tensorflow as tf
 
     forward, backward, _, _ = _xla_functions()
+    dtype = gamma.dtype
+    moving_mean = tf.cast(layer.moving_mean, dtype)
+    moving_var = tf.cast(layer.moving_variance, dtype)
+    momentum = tf.constant(layer.momentum, dtype)
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        y, mean, var = forward(x, gamma, beta, epsilon, axis, out_dtype)
+        y, mean, var, new_mean, new_var = forward(
+            x, gamma, beta, moving_mean, moving_var, momentum, epsilon, axis, out_dtype
+        )
 
         def grad(dy, dmean, dvar):
-            # The batch statistics only feed the moving averages (no gradient).
+            # The moving statistics carry no gradient.
             del dmean, dvar
-            dx, dgamma, dbeta = backward(dy, x, mean, var, gamma, epsilon, axis)
-            return dx, dgamma, dbeta
+            return backward(dy, x, mean, var, gamma, epsilon, axis)
 
-        return (y, mean, var), grad
+        return (y, new_mean, new_var), grad
 
-    y, mean, var = normalize(x, gamma, beta)
-    return y, tf.stop_gradient(mean), tf.stop_gradient(var)
+    y, new_mean, new_var = normalize(x, gamma, beta)
+    for variable, value in ((layer.moving_mean, new_mean), (layer.moving_variance, new_var)):
+        variable.assign(tf.cast(tf.stop_gradient(value), variable.dtype))
+    return y
 
 
 def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
