@@ -200,7 +200,7 @@ def test_auto_takes_fast_path_in_parity_grid(monkeypatch):
             expected = expected and case.policy != "float64"
         assert (reason is None) == expected, (case.name, reason)
         taken += reason is None
-    assert taken >= 40, taken
+    assert taken >= 40, taken  # 50 of 82 cases when this was written
     # And a call really goes through fused_call.
     case = next(c for c in test_parity.CASES if c.name == "rank4-axis1")
     layer = test_parity._make_layer(bnlayers.BatchNormalization, case, fused=None)
