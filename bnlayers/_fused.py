@@ -128,6 +128,11 @@ def ineligibility(layer, inputs, mask):
     dtypes = _KERNEL_DTYPES if kernel else _XLA_DTYPES
     if dtype not in dtypes:
         return f"inputs of dtype {dtype} (the fused path takes {', '.join(dtypes)})"
+    if not kernel and None in shape[1:] and not in_xla_context():
+        return (
+            f"input shape {shape} has an unknown dimension besides the batch (a variable "
+            "length?): the XLA-compiled fast path would compile anew for every size"
+        )
     if kernel and layer.epsilon < KERNEL_MIN_EPSILON:
         return (
             f"epsilon={layer.epsilon!r} is below {KERNEL_MIN_EPSILON}, the smallest "
@@ -413,6 +418,9 @@ def fused_eligibility(layer, inputs, mask=None):
     - not `synchronized=True` inside a `tf.distribute` strategy with several
       replicas (outside one, `synchronized` changes nothing);
     - a single feature axis (any one);
+    - off a GPU, no unknown dimension besides the batch in the traced
+      shape (e.g. a variable sequence length): XLA compiles the fast path
+      for each input shape it meets;
     - floating inputs: float16, bfloat16, float32 or float64 (float64 not on
       a GPU, where TensorFlow's fused kernel does not take it);
     - on a GPU, also `epsilon >= 1.001e-5` (cuDNN's lower bound).

@@ -121,6 +121,26 @@ def test_dtype_and_epsilon_rules(implementation):
         assert bnlayers.fused_eligibility(_built(), tf.zeros((2, 3), dtype)) is None
 
 
+def test_unknown_dimension_besides_the_batch(implementation):
+    """XLA would compile for every sequence length; the kernel does not compile."""
+    layer = _built(shape=(None, None, 8))
+    reason = bnlayers.fused_eligibility(layer, (None, None, 8))
+    if implementation == "xla":
+        assert "input shape (None, None, 8) has an unknown dimension besides the batch" in reason
+    else:
+        assert reason is None
+    # Inside a function that XLA compiles as a whole, there is nothing to avoid.
+    seen = []
+
+    @tf.function(jit_compile=True, input_signature=[tf.TensorSpec((None, None, 8))])
+    def call(x):
+        seen.append(bnlayers.fused_eligibility(layer, x))
+        return layer(x, training=True)
+
+    call(tf.ones((2, 3, 8)))
+    assert seen == [None]
+
+
 def test_eligibility_of_unbuilt_layer_and_specs():
     layer = bnlayers.BatchNormalization(axis=1)
     assert bnlayers.fused_eligibility(layer, (None, 3, 7)) is None
