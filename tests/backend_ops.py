@@ -31,18 +31,20 @@ def has_x64():
     return bool(jax.config.jax_enable_x64)
 
 
-def value_and_grads(fn, inputs, upstream, variables=(), layers=(), jit=False):
-    """`fn(*inputs)` and the gradients of `sum(cast(y, upstream.dtype) * upstream)`.
+def value_and_grads(fn, inputs, upstream, variables=(), layers=(), args=(), jit=False):
+    """`fn(*inputs, *args)` and the gradients of `sum(cast(y, upstream.dtype) * upstream)`.
 
-    Gradients are taken with respect to each of `inputs` and each of the
-    Keras `variables` (trainable or not: `layer.trainable = False` does not
-    stop them). The updates `fn` makes to the variables of `layers` (moving
-    statistics) take effect, as after an ordinary call.
+    Gradients are taken with respect to each of `inputs` (not `args`: masks
+    and the like) and each of the Keras `variables` (trainable or not:
+    `layer.trainable = False` does not stop them). The updates `fn` makes to
+    the variables of `layers` (moving statistics) take effect, as after an
+    ordinary call.
 
     On TensorFlow this is a `tf.GradientTape` and works inside `tf.function`;
     on JAX and PyTorch `fn` runs in a `keras.StatelessScope` whose variable
     values are the ones differentiated, and the updates are assigned after.
-    `jit=True` (JAX only) compiles the whole step with `jax.jit`.
+    `jit=True` (JAX only) compiles the whole step with `jax.jit`, once per
+    `fn` and input shapes: pass the same `fn` again to reuse it.
 
     Returns `(y, grads)`: backend tensors; `grads` has one entry per input,
     then one per variable (None where the loss does not depend on it).
@@ -51,7 +53,7 @@ def value_and_grads(fn, inputs, upstream, variables=(), layers=(), jit=False):
     if BACKEND == "tensorflow":
         if jit:
             raise ValueError("jit=True is for the JAX backend; use tf.function on TensorFlow")
-        return _tensorflow_value_and_grads(fn, inputs, upstream, variables)
+        return _tensorflow_value_and_grads(fn, inputs, args, upstream, variables)
     variables = list(variables)
     state = []
     for layer in layers:
@@ -59,11 +61,11 @@ def value_and_grads(fn, inputs, upstream, variables=(), layers=(), jit=False):
             if not any(v is w for w in variables + state):
                 state.append(v)
     if BACKEND == "jax":
-        y, grads, new_state = _jax_value_and_grads(fn, inputs, upstream, variables, state, jit)
+        y, grads, new_state = _jax_value_and_grads(fn, inputs, args, upstream, variables, state, jit)
     elif BACKEND == "torch":
         if jit:
             raise ValueError("jit=True is for the JAX backend")
-        y, grads, new_state = _torch_value_and_grads(fn, inputs, upstream, variables, state)
+        y, grads, new_state = _torch_value_and_grads(fn, inputs, args, upstream, variables, state)
     else:
         raise NotImplementedError(f"no gradient helper for the {BACKEND!r} backend")
     for v, value in zip(state, new_state):
@@ -75,46 +77,56 @@ def _loss(y, upstream):
     return ops.sum(ops.cast(y, upstream.dtype) * upstream)
 
 
-def _tensorflow_value_and_grads(fn, inputs, upstream, variables):
+def _tensorflow_value_and_grads(fn, inputs, args, upstream, variables):
     import tensorflow as tf
 
     inputs = [tf.convert_to_tensor(x) for x in inputs]
     values = [v.value for v in variables]
     with tf.GradientTape() as tape:
         tape.watch(inputs + values)
-        y = fn(*inputs)
+        y = fn(*inputs, *args)
         loss = _loss(y, upstream)
     return y, tape.gradient(loss, inputs + values)
 
 
-def _jax_value_and_grads(fn, inputs, upstream, variables, state, jit):
+# Compiled JAX steps by (fn, variables, state): a parity case reuses its
+# step over several batches instead of compiling it anew for each.
+_JAX_JITTED = {}
+
+
+def _jax_value_and_grads(fn, inputs, args, upstream, variables, state, jit):
     import jax
 
-    def loss_fn(input_values, variable_values, state_values):
+    def loss_fn(input_values, variable_values, state_values, args, upstream):
         mapping = list(zip(variables, variable_values)) + list(zip(state, state_values))
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            y = fn(*input_values)
+            y = fn(*input_values, *args)
         new_state = [scope.get_current_value(v) for v in state]
         return _loss(y, upstream), (y, new_state)
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     if jit:
-        grad_fn = jax.jit(grad_fn)
+        key = (id(fn), tuple(id(v) for v in variables), tuple(id(v) for v in state))
+        if key not in _JAX_JITTED:
+            # Holding fn keeps its id from being reused while the entry lives.
+            _JAX_JITTED[key] = (fn, jax.jit(grad_fn))
+        grad_fn = _JAX_JITTED[key][1]
     inputs = [ops.convert_to_tensor(x) for x in inputs]
+    args = [None if a is None else ops.convert_to_tensor(a) for a in args]
     (_, (y, new_state)), (input_grads, variable_grads) = grad_fn(
-        inputs, [v.value for v in variables], [v.value for v in state]
+        inputs, [v.value for v in variables], [v.value for v in state], args, upstream
     )
     return y, list(input_grads) + list(variable_grads), new_state
 
 
-def _torch_value_and_grads(fn, inputs, upstream, variables, state):
+def _torch_value_and_grads(fn, inputs, args, upstream, variables, state):
     import torch
 
     inputs = [ops.convert_to_tensor(x).detach().requires_grad_(True) for x in inputs]
     values = [v.value.detach().clone().requires_grad_(True) for v in variables]
     mapping = list(zip(variables, values)) + [(v, v.value.detach()) for v in state]
     with keras.StatelessScope(state_mapping=mapping) as scope:
-        y = fn(*inputs)
+        y = fn(*inputs, *args)
     new_state = [scope.get_current_value(v) for v in state]
     grads = torch.autograd.grad(_loss(y, upstream), inputs + values, allow_unused=True)
     new_state = [None if s is None else s.detach() for s in new_state]

@@ -287,14 +287,16 @@ def _run_keras(layer, case, weights, steps):
     params = [v for v in (layer.gamma, layer.beta) if v is not None]
     jax_jit = BACKEND == "jax" and case.execution == "jit"
 
+    def train(t, mask):
+        return layer(t, training=True, mask=mask)
+
+    def infer(t):
+        return layer(t, training=False)
+
     def step(x, mask, w, x_inf, w_inf):
-        y, grads = value_and_grads(
-            lambda t: layer(t, training=True, mask=mask), [x], w, params, [layer], jit=jax_jit
-        )
+        y, grads = value_and_grads(train, [x], w, params, [layer], args=[mask], jit=jax_jit)
         # Runs after the training call, so it sees the updated statistics.
-        y_inf, grads_inf = value_and_grads(
-            lambda t: layer(t, training=False), [x_inf], w_inf, params, [layer], jit=jax_jit
-        )
+        y_inf, grads_inf = value_and_grads(infer, [x_inf], w_inf, params, [layer], jit=jax_jit)
         return y, grads, y_inf, grads_inf
 
     if BACKEND == "tensorflow" and case.execution != "eager":
