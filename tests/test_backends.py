@@ -65,3 +65,26 @@ def test_automatic_choice_is_the_reference_path(renorm):
         results.append(steps)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_benchmark_runs_on_this_backend():
+    """examples/benchmark_backends.py, one round on tiny shapes: every row
+    timed for both layers (the figures themselves are the benchmark's)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "benchmark_backends.py"
+    spec = importlib.util.spec_from_file_location("benchmark_backends", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    report = benchmark.run(rounds=1, quick=True)
+    assert report["backend"] == BACKEND
+    assert [row["what"] for row in report["rows"]] == [
+        "tiny: training step",
+        "tiny: inference step",
+        "article model: train_on_batch",
+        "article model: predict_on_batch",
+    ]
+    for row in report["rows"]:
+        assert row["bnlayers_ms"] > 0 and row["builtin_ms"] > 0 and row["ratio"] > 0
+    assert f"**{BACKEND}**" in benchmark.markdown([report])

@@ -1,0 +1,329 @@
+"""Speed of bnlayers.BatchNormalization against the built-in layer, on each Keras backend.
+
+On every backend, both layers are timed in the way that backend runs them:
+
+- TensorFlow: a `tf.function` (the training step takes the gradients with a
+  `tf.GradientTape`); bnlayers takes its fused kernel where it applies;
+- JAX: `jax.jit` of the layer's `stateless_call` (the training step takes
+  the gradients with `jax.value_and_grad` and returns the new moving
+  statistics);
+- PyTorch: eager calls (`torch.autograd.grad` for the training step), as
+  Keras' own `fit` runs them by default on this backend.
+
+For each input shape: a *training step* (forward pass with batch statistics,
+gradients with respect to the inputs, gamma and beta for a given upstream
+gradient, moving-average update) and an *inference step* (forward pass with
+the moving statistics). Then the article's model (Conv2D 32 -> BN ->
+MaxPooling -> Flatten -> Dense 10, adam, batch 64) through Keras:
+`train_on_batch` and `predict_on_batch`.
+
+Both implementations run in one process, in interleaved rounds (each round
+times every contender once, in alternating order); a figure is the median
+over the rounds, and a ratio (bnlayers / built-in: below 1 is faster) is
+the median of the per-round ratios, so a load change on a shared machine
+hits both sides of a ratio alike.
+
+Run from the repository root:
+
+    KERAS_BACKEND=jax python examples/benchmark_backends.py     # one backend
+    python examples/benchmark_backends.py --all                 # each installed backend, in turn
+    python examples/benchmark_backends.py --all --quick         # seconds; a smoke test
+
+`--out PREFIX` writes PREFIX.md and PREFIX.json. For TensorFlow's full
+benchmark (more shapes, elementwise passes, whole epochs), see
+examples/benchmark.py.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SHAPES = {
+    "article": ((64, 26, 26, 32), "the article's model's BN input (after Conv2D 32)"),
+    "dense": ((256, 128), "after a Dense layer"),
+}
+QUICK_SHAPES = {"tiny": ((8, 6, 6, 4), "smoke test")}
+BACKENDS = ("tensorflow", "jax", "torch")
+# Each timed block repeats a call until it lasts this long, so that timer
+# resolution and per-call jitter stay small next to it.
+MIN_BLOCK_SECONDS = 0.05
+
+
+def interleaved(contenders, rounds, min_block=MIN_BLOCK_SECONDS):
+    """Per-call seconds of each contender, one sample per round.
+
+    `contenders` maps a name to a function running one call to completion.
+    Each is warmed up (compiled) and calibrated to a block of calls lasting
+    about `min_block`; the rounds then alternate the order.
+    """
+    repeats = {}
+    for name, fn in contenders.items():
+        fn()
+        fn()
+        n, elapsed = 1, 0.0
+        while True:
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_block or n >= 1 << 16:
+                break
+            n *= 2
+        repeats[name] = n
+    samples = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn, n = contenders[name], repeats[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return samples
+
+
+def median_ratio(numerator, denominator):
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+# ------------------------------------------------------- backend steps
+
+
+def _tensorflow_steps(layer, x, dy):
+    import tensorflow as tf
+
+    x, dy = tf.constant(x), tf.constant(dy)
+    params = [layer.gamma.value, layer.beta.value]
+
+    @tf.function
+    def train(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * dy)
+        return tape.gradient(loss, [x] + params)
+
+    @tf.function
+    def infer(x):
+        return layer(x, training=False)
+
+    # CPU tf.functions return once their outputs are computed.
+    return (lambda: train(x, dy)), (lambda: infer(x))
+
+
+def _jax_steps(layer, x, dy):
+    import jax
+    import jax.numpy as jnp
+
+    x, dy = jnp.asarray(x), jnp.asarray(dy)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss(trainable, x, non_trainable):
+        y, new_non_trainable = layer.stateless_call(trainable, non_trainable, x, training=True)
+        return jnp.sum(y * dy), new_non_trainable
+
+    @jax.jit
+    def train(trainable, non_trainable, x):
+        (_, new_non_trainable), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            trainable, x, non_trainable
+        )
+        return grads, new_non_trainable
+
+    @jax.jit
+    def infer(trainable, non_trainable, x):
+        return layer.stateless_call(trainable, non_trainable, x, training=False)[0]
+
+    return (
+        lambda: jax.block_until_ready(train(trainable, non_trainable, x)),
+        lambda: jax.block_until_ready(infer(trainable, non_trainable, x)),
+    )
+
+
+def _torch_steps(layer, x, dy):
+    import torch
+
+    x, dy = torch.as_tensor(x), torch.as_tensor(dy)
+    params = [layer.gamma.value, layer.beta.value]
+
+    def train():
+        inputs = x.detach().requires_grad_(True)
+        y = layer(inputs, training=True)
+        return torch.autograd.grad(y, [inputs] + params, grad_outputs=dy)
+
+    def infer():
+        with torch.no_grad():
+            return layer(x, training=False)
+
+    return train, infer
+
+
+def layer_steps(layer, shape, seed=0):
+    import keras
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.5, 2.0, shape).astype("float32")
+    dy = rng.normal(size=shape).astype("float32")
+    layer.build(shape)
+    make = {"tensorflow": _tensorflow_steps, "jax": _jax_steps, "torch": _torch_steps}
+    return make[keras.backend.backend()](layer, x, dy)
+
+
+# ------------------------------------------------------------ benchmark
+
+
+def article_model(bn):
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.layers.InputLayer(shape=(28, 28, 1)),
+            keras.layers.Conv2D(32, (3, 3), activation="relu"),
+            bn,
+            keras.layers.MaxPooling2D((2, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    return model
+
+
+def run(rounds, quick):
+    """The figures for the backend this process runs."""
+    import keras
+
+    import bnlayers
+
+    backend = keras.backend.backend()
+    rows = []
+
+    def record(what, shape, samples):
+        ours, builtin = samples["bnlayers"], samples["built-in"]
+        rows.append(
+            {
+                "what": what,
+                "shape": list(shape),
+                "bnlayers_ms": 1e3 * statistics.median(ours),
+                "builtin_ms": 1e3 * statistics.median(builtin),
+                "ratio": median_ratio(ours, builtin),
+            }
+        )
+
+    for name, (shape, _) in (QUICK_SHAPES if quick else SHAPES).items():
+        ours_train, ours_infer = layer_steps(bnlayers.BatchNormalization(), shape)
+        builtin_train, builtin_infer = layer_steps(keras.layers.BatchNormalization(), shape)
+        record(f"{name}: training step", shape, interleaved({"bnlayers": ours_train, "built-in": builtin_train}, rounds))
+        record(f"{name}: inference step", shape, interleaved({"bnlayers": ours_infer, "built-in": builtin_infer}, rounds))
+
+    batch = 8 if quick else 64
+    rng = np.random.default_rng(1)
+    x = rng.random((batch, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, batch)
+    ours = article_model(bnlayers.BatchNormalization())
+    builtin = article_model(keras.layers.BatchNormalization())
+    builtin.set_weights(ours.get_weights())
+    models = {"bnlayers": ours, "built-in": builtin}
+    record(
+        "article model: train_on_batch",
+        x.shape,
+        interleaved({k: (lambda m=m: m.train_on_batch(x, y)) for k, m in models.items()}, rounds),
+    )
+    record(
+        "article model: predict_on_batch",
+        x.shape,
+        interleaved({k: (lambda m=m: m.predict_on_batch(x)) for k, m in models.items()}, rounds),
+    )
+    versions = {"keras": keras.__version__}
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
+    versions[module] = importlib.import_module(module).__version__
+    return {
+        "backend": backend,
+        "versions": versions,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {_load()}",
+        "rounds": rounds,
+        "rows": rows,
+    }
+
+
+def _load():
+    try:
+        return "%.1f" % os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on every platform
+        return "?"
+
+
+def markdown(reports):
+    lines = []
+    for report in reports:
+        versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+        lines += [
+            f"**{report['backend']}** ({versions}; {report['machine']}; {report['rounds']} rounds)",
+            "",
+            "| | shape | bnlayers (ms) | built-in (ms) | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for row in report["rows"]:
+            shape = "x".join(str(d) for d in row["shape"])
+            lines.append(
+                f"| {row['what']} | {shape} | {row['bnlayers_ms']:.3f} | {row['builtin_ms']:.3f} "
+                f"| {row['ratio']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="each installed backend, one process each")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15; --quick 3)")
+    parser.add_argument("--out", help="write PREFIX.md and PREFIX.json")
+    parser.add_argument("--json", help=argparse.SUPPRESS)  # a child of --all reports here
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 15)
+    if rounds < 1:
+        parser.error(f"--rounds must be at least 1. Received: --rounds={rounds}")
+
+    if args.all:
+        reports = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for backend in BACKENDS:
+                if importlib.util.find_spec(backend) is None:
+                    print(f"{backend}: not installed, skipped", file=sys.stderr)
+                    continue
+                out = pathlib.Path(tmp) / f"{backend}.json"
+                command = [sys.executable, __file__, "--rounds", str(rounds), "--json", str(out)]
+                if args.quick:
+                    command.append("--quick")
+                subprocess.run(command, env=dict(os.environ, KERAS_BACKEND=backend), check=True)
+                reports.append(json.loads(out.read_text()))
+    else:
+        reports = [run(rounds, args.quick)]
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(reports[0], indent=1))
+            return 0
+
+    text = markdown(reports)
+    print(text)
+    if args.out:
+        pathlib.Path(args.out + ".md").write_text(text)
+        pathlib.Path(args.out + ".json").write_text(json.dumps(reports, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
