@@ -757,7 +757,8 @@ def recalibrate(model, data, steps=None, *, batch_size=None):
         triples = collected.get(str(i))
         if not triples:
             continue
-        count, mean, m2 = (np.stack(parts) for parts in zip(*triples))
+        # As tensors: PyTorch cannot mix NumPy arrays into its arithmetic.
+        count, mean, m2 = (ops.convert_to_tensor(np.stack(parts)) for parts in zip(*triples))
         total, mean, m2 = (
             ops.convert_to_numpy(t)[0] for t in _math.merge_moments(count, mean, m2, axis=0)
         )

@@ -29,7 +29,6 @@ TENSORFLOW_ONLY_MODULES = {
     "test_article_model.py": "trains under TensorFlow's op determinism (test_cross_backend.py "
     "trains the article's model on every backend)",
     "test_example.py": "examples/mnist_cnn.py is written for TensorFlow (tf.distribute, op determinism)",
-    "test_tools.py": "the tools' tests use tf.function and tf.data",
 }
 
 
