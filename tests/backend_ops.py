@@ -73,6 +73,19 @@ def value_and_grads(fn, inputs, upstream, variables=(), layers=(), args=(), jit=
     return y, grads
 
 
+def train_step(layer, x, dy, mask=None):
+    """One training call of a BN layer and its gradients for the loss `sum(dy * y)`.
+
+    Returns NumPy `(y, dx, dgamma, dbeta)`; the moving statistics are updated
+    as after an ordinary call.
+    """
+    y, grads = value_and_grads(
+        lambda t: layer(t, training=True, mask=mask), [x], dy, [layer.gamma, layer.beta], [layer]
+    )
+    dx, dgamma, dbeta = grads
+    return to_numpy(y), to_numpy(dx), to_numpy(dgamma), to_numpy(dbeta)
+
+
 def _loss(y, upstream):
     return ops.sum(ops.cast(y, upstream.dtype) * upstream)
 

@@ -13,6 +13,7 @@ from keras import ops
 import _bn_reference as ref
 import bnlayers
 from backend_ops import to_numpy
+from backend_ops import train_step
 from backend_ops import value_and_grads
 
 EPSILON = 1e-3
@@ -38,14 +39,6 @@ def _layer(shape, axis, seed=0, **kwargs):
     rng = np.random.default_rng(seed)
     layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in layer.weights])
     return layer
-
-
-def _train_step(layer, x, dy, mask=None):
-    y, grads = value_and_grads(
-        lambda t: layer(t, training=True, mask=mask), [x], dy, [layer.gamma, layer.beta], [layer]
-    )
-    dx, dgamma, dbeta = grads
-    return to_numpy(y), to_numpy(dx), to_numpy(dgamma), to_numpy(dbeta)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -74,7 +67,7 @@ def test_matches_float64_reference(case, masked):
         dy = rng.standard_normal(shape).astype("float32")
         mask = rng.random(mask_shape) > 0.3 if masked else None
         expected = ref.batch_norm(x, features, layer.gamma.numpy(), layer.beta.numpy(), EPSILON, mask, dy)
-        y, dx, dgamma, dbeta = _train_step(layer, x, dy, mask)
+        y, dx, dgamma, dbeta = train_step(layer, x, dy, mask)
         ref.assert_close(y, expected["y"], RTOL, "outputs")
         ref.assert_close(dx, expected["dx"], RTOL, "gradient wrt inputs")
         ref.assert_close(dgamma, expected["dgamma"], RTOL, "gradient wrt gamma")

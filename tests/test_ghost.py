@@ -10,7 +10,7 @@ from keras import ops
 import _bn_reference as ref
 import bnlayers
 from backend_ops import to_numpy
-from backend_ops import value_and_grads
+from backend_ops import train_step
 
 EPSILON = 1e-3
 MOMENTUM = 0.5
@@ -30,14 +30,6 @@ def _layer(shape, virtual_batch_size, axis=-1, seed=0, **kwargs):
     return layer
 
 
-def _train_step(layer, x, dy, mask=None):
-    y, grads = value_and_grads(
-        lambda t: layer(t, training=True, mask=mask), [x], dy, [layer.gamma, layer.beta], [layer]
-    )
-    dx, dgamma, dbeta = grads
-    return to_numpy(y), to_numpy(dx), to_numpy(dgamma), to_numpy(dbeta)
-
-
 def _check_against_reference(layer, batches, virtual_batch_size, mask_fn=None):
     """Several training steps, each checked against `ghost_batch_norm`."""
     rng = np.random.default_rng(1)
@@ -50,7 +42,7 @@ def _check_against_reference(layer, batches, virtual_batch_size, mask_fn=None):
         expected = ref.ghost_batch_norm(
             x, virtual_batch_size, feature_axes, layer.gamma.numpy(), layer.beta.numpy(), EPSILON, mask, dy
         )
-        y, dx, dgamma, dbeta = _train_step(layer, x, dy, mask)
+        y, dx, dgamma, dbeta = train_step(layer, x, dy, mask)
         ref.assert_close(y, expected["y"], RTOL, "outputs")
         ref.assert_close(dx, expected["dx"], RTOL, "gradient wrt inputs")
         ref.assert_close(dgamma, expected["dgamma"], RTOL, "gradient wrt gamma")
@@ -124,7 +116,7 @@ def test_parity_with_builtin_when_virtual_batch_is_the_batch():
         x = (2.0 + rng.standard_normal((8, 4, 4, 3))).astype("float32")
         dy = rng.standard_normal(x.shape).astype("float32")
         for got, want, what in zip(
-            _train_step(ours, x, dy), _train_step(builtin, x, dy), ("outputs", "dx", "dgamma", "dbeta")
+            train_step(ours, x, dy), train_step(builtin, x, dy), ("outputs", "dx", "dgamma", "dbeta")
         ):
             ref.assert_close(got, want, RTOL, what)
     for got, want in zip(ours.get_weights(), builtin.get_weights()):
