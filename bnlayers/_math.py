@@ -36,7 +36,7 @@ def statistics_dtype(dtype):
     return "float64" if dtype == "float64" else "float32"
 
 
-def _reduced_size(x, axes):
+def reduced_size(x, axes):
     """Number of elements of `x` over `axes`, as a Python int when static."""
     shape = ops.shape(x)
     size = 1
@@ -60,7 +60,7 @@ def moments(x, axes, weights=None):
     """
     axes = tuple(axes)
     if weights is None:
-        count = ops.cast(_reduced_size(x, axes), x.dtype)
+        count = ops.cast(reduced_size(x, axes), x.dtype)
         # Not ops.mean: on PyTorch it averages float64 in float32.
         mean = ops.sum(x, axis=axes, keepdims=True) / count
         # The variance's derivative with respect to the mean is zero at the

@@ -38,6 +38,8 @@ one device normalizing the global batch.
 from keras import backend
 from keras import ops
 
+from bnlayers import _math
+
 
 def replica_context():
     """The tf.distribute replica context with more than one replica, or None.
@@ -86,10 +88,7 @@ def cross_replica_moments(ctx, x, axes, weights=None):
     axes = tuple(axes)
     if weights is None:
         local_sum = ops.sum(x, axis=axes, keepdims=True)
-        size = 1
-        for axis in axes:
-            size = size * ops.shape(x)[axis]
-        local_count = ops.ones_like(local_sum) * ops.cast(size, x.dtype)
+        local_count = ops.ones_like(local_sum) * ops.cast(_math.reduced_size(x, axes), x.dtype)
     else:
         keep = ops.broadcast_to(ops.cast(weights, "bool"), ops.shape(x))
         zeros = ops.zeros_like(x)

@@ -538,14 +538,9 @@ class BatchNormalization(keras.layers.Layer):
         shape = ops.shape(x)
         batch = shape[0]
         pad = (-batch) % size
-        keep = ops.ones(ops.shape(x)[:1], dtype="bool")
+        keep = ops.reshape(ops.ones(shape[:1], dtype="bool"), [-1] + [1] * (len(x.shape) - 1))
         if weights is not None:
-            keep = ops.logical_and(
-                ops.reshape(keep, [-1] + [1] * (len(x.shape) - 1)),
-                ops.cast(weights, "bool"),
-            )
-        else:
-            keep = ops.reshape(keep, [-1] + [1] * (len(x.shape) - 1))
+            keep = ops.logical_and(keep, ops.cast(weights, "bool"))
         keep = ops.broadcast_to(keep, shape)
         padding = [(0, pad)] + [(0, 0)] * (len(x.shape) - 1)
         x_padded = ops.pad(x, padding)
