@@ -53,6 +53,7 @@ import numpy as np
 
 SHAPES = {
     "article": ((64, 26, 26, 32), "the article's model's BN input (after Conv2D 32)"),
+    "resnet": ((32, 56, 56, 64), "a ResNet stage"),
     "dense": ((256, 128), "after a Dense layer"),
 }
 QUICK_SHAPES = {"tiny": ((8, 6, 6, 4), "smoke test")}
@@ -154,19 +155,28 @@ def _jax_steps(layer, x, dy):
 
 
 def _torch_steps(layer, x, dy):
+    import keras
     import torch
 
-    x, dy = torch.as_tensor(x), torch.as_tensor(dy)
+    # On Keras' device (a GPU where there is one), not copied there each call.
+    x, dy = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(dy)
     params = [layer.gamma.value, layer.beta.value]
+    # CUDA calls return before the GPU is done: wait for it, or the time is
+    # only the launching.
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def train():
         inputs = x.detach().requires_grad_(True)
         y = layer(inputs, training=True)
-        return torch.autograd.grad(y, [inputs] + params, grad_outputs=dy)
+        grads = torch.autograd.grad(y, [inputs] + params, grad_outputs=dy)
+        sync()
+        return grads
 
     def infer():
         with torch.no_grad():
-            return layer(x, training=False)
+            y = layer(x, training=False)
+        sync()
+        return y
 
     return train, infer
 
@@ -253,10 +263,33 @@ def run(rounds, quick):
     return {
         "backend": backend,
         "versions": versions,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {_load()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {_load()}, {accelerator(backend)}",
         "rounds": rounds,
         "rows": rows,
     }
+
+
+def accelerator(backend):
+    """The GPU the backend computes on, or "no GPU"."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            return details.get("device_name", gpus[0].name)
+    elif backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform == "gpu":
+            return device.device_kind
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    return "no GPU"
 
 
 def _load():
