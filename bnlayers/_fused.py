@@ -7,9 +7,10 @@ computation (`implementation()` picks):
 
 - ``"xla"``: the batch-norm arithmetic written out here in TensorFlow ops,
   forward and backward (a `tf.custom_gradient`), each compiled by XLA into
-  a few fused loops: a training step at the article's shape costs about
-  4.5 elementwise passes over the data, against about 9 for the built-in
-  layer's chain of ops (`examples/benchmark.py`). On CPU this beats
+  a few fused loops: a training step at the article's shape costs 4.2 to
+  5.6 elementwise passes over the data, against 8 to 11 for the built-in
+  layer's chain of ops (`examples/benchmark.py`; XLA runs the reductions on
+  one thread and writes a temporary for each reduction of a product). On CPU this beats
   TensorFlow's fused kernel, a chain of Eigen expressions there (measured
   at 0.73x to 0.9x of the built-in's training step, and 2x slower for
   channels_first, which it transposes). Inside a function that is
