@@ -20,25 +20,12 @@ import sys
 
 import keras
 import numpy as np
+from article import article_model
 
 import bnlayers
 
 BACKEND = keras.backend.backend()
 DATA = pathlib.Path(__file__).resolve().parents[1] / "examples" / "data" / "mnist_10k.npz"
-
-
-def article_model(bn):
-    """The article's model, verbatim but for the BatchNormalization line."""
-    return keras.Sequential(
-        [
-            keras.layers.InputLayer(shape=(28, 28, 1)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            bn,
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
 
 
 def _mnist(train_size):

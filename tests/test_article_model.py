@@ -33,6 +33,7 @@ def _train_all():
     import keras
     import numpy as np
     import tensorflow as tf
+    from article import article_model
 
     import bnlayers
 
@@ -44,25 +45,15 @@ def _train_all():
         x_test = data["x_test"].astype("float32")[..., None] / 255.0
         y_test = data["y_test"].astype("int64")
 
-    def article_model(batch_normalization):
-        # The article's model, verbatim but for the BatchNormalization line.
-        model = keras.Sequential(
-            [
-                keras.layers.InputLayer(shape=(28, 28, 1)),
-                keras.layers.Conv2D(32, (3, 3), activation="relu"),
-                batch_normalization,
-                keras.layers.MaxPooling2D((2, 2)),
-                keras.layers.Flatten(),
-                keras.layers.Dense(10, activation="softmax"),
-            ]
-        )
+    def compiled(batch_normalization):
+        model = article_model(batch_normalization)
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         return model
 
     models = {
-        "builtin": article_model(keras.layers.BatchNormalization()),
-        "bnlayers-reference": article_model(bnlayers.BatchNormalization(fused=False)),
-        "bnlayers-auto": article_model(bnlayers.BatchNormalization()),
+        "builtin": compiled(keras.layers.BatchNormalization()),
+        "bnlayers-reference": compiled(bnlayers.BatchNormalization(fused=False)),
+        "bnlayers-auto": compiled(bnlayers.BatchNormalization()),
     }
     initial = models["builtin"].get_weights()
     for model in models.values():

@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 import bn_reference as ref
+from article import article_model
 import bnlayers
 from bnlayers import _fused
 
@@ -447,14 +448,7 @@ def test_article_model_fits_alike_with_jit_and_without():
 
     def model(bn, jit):
         keras.utils.set_random_seed(0)
-        m = keras.Sequential([
-            keras.layers.InputLayer(shape=(28, 28, 1)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            bn,
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ])
+        m = article_model(bn)
         m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=jit)
         return m
 

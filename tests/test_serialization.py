@@ -10,6 +10,7 @@ import pytest
 from keras import ops
 
 import bn_reference as ref
+from article import article_model
 import bnlayers
 
 # Outputs of the two layers with equal weights differ by float32 rounding
@@ -131,19 +132,6 @@ def test_set_weights_from_get_weights(direction, fused_mode):
 # ------------------------------------------------------------------- files
 
 
-def _article_model(bn):
-    return keras.Sequential(
-        [
-            keras.layers.InputLayer(shape=(28, 28, 1)),
-            keras.layers.Conv2D(8, (3, 3), activation="relu"),
-            bn,
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-
-
 def _images(n=16, seed=0):
     rng = np.random.default_rng(seed)
     return rng.random((n, 28, 28, 1)).astype("float32"), rng.integers(0, 10, n)
@@ -164,7 +152,7 @@ def _trained(model):
 def test_keras_file_round_trip(tmp_path, fused_mode):
     args = _custom_args()
     args["axis"] = -1
-    model = _trained(_article_model(bnlayers.BatchNormalization(fused=fused_mode, **args)))
+    model = _trained(article_model(bnlayers.BatchNormalization(fused=fused_mode, **args), filters=8))
     path = tmp_path / "model.keras"
     model.save(path)
 
@@ -193,10 +181,10 @@ def test_keras_file_round_trip(tmp_path, fused_mode):
 @pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
 def test_weights_h5_interchange(tmp_path, direction, renorm, fused_mode):
     def ours():
-        return _article_model(bnlayers.BatchNormalization(renorm=renorm, fused=fused_mode))
+        return article_model(bnlayers.BatchNormalization(renorm=renorm, fused=fused_mode), filters=8)
 
     def theirs():
-        return _article_model(keras.layers.BatchNormalization(renorm=renorm))
+        return article_model(keras.layers.BatchNormalization(renorm=renorm), filters=8)
 
     make_source, make_target = (theirs, ours) if direction == "builtin->ours" else (ours, theirs)
     source = _trained(make_source())

@@ -19,6 +19,8 @@ import bnlayers
 from bnlayers import tools
 from bnlayers.tools import ChannelAffine
 
+from article import article_model
+
 AGREE = 1e-5
 BUILTIN = keras.layers.BatchNormalization
 OURS = bnlayers.BatchNormalization
@@ -192,23 +194,12 @@ def test_swap_rejects_bad_input():
 # -------------------------------------------------------------------- fold
 
 
-def _article_model(bn):
-    return keras.Sequential(
-        [
-            keras.layers.InputLayer(shape=(28, 28, 1)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            bn(),
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
 
 
 @pytest.mark.parametrize("bn", BOTH, ids=["keras", "bnlayers"])
 def test_fold_article_model_becomes_multiply_add(bn, mnist_subset, tmp_path):
     keras.utils.set_random_seed(0)
-    model = _randomize_bn(_article_model(bn))
+    model = _randomize_bn(article_model(bn()))
     x = mnist_subset[2][:256]
     folded = bnlayers.fold_batchnorm(model)
     # The BN follows a ReLU, so it cannot go into the conv: a multiply-add.
@@ -587,7 +578,7 @@ def test_recalibrate_repairs_the_article_model_after_one_epoch(mnist_subset):
     """One epoch (125 steps of 64): good accuracy, poor loss, until recalibrated."""
     x_train, y_train, x_test, y_test = mnist_subset
     keras.utils.set_random_seed(1)
-    model = _article_model(OURS)
+    model = article_model(OURS())
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
     loss_before, acc_before = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
