@@ -9,11 +9,11 @@ computation (`implementation()` picks):
   forward and backward (a `tf.custom_gradient`), each compiled by XLA into
   a few fused loops: a training step at the article's shape costs 4.2 to
   5.6 elementwise passes over the data, against 8 to 11 for the built-in
-  layer's chain of ops (`examples/benchmark.py`; XLA runs the reductions on
-  one thread and writes a temporary for each reduction of a product). On CPU this beats
-  TensorFlow's fused kernel, a chain of Eigen expressions there (measured
-  at 0.73x to 0.9x of the built-in's training step, and 2x slower for
-  channels_first, which it transposes). Inside a function that is
+  layer's chain of ops (`examples/benchmark.py`; XLA runs the reductions
+  on one thread and writes a temporary for each reduction of a product).
+  On CPU this beats TensorFlow's fused kernel, a chain of Eigen
+  expressions there (measured at 0.73x to 0.9x of the built-in's training
+  step, and 2x slower for channels_first, which it transposes). Inside a function that is
   XLA-compiled as a whole (`jit_compile=True`) the same ops are inlined.
 - ``"kernel"``: TensorFlow's fused batch-norm kernel, `FusedBatchNormV3`,
   differentiated by its registered `FusedBatchNormGradV3`; on a GPU this is
