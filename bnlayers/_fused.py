@@ -37,6 +37,7 @@ import functools
 
 from keras import backend
 
+from bnlayers import _geometry
 from bnlayers import _math
 
 # Which implementation `fused_call` uses outside XLA: None chooses (see
@@ -54,12 +55,6 @@ KERNEL_MIN_EPSILON = 1.001e-5
 
 def _static_shape(inputs):
     return tuple(None if d is None else int(d) for d in inputs.shape)
-
-
-def _feature_axes(layer, shape):
-    if layer._feature_axes is not None:
-        return layer._feature_axes
-    return layer._resolve_axes(len(shape), shape)
 
 
 def in_xla_context():
@@ -122,10 +117,15 @@ def ineligibility(layer, inputs, mask):
                 "path sees one replica's batch only)"
             )
     shape = _static_shape(inputs)
-    axes = _feature_axes(layer, shape)
+    axes = layer._feature_axes
+    if axes is None:
+        axes = _geometry.feature_axes(layer.axis, len(shape), shape, layer.virtual_batch_size)
     if len(axes) != 1:
         return f"axis={layer.axis!r} names several feature axes (the fused path takes one)"
     dtype = backend.standardize_dtype(inputs.dtype)
+    if not backend.is_float_dtype(dtype):
+        # The layer casts integer and bool inputs before this point.
+        dtype = _math.statistics_dtype(layer.compute_dtype)
     kernel = implementation() == "kernel"
     dtypes = _KERNEL_DTYPES if kernel else _XLA_DTYPES
     if dtype not in dtypes:

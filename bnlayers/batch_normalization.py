@@ -9,6 +9,7 @@ from keras import initializers
 from keras import ops
 from keras import regularizers
 
+from bnlayers import _geometry
 from bnlayers import _math
 from bnlayers import _sync
 
@@ -185,17 +186,21 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:
-        inputs: Floating tensor of rank >= 2.
+        inputs: Tensor of rank >= 2. Integer and bool inputs are cast to
+            floats (float32, or float64 for a float64 layer), as the
+            built-in layer does.
         training: Python bool. True normalizes with batch statistics and
             updates the moving ones (unless `trainable` is False); False or
             None uses the moving statistics.
-        mask: Optional boolean tensor with the shape of `inputs` without the
-            feature axis (rank of inputs - 1; with a list of feature axes,
-            the shape of `inputs` without all of them, so rank of inputs -
-            len(axis)). Masked-out positions are left
-            out of the batch statistics (and so of the moving ones). A batch
-            with every position masked yields finite outputs and leaves the
-            moving statistics unchanged.
+        mask: Optional boolean tensor, as Keras' `Masking` and sequence
+            layers produce: the shape of `inputs` without the last axis
+            (rank of inputs - 1), expanded along the last axis whatever
+            `axis` is, as the built-in layer does. With a list of k feature
+            axes, a mask with the shape of `inputs` without all of them
+            (rank of inputs - k) is accepted too. Masked-out positions are
+            left out of the batch statistics (and so of the moving ones). A
+            batch with every position masked yields finite outputs and
+            leaves the moving statistics unchanged.
 
     Reference:
         - Ioffe & Szegedy, 2015, "Batch Normalization: Accelerating Deep
@@ -315,45 +320,12 @@ class BatchNormalization(keras.layers.Layer):
 
     # ------------------------------------------------------------------ build
 
-    def _resolve_axes(self, ndim, input_shape):
-        """Feature axes as sorted non-negative ints, validated for `ndim`."""
-        if ndim < 2:
-            raise ValueError(
-                f"{self.__class__.__name__} needs inputs of rank >= 2 (a batch axis and "
-                f"a feature axis). Received: input_shape={tuple(input_shape)}"
-            )
-        axes = self.axis if isinstance(self.axis, list) else [self.axis]
-        resolved = []
-        for a in axes:
-            if not -ndim <= a < ndim:
-                raise ValueError(
-                    f"`axis` {a} is out of range for inputs of rank {ndim}. "
-                    f"Received: axis={self.axis!r}, input_shape={tuple(input_shape)}"
-                )
-            resolved.append(a % ndim)
-        if len(set(resolved)) != len(resolved):
-            raise ValueError(
-                f"`axis` names the same axis twice for inputs of rank {ndim}. "
-                f"Received: axis={self.axis!r}, input_shape={tuple(input_shape)}"
-            )
-        if self.virtual_batch_size is not None and 0 in resolved:
-            raise ValueError(
-                "`virtual_batch_size` splits the batch axis 0, which cannot also be a "
-                f"feature axis. Received: axis={self.axis!r}, "
-                f"virtual_batch_size={self.virtual_batch_size}"
-            )
-        for a in resolved:
-            if input_shape[a] is None:
-                raise ValueError(
-                    f"The feature axis {a} must have a known size to build the weights. "
-                    f"Received: axis={self.axis!r}, input_shape={tuple(input_shape)}"
-                )
-        return sorted(resolved)
-
     def build(self, input_shape):
         ndim = len(input_shape)
-        self._feature_axes = self._resolve_axes(ndim, input_shape)
-        self._reduction_axes = [i for i in range(ndim) if i not in self._feature_axes]
+        self._feature_axes = _geometry.feature_axes(
+            self.axis, ndim, input_shape, self.virtual_batch_size
+        )
+        self._reduction_axes = _geometry.reduction_axes(self._feature_axes, ndim)
         shape = tuple(input_shape[a] for a in self._feature_axes)
 
         if self.scale:
@@ -423,44 +395,35 @@ class BatchNormalization(keras.layers.Layer):
         )
 
     def compute_output_shape(self, input_shape):
-        self._resolve_axes(len(input_shape), input_shape)
+        _geometry.feature_axes(self.axis, len(input_shape), input_shape, self.virtual_batch_size)
         return input_shape
 
     # ------------------------------------------------------------------- call
 
-    def _param_shape(self, ndim):
-        """Shape that broadcasts a per-feature vector against the inputs."""
-        shape = [1] * ndim
-        for i, a in enumerate(self._feature_axes):
-            shape[a] = self.moving_mean.shape[i]
-        return shape
-
-    def _check_call_inputs(self, inputs, mask):
-        dtype = backend.standardize_dtype(inputs.dtype)
-        if not backend.is_float_dtype(dtype):
-            raise TypeError(
-                f"{self.__class__.__name__} needs floating-point inputs. "
-                f"Received: inputs.dtype={dtype}"
-            )
-        if mask is not None and len(mask.shape) != len(inputs.shape) - len(self._feature_axes):
-            raise ValueError(
-                "`mask` must have the shape of the inputs without the feature axis "
-                f"(rank {len(inputs.shape) - len(self._feature_axes)}). Received: "
-                f"mask.shape={tuple(mask.shape)}, inputs.shape={tuple(inputs.shape)}"
-            )
+    def _prepare_call_inputs(self, inputs, mask):
+        """Floating inputs, and the mask expanded to broadcast against them."""
+        if not backend.is_float_dtype(backend.standardize_dtype(inputs.dtype)):
+            # Integer and bool inputs are taken as numbers, as the built-in
+            # takes them; cast to the statistics dtype of the compute dtype
+            # (never float16, where integers above 65504 overflow).
+            inputs = ops.cast(inputs, _math.statistics_dtype(self.compute_dtype))
+        weights = _geometry.expand_mask(
+            mask, len(inputs.shape), self._feature_axes, inputs.shape
+        )
+        return inputs, weights
 
     def call(self, inputs, training=None, mask=None):
-        self._check_call_inputs(inputs, mask)
+        inputs, weights = self._prepare_call_inputs(inputs, mask)
         use_batch_statistics = bool(training) and self.trainable
 
-        if self._use_fused_kernel(inputs, mask):
+        if self._use_fused_kernel(inputs, weights):
             from bnlayers import _fused
 
             outputs = _fused.fused_call(self, inputs, use_batch_statistics)
             return ops.cast(outputs, self.compute_dtype)
 
         ndim = len(inputs.shape)
-        param_shape = self._param_shape(ndim)
+        param_shape = _geometry.param_shape(self._feature_axes, ndim, self.moving_mean.shape)
         stats_dtype = _math.statistics_dtype(inputs.dtype)
         x = ops.cast(inputs, stats_dtype)
 
@@ -469,7 +432,6 @@ class BatchNormalization(keras.layers.Layer):
 
         gamma = per_feature(self.gamma) if self.scale else None
         beta = per_feature(self.beta) if self.center else None
-        weights = self._mask_weights(mask)
 
         if not use_batch_statistics:
             outputs = _math.normalize(
@@ -519,13 +481,6 @@ class BatchNormalization(keras.layers.Layer):
                 "Pass fused=None to fall back to the reference path automatically."
             )
         return False
-
-    def _mask_weights(self, mask):
-        if mask is None:
-            return None
-        for a in self._feature_axes:
-            mask = ops.expand_dims(mask, a)
-        return mask
 
     def _ghost_batch_call(self, x, weights, gamma, beta):
         """Training step with the batch split into ghost batches.

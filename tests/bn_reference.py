@@ -8,7 +8,8 @@ for a given upstream gradient) are all computed in float64.
 
 Conventions (those of the Keras layer): `feature_axes` are the axes that
 keep separate statistics; the variance is the biased one; a mask has the
-input's shape without the feature axes and excludes positions from the
+input's shape without the last axis (Keras' rule; with several feature
+axes, also the input's shape without those) and excludes positions from the
 statistics only (every position is still normalized); a feature with no
 unmasked position keeps its moving statistics.
 """
@@ -53,6 +54,9 @@ def _keep(x, mask, features):
     if mask is None:
         return np.ones(x.shape, dtype=bool)
     keep = np.asarray(mask, dtype=bool)
+    if keep.ndim == x.ndim - 1:
+        # Keras' rule: the mask covers every axis but the last, whatever the features.
+        return np.broadcast_to(keep[..., None], x.shape)
     for a in features:  # ascending, so each insertion lands where it belongs
         keep = np.expand_dims(keep, a)
     return np.broadcast_to(keep, x.shape)

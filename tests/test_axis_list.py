@@ -157,17 +157,33 @@ def test_renorm_with_axis_list():
     ref.assert_close(layer.moving_variance.numpy(), expected["var"], RTOL, "moving variance")
 
 
-def test_mask_rank_is_input_rank_minus_number_of_feature_axes():
-    """A Keras sequence mask (batch, time) does not fit axis=[1, 2] on (batch, time, features).
+@pytest.mark.parametrize("form", ["keras-sequence", "without-features"])
+def test_mask_forms_with_several_feature_axes(form):
+    """Both mask forms, on axis=[1, 2] with inputs (batch, time, features).
 
-    The mask has the shape of the inputs without the feature axes; the
-    error names the ranks rather than failing inside TensorFlow.
+    A Keras sequence mask (batch, time) covers every axis but the last and
+    is expanded there, as Keras does whatever the feature axes; a mask
+    without the feature axes, (batch,), is expanded at both of them.
     """
+    rng = np.random.default_rng(6)
+    x = (2.0 + rng.standard_normal((6, 5, 3))).astype("float32")
+    mask = rng.random((6, 5) if form == "keras-sequence" else (6,)) > 0.4
+    mask[0] = True
+    layer = bnlayers.BatchNormalization(axis=[1, 2], momentum=0.0, epsilon=EPSILON)
+    y = to_numpy(layer(x, training=True, mask=mask))
+    expected = ref.batch_norm(x, [1, 2], np.ones((5, 3)), np.zeros((5, 3)), EPSILON, mask)
+    unmasked = ref.batch_norm(x, [1, 2], np.ones((5, 3)), np.zeros((5, 3)), EPSILON)
+    assert np.max(np.abs(expected["mean"] - unmasked["mean"])) > 1e-2, "the mask changes nothing"
+    ref.assert_close(y, expected["y"], RTOL, "outputs")
+    ref.assert_close(layer.moving_mean.numpy(), expected["mean"], RTOL, "moving mean")
+    ref.assert_close(layer.moving_variance.numpy(), expected["var"], RTOL, "moving variance")
+
+
+def test_mask_of_neither_form_names_both_ranks():
     layer = bnlayers.BatchNormalization(axis=[1, 2])
     x = np.ones((4, 5, 3), "float32")
-    layer(x, training=True, mask=np.ones((4,), bool))
-    with pytest.raises(ValueError, match=r"mask.*rank 1.*mask.shape=\(4, 5\)"):
-        layer(x, training=True, mask=np.ones((4, 5), bool))
+    with pytest.raises(ValueError, match=r"mask.*rank 2.*rank 1.*mask.shape=\(4, 5, 3\)"):
+        layer(x, training=True, mask=np.ones((4, 5, 3), bool))
 
 
 def test_axis_list_in_a_model_trains_and_round_trips(tmp_path):

@@ -105,10 +105,8 @@ class Case:
 
     @property
     def builtin_comparable(self):
-        """The built-in takes one int axis, and expands a mask at the last axis only."""
-        if isinstance(self.axis, (list, tuple)):
-            return False
-        return not self.mask or self.axis % self.ndim == self.ndim - 1
+        """The built-in takes one int axis only."""
+        return not isinstance(self.axis, (list, tuple))
 
 
 def _cases():
@@ -221,7 +219,12 @@ def _data(case):
     features = case.feature_axes
     fshape = tuple(case.shape[a] for a in features)
     pshape = [case.shape[i] if i in features else 1 for i in range(case.ndim)]
-    mask_shape = tuple(s for i, s in enumerate(case.shape) if i not in features)
+    # Keras' masks drop the last axis; with several feature axes, the
+    # other accepted form drops those.
+    if len(features) == 1:
+        mask_shape = case.shape[:-1]
+    else:
+        mask_shape = tuple(s for i, s in enumerate(case.shape) if i not in features)
 
     # Each feature gets its own mean and spread, so a mix-up of axes shows.
     loc = rng.uniform(-2.0, 2.0, fshape).reshape(pshape)
@@ -232,7 +235,10 @@ def _data(case):
         mask = None
         if case.mask:
             mask = rng.random(mask_shape) > 0.35
-            mask.flat[0] = True
+            # Every feature keeps a counted position: on a fully masked
+            # feature the built-in decays the moving statistics towards 0,
+            # bnlayers keeps them (test_fully_masked_batch).
+            mask[0] = True
             # Shift the masked positions so that statistics that counted
             # them would be visibly off.
             x = x + 4.0 * ~ref._keep(x, mask, features)
@@ -458,6 +464,11 @@ def _builtin_tolerances(case):
     float32 there), so against it float64 keeps float32 tolerances."""
     if case.policy == "float64" and BACKEND != "tensorflow":
         return TOLERANCES["float32"]
+    if case.policy == "float64" and case.mask:
+        # With a mask the built-in divides by count + 1e-7 (backend.epsilon()),
+        # a bias of 1e-7 / count: up to 1.1e-8 measured (the gamma gradient
+        # on float64-rank5-axis1-mask).
+        return dict.fromkeys(TOLERANCES["float64"], 1e-7)
     return None
 
 
