@@ -447,16 +447,17 @@ class BatchNormalization(keras.layers.Layer):
         else:
             replicas = _sync.replica_context() if self.synchronized else None
             if replicas is None:
-                count, mean, m2 = _math.moments(x, self._reduction_axes, weights)
-                centred, offset = x, mean
+                count, shift, residual, m2 = _math.shifted_moments(
+                    x, self._reduction_axes, weights
+                )
             else:
                 count, shift, residual, m2 = _sync.cross_replica_moments(
                     replicas, x, self._reduction_axes, weights
                 )
-                mean = shift + residual
-                # The residual is the part of the mean a float32 shift cannot
-                # hold; subtracting the two in turn keeps it (see _sync).
-                centred, offset = x - shift, residual
+            mean = shift + residual
+            # The residual is the part of the mean a float32 shift cannot
+            # hold; subtracting the two in turn keeps it (see _math).
+            centred, offset = x - shift, residual
             var = _math.variance(count, m2)
             if self.renorm:
                 gamma, beta = self._renorm_transform(mean, var, gamma, beta, param_shape)
@@ -507,12 +508,14 @@ class BatchNormalization(keras.layers.Layer):
         kg = ops.reshape(keep_padded, grouped_shape)
         # Axis 0 of the inputs became axes 0 (groups) and 1 (within a group).
         group_axes = [1] + [a + 1 for a in self._reduction_axes if a != 0]
-        count, mean, m2 = _math.moments(xg, group_axes, kg)
+        count, shift, residual, m2 = _math.shifted_moments(xg, group_axes, kg)
+        mean = shift + residual
 
         def expand(t):
             return None if t is None else ops.expand_dims(t, 0)
 
-        yg = _math.normalize(xg, mean, _math.variance(count, m2), expand(gamma), expand(beta), self.epsilon)
+        var = _math.variance(count, m2)
+        yg = _math.normalize(xg - shift, residual, var, expand(gamma), expand(beta), self.epsilon)
         outputs = ops.reshape(yg, [groups * size] + list(shape[1:]))[:batch]
 
         total, merged_mean, _ = _math.merge_moments(count, mean, m2, axis=0)
