@@ -1,7 +1,8 @@
 """Lint the GitHub Actions workflow and keep it in step with `.ci/run`.
 
 The workflow is validated against the GitHub workflow JSON schema that
-`check-jsonschema` (in the dev extra) ships, so the check needs no network.
+`check-jsonschema` (in the dev extra) ships, and audited by `zizmor` (also
+in the dev extra) with `--offline`, so neither check needs the network.
 """
 
 import os
@@ -26,6 +27,18 @@ def _lint(path):
     env = dict(os.environ, HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     return subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def _audit(path):
+    """zizmor's security audit of a workflow file, offline."""
+    env = dict(os.environ, HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    return subprocess.run(
+        ["zizmor", "--offline", "--no-progress", str(path)],
         capture_output=True,
         text=True,
         env=env,
@@ -64,6 +77,59 @@ def test_the_lint_rejects_a_broken_workflow(tmp_path, breakage):
     broken = tmp_path / "ci.yml"
     broken.write_text(text.replace(old, new, 1))
     assert _lint(broken).returncode != 0
+
+
+def test_workflow_passes_the_security_audit_offline():
+    proc = _audit(WORKFLOW)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# A commit SHA and the release it is, as the workflow writes them.
+PINNED = re.compile(r"uses: ([\w.-]+/[\w.-]+)@([0-9a-f]{40})  # (v\d+\.\d+\.\d+)$", re.M)
+
+
+def test_every_action_is_pinned_to_a_commit_with_its_release_named(workflow):
+    uses = [s["uses"] for job in workflow["jobs"].values() for s in job["steps"] if "uses" in s]
+    pinned = PINNED.findall(WORKFLOW.read_text())
+    assert uses and [f"{name}@{sha}" for name, sha, _ in pinned] == uses
+    checkout = [s for s in workflow["jobs"]["test"]["steps"] if "checkout" in s.get("uses", "")]
+    assert checkout[0]["with"]["persist-credentials"] is False
+
+
+@pytest.mark.parametrize("breakage", ["tag", "credentials"])
+def test_the_audit_rejects_an_unsafe_workflow(tmp_path, breakage):
+    """The audit is not a formality: a tag instead of a commit, or a checkout
+    that keeps its token, fails it."""
+    text = WORKFLOW.read_text()
+    if breakage == "tag":
+        name, sha, release = PINNED.findall(text)[0]
+        broken = text.replace(f"{name}@{sha}", f"{name}@{release.split('.')[0]}", 1)
+    else:
+        broken = text.replace("        with:\n          persist-credentials: false\n", "", 1)
+    assert broken != text
+    path = tmp_path / "ci.yml"
+    path.write_text(broken)
+    proc = _audit(path)
+    assert proc.returncode != 0
+    assert ("unpinned-uses" if breakage == "tag" else "artipacked") in proc.stdout + proc.stderr
+
+
+def test_ci_script_runs_the_tooling():
+    """Lint, format, types, the audit and the strict docs build, each failing CI."""
+    script = CI_RUN.read_text().splitlines()
+    for command in (
+        'python3 -m pip install -q -e ".[docs]"',
+        "ruff check .",
+        "ruff format --check .",
+        "mypy bnlayers",
+        "zizmor --offline .github/workflows/ci.yml",
+        "mkdocs build --strict --quiet",
+    ):
+        assert command in script, command
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {key: {re.split(r"[<>=\[ ]", req)[0] for req in reqs} for key, reqs in extras.items()}
+    assert {"ruff", "mypy", "zizmor", "check-jsonschema", "pytest"} <= names["dev"]
+    assert {"mkdocs-material", "mkdocstrings-python"} <= names["docs"]
 
 
 def test_every_job_runs_the_local_ci_script(workflow):
