@@ -1,7 +1,11 @@
-"""Configs, `.keras` files and weights: interchangeable with the built-in layer."""
+"""Configs, `.keras` files and weights: what moves between bnlayers and the built-in layer."""
 
 import inspect
 import json
+import os
+import pathlib
+import subprocess
+import sys
 import zipfile
 
 import keras
@@ -12,6 +16,8 @@ from keras import ops
 import bn_reference as ref
 from article import article_model
 import bnlayers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Outputs of the two layers with equal weights differ by float32 rounding
 # only (see test_parity.py for the measured figures).
@@ -200,3 +206,116 @@ def test_weights_h5_interchange(tmp_path, direction, renorm, fused_mode):
     assert not np.allclose(bn_weights[2], 0.0) and not np.allclose(bn_weights[3], 1.0)
     x, _ = _images(seed=2)
     assert ref.rel_err(target.predict(x, verbose=0), source.predict(x, verbose=0)) <= RTOL
+
+
+# ------------------------------------------- what moves between the two layers
+# One test for each sentence of docs/saving.md.
+
+# Run in a fresh process that can import bnlayers (it is on PYTHONPATH) but
+# does not: it loads each file, and saves the predictions of those that load.
+_LOAD_WITHOUT_BNLAYERS = r"""
+import json
+import sys
+
+import keras
+import numpy as np
+
+x = np.load(sys.argv[1])
+result = {}
+for path in sys.argv[2:]:
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as error:
+        result[path] = {"error": f"{type(error).__name__}: {error}"}
+    else:
+        np.save(path + ".predictions.npy", model.predict(x, verbose=0))
+        result[path] = {"modules": sorted({type(layer).__module__ for layer in model.layers})}
+result["bnlayers imported"] = "bnlayers" in sys.modules
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def loaded_without_bnlayers(tmp_path_factory):
+    """A trained bnlayers model saved as is and after `swap_batchnorm(to="keras")`,
+    both loaded in a process that never imports bnlayers."""
+    folder = tmp_path_factory.mktemp("files")
+    model = _trained(article_model(bnlayers.BatchNormalization(), filters=8))
+    swapped = bnlayers.swap_batchnorm(model, to="keras")
+    paths = {"bnlayers": folder / "bnlayers.keras", "swapped": folder / "swapped.keras"}
+    model.save(paths["bnlayers"])
+    swapped.save(paths["swapped"])
+    x, _ = _images(seed=3)
+    np.save(folder / "x.npy", x)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_BNLAYERS, str(folder / "x.npy")]
+        + [str(p) for p in paths.values()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    return {
+        "bnlayers imported": result["bnlayers imported"],
+        "model": model,
+        "swapped model": swapped,
+        "x": x,
+        **{key: result[str(path)] for key, path in paths.items()},
+        "predictions": {
+            key: np.load(str(path) + ".predictions.npy")
+            for key, path in paths.items()
+            if "error" not in result[str(path)]
+        },
+    }
+
+
+def test_a_keras_file_saved_with_bnlayers_needs_bnlayers_imported(loaded_without_bnlayers):
+    files = loaded_without_bnlayers
+    assert not files["bnlayers imported"]
+    assert "error" in files["bnlayers"]
+    # Keras names the class it could not find (among several thousand
+    # characters of config).
+    assert "bnlayers>BatchNormalization" in files["bnlayers"]["error"]
+
+
+def test_swapped_to_keras_before_saving_loads_without_bnlayers(loaded_without_bnlayers):
+    files = loaded_without_bnlayers
+    assert not files["bnlayers imported"]
+    assert "error" not in files["swapped"], files["swapped"]
+    assert not [m for m in files["swapped"]["modules"] if m.startswith("bnlayers")]
+    predictions = files["predictions"]["swapped"]
+    # Bit for bit what the swapped model predicted before saving ...
+    np.testing.assert_array_equal(predictions, files["swapped model"].predict(files["x"], verbose=0))
+    # ... and what the bnlayers model predicts, to float32 rounding.
+    assert ref.rel_err(predictions, files["model"].predict(files["x"], verbose=0)) <= RTOL
+
+
+def test_a_builtin_keras_file_moves_to_bnlayers_by_loading_then_swapping(tmp_path):
+    builtin = _trained(article_model(keras.layers.BatchNormalization(renorm=True), filters=8))
+    path = tmp_path / "builtin.keras"
+    builtin.save(path)
+
+    # custom_objects does not replace a built-in class: the file names
+    # `keras.layers.BatchNormalization`, and that is what loads.
+    loaded = keras.saving.load_model(
+        path, custom_objects={"BatchNormalization": bnlayers.BatchNormalization}
+    )
+    assert type(loaded.layers[1]) is keras.layers.BatchNormalization
+
+    ours = bnlayers.swap_batchnorm(loaded, to="bnlayers")
+    assert type(ours.layers[1]) is bnlayers.BatchNormalization
+    for a, b in zip(builtin.get_weights(), ours.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x, _ = _images(seed=4)
+    expected = builtin.predict(x, verbose=0)
+    assert ref.rel_err(ours.predict(x, verbose=0), expected) <= RTOL
+    # Saved again, it is a bnlayers file (loads with bnlayers imported).
+    ours.save(tmp_path / "ours.keras")
+    reloaded = keras.saving.load_model(tmp_path / "ours.keras")
+    assert type(reloaded.layers[1]) is bnlayers.BatchNormalization
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), ours.predict(x, verbose=0))
