@@ -24,9 +24,20 @@ CI_RUN = REPO / ".ci" / "run"
 
 def _lint(path):
     # A proxy that refuses every connection proves the check is offline.
-    env = dict(os.environ, HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    env = dict(
+        os.environ,
+        HTTP_PROXY="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+    )
     return subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(path)],
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.github-workflows",
+            str(path),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -36,7 +47,11 @@ def _lint(path):
 
 def _audit(path):
     """zizmor's security audit of a workflow file, offline."""
-    env = dict(os.environ, HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    env = dict(
+        os.environ,
+        HTTP_PROXY="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+    )
     return subprocess.run(
         ["zizmor", "--offline", "--no-progress", str(path)],
         capture_output=True,
@@ -65,7 +80,10 @@ def test_workflow_passes_the_schema_offline():
     [
         ("    runs-on: ubuntu-latest\n", ""),  # a job needs somewhere to run
         ("    steps:\n", "    step:\n"),  # unknown key
-        ("    timeout-minutes: 60\n", "    timeout-minutes: [60]\n"),  # wrong type
+        (
+            "    timeout-minutes: 60\n",
+            "    timeout-minutes: [60]\n",
+        ),  # wrong type
     ],
     ids=["no-runs-on", "unknown-key", "wrong-type"],
 )
@@ -85,14 +103,25 @@ def test_workflow_passes_the_security_audit_offline():
 
 
 # A commit SHA and the release it is, as the workflow writes them.
-PINNED = re.compile(r"uses: ([\w.-]+/[\w.-]+)@([0-9a-f]{40})  # (v\d+\.\d+\.\d+)$", re.M)
+PINNED = re.compile(
+    r"uses: ([\w.-]+/[\w.-]+)@([0-9a-f]{40})  # (v\d+\.\d+\.\d+)$", re.M
+)
 
 
 def test_every_action_is_pinned_to_a_commit_with_its_release_named(workflow):
-    uses = [s["uses"] for job in workflow["jobs"].values() for s in job["steps"] if "uses" in s]
+    uses = [
+        s["uses"]
+        for job in workflow["jobs"].values()
+        for s in job["steps"]
+        if "uses" in s
+    ]
     pinned = PINNED.findall(WORKFLOW.read_text())
     assert uses and [f"{name}@{sha}" for name, sha, _ in pinned] == uses
-    checkout = [s for s in workflow["jobs"]["test"]["steps"] if "checkout" in s.get("uses", "")]
+    checkout = [
+        s
+        for s in workflow["jobs"]["test"]["steps"]
+        if "checkout" in s.get("uses", "")
+    ]
     assert checkout[0]["with"]["persist-credentials"] is False
 
 
@@ -103,32 +132,46 @@ def test_the_audit_rejects_an_unsafe_workflow(tmp_path, breakage):
     text = WORKFLOW.read_text()
     if breakage == "tag":
         name, sha, release = PINNED.findall(text)[0]
-        broken = text.replace(f"{name}@{sha}", f"{name}@{release.split('.')[0]}", 1)
+        broken = text.replace(
+            f"{name}@{sha}", f"{name}@{release.split('.')[0]}", 1
+        )
     else:
-        broken = text.replace("        with:\n          persist-credentials: false\n", "", 1)
+        broken = text.replace(
+            "        with:\n          persist-credentials: false\n", "", 1
+        )
     assert broken != text
     path = tmp_path / "ci.yml"
     path.write_text(broken)
     proc = _audit(path)
     assert proc.returncode != 0
-    assert ("unpinned-uses" if breakage == "tag" else "artipacked") in proc.stdout + proc.stderr
+    assert (
+        "unpinned-uses" if breakage == "tag" else "artipacked"
+    ) in proc.stdout + proc.stderr
 
 
 def test_ci_script_runs_the_tooling():
     """Lint, format, types, the audit and the strict docs build, each failing CI."""
-    script = CI_RUN.read_text().splitlines()
+    # Each command on a line of its own, at the top level (a trailing comment aside).
+    script = [line.split("  #")[0] for line in CI_RUN.read_text().splitlines()]
     for command in (
         'python3 -m pip install -q -e ".[docs]"',
         "ruff check .",
         "ruff format --check .",
         "mypy bnlayers",
         "zizmor --offline .github/workflows/ci.yml",
-        "mkdocs build --strict --quiet",
+        "NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet",
     ):
         assert command in script, command
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    names = {key: {re.split(r"[<>=\[ ]", req)[0] for req in reqs} for key, reqs in extras.items()}
-    assert {"ruff", "mypy", "zizmor", "check-jsonschema", "pytest"} <= names["dev"]
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    names = {
+        key: {re.split(r"[<>=\[ ]", req)[0] for req in reqs}
+        for key, reqs in extras.items()
+    }
+    assert {"ruff", "mypy", "zizmor", "check-jsonschema", "pytest"} <= names[
+        "dev"
+    ]
     assert {"mkdocs-material", "mkdocstrings-python"} <= names["docs"]
 
 
@@ -160,9 +203,33 @@ def test_ci_script_runs_the_readme_test_command():
     assert "set -euo pipefail" in script  # any failing step fails CI
 
 
+def _slug(heading):
+    """The anchor GitHub and MkDocs give a heading (for the headings used here)."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return re.sub(r" ", "-", text)
+
+
+def test_readme_is_short_and_its_links_resolve():
+    """The README points into docs/; every relative link and anchor it uses exists."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    relative = [link for link in links if not re.match(r"[a-z]+://", link)]
+    assert any(link.startswith("docs/") for link in relative)
+    for link in relative:
+        path, _, anchor = link.partition("#")
+        target = REPO / path
+        assert target.is_file(), link
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", target.read_text(), re.M)
+            assert anchor in {_slug(h) for h in headings}, link
+
+
 def test_matrix_covers_the_supported_pythons_with_a_pip_cache(workflow):
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    lowest = re.fullmatch(r">=\s*3\.(\d+)", pyproject["project"]["requires-python"])
+    lowest = re.fullmatch(
+        r">=\s*3\.(\d+)", pyproject["project"]["requires-python"]
+    )
     assert lowest, pyproject["project"]["requires-python"]
     job = workflow["jobs"]["test"]
     versions = job["strategy"]["matrix"]["python-version"]
@@ -175,7 +242,13 @@ def test_matrix_covers_the_supported_pythons_with_a_pip_cache(workflow):
         needs = metadata.metadata(dist)["Requires-Python"]
         low = re.search(r">=\s*3\.(\d+)", needs or "")
         if low:
-            assert minors[0] >= int(low.group(1)), f"{dist} needs Python {needs}"
-    setup = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/setup-python")]
+            assert minors[0] >= int(low.group(1)), (
+                f"{dist} needs Python {needs}"
+            )
+    setup = [
+        s
+        for s in job["steps"]
+        if str(s.get("uses", "")).startswith("actions/setup-python")
+    ]
     assert setup and setup[0]["with"]["cache"] == "pip"
     assert setup[0]["with"]["python-version"] == "${{ matrix.python-version }}"

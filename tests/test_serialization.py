@@ -14,8 +14,8 @@ import pytest
 from keras import ops
 
 import bn_reference as ref
-from article import article_model
 import bnlayers
+from article import article_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,13 +54,18 @@ def _normalized(config):
 
 def test_constructor_matches_the_builtin_argument_for_argument():
     ours = inspect.signature(bnlayers.BatchNormalization.__init__).parameters
-    theirs = inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+    theirs = inspect.signature(
+        keras.layers.BatchNormalization.__init__
+    ).parameters
     ours_named = [p for p in ours.values() if p.kind != p.VAR_KEYWORD]
     theirs_named = [p for p in theirs.values() if p.kind != p.VAR_KEYWORD]
     assert [(p.name, p.default) for p in ours_named[: len(theirs_named)]] == [
         (p.name, p.default) for p in theirs_named
     ]
-    assert [p.name for p in ours_named[len(theirs_named) :]] == ["virtual_batch_size", "fused"]
+    assert [p.name for p in ours_named[len(theirs_named) :]] == [
+        "virtual_batch_size",
+        "fused",
+    ]
     assert any(p.kind == p.VAR_KEYWORD for p in ours.values())
 
 
@@ -96,7 +101,9 @@ def test_builtin_config_builds_our_layer():
     config = keras.layers.BatchNormalization(**_custom_args()).get_config()
     layer = bnlayers.BatchNormalization.from_config(config)
     ours_config = layer.get_config()
-    assert _normalized({k: ours_config[k] for k in config}) == _normalized(config)
+    assert _normalized({k: ours_config[k] for k in config}) == _normalized(
+        config
+    )
 
 
 # ----------------------------------------------------------------- weights
@@ -111,7 +118,10 @@ def test_weights_have_the_builtin_names_shapes_dtypes_and_order(renorm):
     theirs.build(shape)
 
     def describe(layer):
-        return [(w.path.split("/")[-1], tuple(w.shape), w.dtype, w.trainable) for w in layer.weights]
+        return [
+            (w.path.split("/")[-1], tuple(w.shape), w.dtype, w.trainable)
+            for w in layer.weights
+        ]
 
     assert describe(ours) == describe(theirs)
     assert [n for n, *_ in describe(ours)] == ref.weight_names(renorm=renorm)
@@ -126,10 +136,14 @@ def test_set_weights_from_get_weights(direction, fused_mode):
     theirs = keras.layers.BatchNormalization(renorm=True)
     ours.build(shape)
     theirs.build(shape)
-    source, target = (theirs, ours) if direction == "builtin->ours" else (ours, theirs)
-    source.set_weights([rng.uniform(0.5, 1.5, 3).astype("float32") for _ in source.weights])
+    source, target = (
+        (theirs, ours) if direction == "builtin->ours" else (ours, theirs)
+    )
+    source.set_weights(
+        [rng.uniform(0.5, 1.5, 3).astype("float32") for _ in source.weights]
+    )
     target.set_weights(source.get_weights())
-    for a, b in zip(source.get_weights(), target.get_weights()):
+    for a, b in zip(source.get_weights(), target.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert ref.rel_err(ours(x), theirs(x)) <= RTOL
     assert ref.rel_err(ours(x, training=True), theirs(x, training=True)) <= RTOL
@@ -147,7 +161,10 @@ def _trained(model):
     """Every weight moved away from its initial value, moving statistics included."""
     rng = np.random.default_rng(5)
     model.set_weights(
-        [w + rng.normal(0.0, 0.1, w.shape).astype(w.dtype) for w in model.get_weights()]
+        [
+            w + rng.normal(0.0, 0.1, w.shape).astype(w.dtype)
+            for w in model.get_weights()
+        ]
     )
     x, _ = _images()
     model(x, training=True)  # eager training calls update the moving statistics
@@ -158,7 +175,11 @@ def _trained(model):
 def test_keras_file_round_trip(tmp_path, fused_mode):
     args = _custom_args()
     args["axis"] = -1
-    model = _trained(article_model(bnlayers.BatchNormalization(fused=fused_mode, **args), filters=8))
+    model = _trained(
+        article_model(
+            bnlayers.BatchNormalization(fused=fused_mode, **args), filters=8
+        )
+    )
     path = tmp_path / "model.keras"
     model.save(path)
 
@@ -171,15 +192,20 @@ def test_keras_file_round_trip(tmp_path, fused_mode):
     reloaded = keras.saving.load_model(path)  # no custom_objects
     layer = reloaded.layers[1]
     assert type(layer) is bnlayers.BatchNormalization
-    assert _normalized(layer.get_config()) == _normalized(model.layers[1].get_config())
-    for a, b in zip(model.get_weights(), reloaded.get_weights()):
+    assert _normalized(layer.get_config()) == _normalized(
+        model.layers[1].get_config()
+    )
+    for a, b in zip(model.get_weights(), reloaded.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     x, _ = _images(seed=1)
-    np.testing.assert_array_equal(model.predict(x, verbose=0), reloaded.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), reloaded.predict(x, verbose=0)
+    )
     # Training mode too (batch statistics, renorm corrections from the
     # reloaded renorm statistics).
     np.testing.assert_array_equal(
-        ops.convert_to_numpy(model(x, training=True)), ops.convert_to_numpy(reloaded(x, training=True))
+        ops.convert_to_numpy(model(x, training=True)),
+        ops.convert_to_numpy(reloaded(x, training=True)),
     )
 
 
@@ -187,25 +213,37 @@ def test_keras_file_round_trip(tmp_path, fused_mode):
 @pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
 def test_weights_h5_interchange(tmp_path, direction, renorm, fused_mode):
     def ours():
-        return article_model(bnlayers.BatchNormalization(renorm=renorm, fused=fused_mode), filters=8)
+        return article_model(
+            bnlayers.BatchNormalization(renorm=renorm, fused=fused_mode),
+            filters=8,
+        )
 
     def theirs():
-        return article_model(keras.layers.BatchNormalization(renorm=renorm), filters=8)
+        return article_model(
+            keras.layers.BatchNormalization(renorm=renorm), filters=8
+        )
 
-    make_source, make_target = (theirs, ours) if direction == "builtin->ours" else (ours, theirs)
+    make_source, make_target = (
+        (theirs, ours) if direction == "builtin->ours" else (ours, theirs)
+    )
     source = _trained(make_source())
     path = tmp_path / "model.weights.h5"
     source.save_weights(path)
     target = make_target()
     target.load_weights(path)
 
-    for a, b in zip(source.get_weights(), target.get_weights()):
+    for a, b in zip(source.get_weights(), target.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     # The moving statistics really moved, so the check above means something.
     bn_weights = source.layers[1].get_weights()
-    assert not np.allclose(bn_weights[2], 0.0) and not np.allclose(bn_weights[3], 1.0)
+    assert not np.allclose(bn_weights[2], 0.0) and not np.allclose(
+        bn_weights[3], 1.0
+    )
     x, _ = _images(seed=2)
-    assert ref.rel_err(target.predict(x, verbose=0), source.predict(x, verbose=0)) <= RTOL
+    assert (
+        ref.rel_err(target.predict(x, verbose=0), source.predict(x, verbose=0))
+        <= RTOL
+    )
 
 
 # ------------------------------------------- what moves between the two layers
@@ -242,7 +280,10 @@ def loaded_without_bnlayers(tmp_path_factory):
     folder = tmp_path_factory.mktemp("files")
     model = _trained(article_model(bnlayers.BatchNormalization(), filters=8))
     swapped = bnlayers.swap_batchnorm(model, to="keras")
-    paths = {"bnlayers": folder / "bnlayers.keras", "swapped": folder / "swapped.keras"}
+    paths = {
+        "bnlayers": folder / "bnlayers.keras",
+        "swapped": folder / "swapped.keras",
+    }
     model.save(paths["bnlayers"])
     swapped.save(paths["swapped"])
     x, _ = _images(seed=3)
@@ -257,7 +298,9 @@ def loaded_without_bnlayers(tmp_path_factory):
         env=env,
         timeout=300,
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    lines = [
+        line for line in proc.stdout.splitlines() if line.startswith("RESULT ")
+    ]
     assert proc.returncode == 0 and lines, proc.stdout + proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT ") :])
     return {
@@ -274,7 +317,9 @@ def loaded_without_bnlayers(tmp_path_factory):
     }
 
 
-def test_a_keras_file_saved_with_bnlayers_needs_bnlayers_imported(loaded_without_bnlayers):
+def test_a_keras_file_saved_with_bnlayers_needs_bnlayers_imported(
+    loaded_without_bnlayers,
+):
     files = loaded_without_bnlayers
     assert not files["bnlayers imported"]
     assert "error" in files["bnlayers"]
@@ -283,20 +328,33 @@ def test_a_keras_file_saved_with_bnlayers_needs_bnlayers_imported(loaded_without
     assert "bnlayers>BatchNormalization" in files["bnlayers"]["error"]
 
 
-def test_swapped_to_keras_before_saving_loads_without_bnlayers(loaded_without_bnlayers):
+def test_swapped_to_keras_before_saving_loads_without_bnlayers(
+    loaded_without_bnlayers,
+):
     files = loaded_without_bnlayers
     assert not files["bnlayers imported"]
     assert "error" not in files["swapped"], files["swapped"]
-    assert not [m for m in files["swapped"]["modules"] if m.startswith("bnlayers")]
+    assert not [
+        m for m in files["swapped"]["modules"] if m.startswith("bnlayers")
+    ]
     predictions = files["predictions"]["swapped"]
     # Bit for bit what the swapped model predicted before saving ...
-    np.testing.assert_array_equal(predictions, files["swapped model"].predict(files["x"], verbose=0))
+    np.testing.assert_array_equal(
+        predictions, files["swapped model"].predict(files["x"], verbose=0)
+    )
     # ... and what the bnlayers model predicts, to float32 rounding.
-    assert ref.rel_err(predictions, files["model"].predict(files["x"], verbose=0)) <= RTOL
+    assert (
+        ref.rel_err(predictions, files["model"].predict(files["x"], verbose=0))
+        <= RTOL
+    )
 
 
-def test_a_builtin_keras_file_moves_to_bnlayers_by_loading_then_swapping(tmp_path):
-    builtin = _trained(article_model(keras.layers.BatchNormalization(renorm=True), filters=8))
+def test_a_builtin_keras_file_moves_to_bnlayers_by_loading_then_swapping(
+    tmp_path,
+):
+    builtin = _trained(
+        article_model(keras.layers.BatchNormalization(renorm=True), filters=8)
+    )
     path = tmp_path / "builtin.keras"
     builtin.save(path)
 
@@ -318,4 +376,6 @@ def test_a_builtin_keras_file_moves_to_bnlayers_by_loading_then_swapping(tmp_pat
     ours.save(tmp_path / "ours.keras")
     reloaded = keras.saving.load_model(tmp_path / "ours.keras")
     assert type(reloaded.layers[1]) is bnlayers.BatchNormalization
-    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), ours.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        reloaded.predict(x, verbose=0), ours.predict(x, verbose=0)
+    )
