@@ -309,9 +309,21 @@ def _xla_training(layer, x, gamma, beta, epsilon, axis, out_dtype):
 
 
 def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
+    """Outputs with the moving statistics.
+
+    Eagerly, under XLA and inside a `tf.distribute` replica function (where
+    Keras' `fit`, `evaluate` and `predict` run their steps, with or without
+    a strategy) this calls the compiled `inference`. Any other traced graph
+    (what `model.export` traces for SavedModel, LiteRT and ONNX, or a
+    user's own `tf.function`) gets the same arithmetic as plain TensorFlow
+    ops: converters such as tf2onnx cannot see into a nested XLA-compiled
+    function, which reaches them as an opaque `PartitionedCall`.
+    """
     import tensorflow as tf
 
     _, _, inference, inference_backward = _xla_functions()
+    if not tf.executing_eagerly() and not in_xla_context() and not _in_replica_function():
+        inference = inference.python_function
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
@@ -323,6 +335,18 @@ def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
         return y, grad
 
     return normalize(x, gamma, beta)
+
+
+def _in_replica_function():
+    """True inside `strategy.run` (Keras' train, test and predict steps)."""
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.distribute import distribute_lib
+    except ImportError:  # pragma: no cover - private module moved
+        return True
+    context = tf.distribute.get_replica_context()
+    return context is not None and context is not distribute_lib._get_default_replica_context()
 
 
 # ------------------------------------------------------------- kernel path
