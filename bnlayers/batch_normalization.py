@@ -182,7 +182,10 @@ class BatchNormalization(keras.layers.Layer):
             feature axis, no mask, no `renorm`, no `virtual_batch_size` and
             no `synchronized` strategy of several replicas;
             `bnlayers.fused_eligibility(layer, inputs)` gives the reason
-            when it is not.
+            when it is not. Off a GPU, inference in a graph traced outside
+            Keras' `fit`/`evaluate`/`predict` steps and outside XLA (as
+            `model.export` traces it for SavedModel, LiteRT and ONNX) is
+            written as plain TensorFlow ops, which converters know.
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:
