@@ -3,8 +3,10 @@
 Trains the article's model for one epoch on the bundled MNIST subset (or
 loads a `.keras` file), folds its batch normalization away with
 `bnlayers.fold_batchnorm`, and exports the folded model three ways with
-`model.export`: a SavedModel, a LiteRT flatbuffer and an ONNX file, plus a
-full-integer (int8) LiteRT model quantized after training with a
+`model.export`: a SavedModel, a LiteRT flatbuffer and an ONNX file (and,
+when torch is installed, an ONNX file exported from the same `.keras` file
+under the PyTorch backend, in a subprocess), plus a full-integer (int8)
+LiteRT model quantized after training with a
 representative dataset from the training images. Each file is run in its
 own runtime (`tf.saved_model.load`, `ai_edge_litert`, `onnxruntime`) and a
 table compares it with the Keras model: file size, largest difference of
@@ -43,27 +45,57 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 BUNDLED = HERE / "data" / "mnist_10k.npz"
-RUNTIMES = {"onnxruntime": "onnxruntime", "ai_edge_litert": "ai-edge-litert", "tf2onnx": "tf2onnx"}
+RUNTIMES = {
+    "onnxruntime": "onnxruntime",
+    "ai_edge_litert": "ai-edge-litert",
+    "tf2onnx": "tf2onnx",
+}
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("article", "mobilenetv3small"), default="article")
-    parser.add_argument("--load", type=pathlib.Path, help="a .keras file to load instead of training")
-    parser.add_argument("--epochs", type=int, default=1, help="training epochs (article model)")
-    parser.add_argument("--batch", type=int, default=128, help="batch size for the timings")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
-    parser.add_argument("--representative", type=int, default=200,
-                        help="images in the int8 representative dataset")
-    parser.add_argument("--max-diff", type=float, default=1e-4,
-                        help="largest difference a float export may show before exit status 1")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/export"))
+    parser.add_argument(
+        "--model", choices=("article", "mobilenetv3small"), default="article"
+    )
+    parser.add_argument(
+        "--load",
+        type=pathlib.Path,
+        help="a .keras file to load instead of training",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="training epochs (article model)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=128, help="batch size for the timings"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=15, help="interleaved timing rounds"
+    )
+    parser.add_argument(
+        "--representative",
+        type=int,
+        default=200,
+        help="images in the int8 representative dataset",
+    )
+    parser.add_argument(
+        "--max-diff",
+        type=float,
+        default=1e-4,
+        help="largest difference a float export may show before exit status 1",
+    )
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("runs/export")
+    )
     args = parser.parse_args(argv)
     for name in ("epochs", "batch", "rounds", "representative"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1. Received: {name}={getattr(args, name)}")
+            parser.error(
+                f"--{name} must be >= 1. Received: {name}={getattr(args, name)}"
+            )
     if args.load is not None and not args.load.is_file():
-        parser.error(f"--load must be an existing .keras file. Received: load={args.load}")
+        parser.error(
+            f"--load must be an existing .keras file. Received: load={args.load}"
+        )
     return args
 
 
@@ -71,7 +103,12 @@ def article_data():
     with np.load(BUNDLED) as data:
         x_train = data["x_train"][..., None].astype("float32") / 255.0
         x_test = data["x_test"][..., None].astype("float32") / 255.0
-        return x_train, data["y_train"].astype("int64"), x_test, data["y_test"].astype("int64")
+        return (
+            x_train,
+            data["y_train"].astype("int64"),
+            x_test,
+            data["y_test"].astype("int64"),
+        )
 
 
 def article_model(keras, bnlayers, args, x_train, y_train):
@@ -88,7 +125,11 @@ def article_model(keras, bnlayers, args, x_train, y_train):
             keras.layers.Dense(10, activation="softmax"),
         ]
     )
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer="adam",
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     model.fit(x_train, y_train, epochs=args.epochs, batch_size=64, verbose=2)
     return model
 
@@ -110,7 +151,9 @@ def mobilenet(keras, bnlayers, args):
             layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
             layer.beta.assign(rng.normal(0.0, 0.1, n).astype("float32"))
             layer.moving_mean.assign(rng.normal(0.0, 0.1, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            layer.moving_variance.assign(
+                rng.uniform(0.5, 1.5, n).astype("float32")
+            )
     return model
 
 
@@ -146,12 +189,46 @@ def litert_runner(path, batch):
     return run
 
 
+TORCH_EXPORT = """
+import sys
+import keras
+import numpy as np
+import bnlayers  # registers the layers the .keras file names
+model = keras.saving.load_model(sys.argv[1])
+model.predict(np.zeros((1, *model.input_shape[1:]), "float32"), verbose=0)
+model.export(sys.argv[2], format="onnx", verbose=False)
+"""
+
+
+def export_onnx_with_torch(keras_path, onnx_path, bnlayers):
+    """The same .keras file exported under the PyTorch backend (torch.onnx), in
+    a subprocess: a process has one Keras backend. False if torch is missing."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    root = str(pathlib.Path(bnlayers.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, KERAS_BACKEND="torch", PYTHONPATH=path)
+    subprocess.run(
+        [sys.executable, "-c", TORCH_EXPORT, str(keras_path), str(onnx_path)],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return True
+
+
 def predict_all(run, x, batch):
     """`run` over `x` in batches of `batch`, the last one padded (LiteRT's shape is fixed)."""
     outputs = []
     for i in range(0, len(x), batch):
         chunk = x[i : i + batch]
-        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *x.shape[1:]), x.dtype)])
+        padded = np.concatenate(
+            [chunk, np.zeros((batch - len(chunk), *x.shape[1:]), x.dtype)]
+        )
         outputs.append(np.asarray(run(padded))[: len(chunk)])
     return np.concatenate(outputs)
 
@@ -165,8 +242,11 @@ def main(argv=None):
         except ImportError:
             missing.append(package)
     if missing:
-        print(f"needs the export extra (missing: {', '.join(missing)}): "
-              'pip install -e ".[export]"', file=sys.stderr)
+        print(
+            f"needs the export extra (missing: {', '.join(missing)}): "
+            'pip install -e ".[export]"',
+            file=sys.stderr,
+        )
         return 2
 
     import logging
@@ -183,8 +263,10 @@ def main(argv=None):
     import bnlayers
 
     if keras.backend.backend() != "tensorflow":
-        print(f"needs the TensorFlow backend; KERAS_BACKEND={keras.backend.backend()}",
-              file=sys.stderr)
+        print(
+            f"needs the TensorFlow backend; KERAS_BACKEND={keras.backend.backend()}",
+            file=sys.stderr,
+        )
         return 2
 
     rng = np.random.default_rng(1)
@@ -193,11 +275,17 @@ def main(argv=None):
         model = article_model(keras, bnlayers, args, x_train, y_train)
     else:
         model = mobilenet(keras, bnlayers, args)
-        x_train = rng.uniform(0, 255, (args.representative, 64, 64, 3)).astype("float32")
-        x_test = rng.uniform(0, 255, (4 * args.batch, 64, 64, 3)).astype("float32")
+        x_train = rng.uniform(0, 255, (args.representative, 64, 64, 3)).astype(
+            "float32"
+        )
+        x_test = rng.uniform(0, 255, (4 * args.batch, 64, 64, 3)).astype(
+            "float32"
+        )
         y_test = None
     folded = bnlayers.fold_batchnorm(model)
-    folded.predict_on_batch(x_test[:1])  # export needs a model that has been called
+    folded.predict_on_batch(
+        x_test[:1]
+    )  # export needs a model that has been called
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -211,9 +299,15 @@ def main(argv=None):
     }
     model.save(paths["keras"])
     folded.save(paths["folded"])
-    folded.export(str(paths["savedmodel"]), format="tf_saved_model", verbose=False)
+    folded.export(
+        str(paths["savedmodel"]), format="tf_saved_model", verbose=False
+    )
     folded.export(str(paths["litert"]), format="litert", verbose=False)
     folded.export(str(paths["onnx"]), format="onnx", verbose=False)
+    paths["onnx_torch"] = out / "folded_torch.onnx"
+    with_torch = export_onnx_with_torch(
+        paths["folded"], paths["onnx_torch"], bnlayers
+    )
 
     def representative():
         for i in range(min(args.representative, len(x_train))):
@@ -235,21 +329,59 @@ def main(argv=None):
     onnx_input = session.get_inputs()[0].name
     b = args.batch
     runners = {
-        "Keras (bnlayers BN)": (paths["keras"], lambda x: model.predict_on_batch(x)),
-        "Keras, folded": (paths["folded"], lambda x: folded.predict_on_batch(x)),
-        "SavedModel (tf.saved_model)": (paths["savedmodel"], lambda x: loaded.serve(x).numpy()),
-        "LiteRT (ai_edge_litert)": (paths["litert"], litert_runner(paths["litert"], b)),
-        "ONNX (onnxruntime)": (paths["onnx"], lambda x: session.run(None, {onnx_input: x})[0]),
-        "LiteRT int8 (ai_edge_litert)": (paths["int8"], litert_runner(paths["int8"], b)),
+        "Keras (bnlayers BN)": (
+            paths["keras"],
+            lambda x: model.predict_on_batch(x),
+        ),
+        "Keras, folded": (
+            paths["folded"],
+            lambda x: folded.predict_on_batch(x),
+        ),
+        "SavedModel (tf.saved_model)": (
+            paths["savedmodel"],
+            lambda x: loaded.serve(x).numpy(),
+        ),
+        "LiteRT (ai_edge_litert)": (
+            paths["litert"],
+            litert_runner(paths["litert"], b),
+        ),
+        "ONNX via tf2onnx (onnxruntime)": (
+            paths["onnx"],
+            lambda x: session.run(None, {onnx_input: x})[0],
+        ),
+        "LiteRT int8 (ai_edge_litert)": (
+            paths["int8"],
+            litert_runner(paths["int8"], b),
+        ),
     }
+    if with_torch:
+        torch_session = onnxruntime.InferenceSession(str(paths["onnx_torch"]))
+        torch_input = torch_session.get_inputs()[0].name
+        runners["ONNX via torch.onnx (onnxruntime)"] = (
+            paths["onnx_torch"],
+            lambda x: torch_session.run(None, {torch_input: x})[0],
+        )
+    else:
+        print(
+            "torch is not installed: no ONNX export from the PyTorch backend",
+            file=sys.stderr,
+        )
 
     reference = predict_all(runners["Keras (bnlayers BN)"][1], x_test, b)
     results = {}
     for name, (path, run) in runners.items():
         predictions = predict_all(run, x_test, b)
-        accuracy = None if y_test is None else float(np.mean(predictions.argmax(-1) == y_test))
-        results[name] = {"size": size_of(path), "diff": float(np.abs(predictions - reference).max()),
-                         "accuracy": accuracy, "times": []}
+        accuracy = (
+            None
+            if y_test is None
+            else float(np.mean(predictions.argmax(-1) == y_test))
+        )
+        results[name] = {
+            "size": size_of(path),
+            "diff": float(np.abs(predictions - reference).max()),
+            "accuracy": accuracy,
+            "times": [],
+        }
 
     # Interleaved rounds: each runtime runs one batch per round, in turn.
     batch_x = x_test[:b]
@@ -260,8 +392,14 @@ def main(argv=None):
             results[name]["times"].append(time.perf_counter() - start)
     keras_time = statistics.median(results["Keras (bnlayers BN)"]["times"])
 
-    title = "article's model, 1 epoch" if args.model == "article" else "MobileNetV3Small, 64x64x3"
-    print(f"\n{title}; {len(x_test)} test inputs, batches of {b}, {args.rounds} interleaved rounds")
+    title = (
+        "article's model, 1 epoch"
+        if args.model == "article"
+        else "MobileNetV3Small, 64x64x3"
+    )
+    print(
+        f"\n{title}; {len(x_test)} test inputs, batches of {b}, {args.rounds} interleaved rounds"
+    )
     header = "| model / runtime | file size | max abs diff vs Keras | ms per batch | vs Keras |"
     rule = "|---|---:|---:|---:|---:|"
     if y_test is not None:
@@ -271,16 +409,27 @@ def main(argv=None):
     print(rule)
     for name, r in results.items():
         t = statistics.median(r["times"])
-        row = (f"| {name} | {r['size'] / 1e6:.2f} MB | {r['diff']:.1e} | {t * 1e3:.2f} "
-               f"| {t / keras_time:.2f}x |")
+        row = (
+            f"| {name} | {r['size'] / 1e6:.2f} MB | {r['diff']:.1e} | {t * 1e3:.2f} "
+            f"| {t / keras_time:.2f}x |"
+        )
         if y_test is not None:
             row += f" {r['accuracy']:.4f} |"
         print(row)
-    print(f"(the Keras model's outputs reach {np.abs(reference).max():.2g} in absolute value)")
-    bad = [name for name, r in results.items() if "int8" not in name and r["diff"] > args.max_diff]
+    print(
+        f"(the Keras model's outputs reach {np.abs(reference).max():.2g} in absolute value)"
+    )
+    bad = [
+        name
+        for name, r in results.items()
+        if "int8" not in name and r["diff"] > args.max_diff
+    ]
     if bad:
-        print(f"exports differ from the Keras model by more than --max-diff={args.max_diff}: "
-              f"{', '.join(bad)}", file=sys.stderr)
+        print(
+            f"exports differ from the Keras model by more than --max-diff={args.max_diff}: "
+            f"{', '.join(bad)}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

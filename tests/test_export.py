@@ -11,15 +11,17 @@ come with the `export` extra; without it the tests are skipped.
 import keras
 import numpy as np
 import pytest
-from article import article_model
-from backend_ops import BACKEND
 
 import bnlayers
+from article import article_model
+from backend_ops import BACKEND
 
 EXTRA = 'the export extra is not installed (pip install -e ".[export]")'
 
 pytestmark = pytest.mark.backends(
-    "tensorflow", "torch", reason="Keras exports ONNX through TensorFlow or torch.onnx"
+    "tensorflow",
+    "torch",
+    reason="Keras exports ONNX through TensorFlow or torch.onnx",
 )
 
 
@@ -93,7 +95,9 @@ def test_onnx_runs_in_onnxruntime(model, inputs, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=0, atol=5e-6)
 
 
-@pytest.mark.backends("tensorflow", reason="SavedModel export traces the model with TensorFlow")
+@pytest.mark.backends(
+    "tensorflow", reason="SavedModel export traces the model with TensorFlow"
+)
 def test_saved_model_runs_in_tensorflow(model, inputs, tmp_path):
     import tensorflow as tf
 
@@ -103,27 +107,37 @@ def test_saved_model_runs_in_tensorflow(model, inputs, tmp_path):
     got = loaded.serve(inputs).numpy()
     # Measured: largest difference 2.7e-7 as trained (the export traces the
     # fast path's arithmetic as plain ops; predict runs it compiled), 0 folded.
-    np.testing.assert_allclose(got, _keras_predictions(model, inputs), rtol=0, atol=3e-6)
+    np.testing.assert_allclose(
+        got, _keras_predictions(model, inputs), rtol=0, atol=3e-6
+    )
 
 
-@pytest.mark.backends("tensorflow", reason="LiteRT export goes through a TensorFlow SavedModel")
+@pytest.mark.backends(
+    "tensorflow", reason="LiteRT export goes through a TensorFlow SavedModel"
+)
 def test_litert_runs_in_ai_edge_litert(model, inputs, tmp_path):
     _runtime("ai_edge_litert")
     path = tmp_path / "model.tflite"
     model.export(str(path), format="litert", verbose=False)
     got = _litert_predictions(path, inputs)
     # Measured: largest difference 2.4e-6 as trained, 2.2e-6 folded.
-    np.testing.assert_allclose(got, _keras_predictions(model, inputs), rtol=0, atol=2.5e-5)
+    np.testing.assert_allclose(
+        got, _keras_predictions(model, inputs), rtol=0, atol=2.5e-5
+    )
 
 
-@pytest.mark.backends("tensorflow", reason="the fused fast path exists on TensorFlow only")
+@pytest.mark.backends(
+    "tensorflow", reason="the fused fast path exists on TensorFlow only"
+)
 def test_export_traces_plain_ops_and_predict_keeps_the_compiled_call(inputs):
     """Converters need plain ops; Keras' predict keeps the XLA-compiled call
     (the fast path's speed)."""
 
     def compiled(concrete):
         library = concrete.graph.as_graph_def().library.function
-        return [f.signature.name for f in library if f.attr["_XlaMustCompile"].b]
+        return [
+            f.signature.name for f in library if f.attr["_XlaMustCompile"].b
+        ]
 
     model = article_model(bnlayers.BatchNormalization())
     model.predict(inputs, verbose=0)
@@ -132,12 +146,16 @@ def test_export_traces_plain_ops_and_predict_keeps_the_compiled_call(inputs):
     archive = keras.export.ExportArchive()
     archive.track(model)
     spec = keras.InputSpec(shape=(None, 28, 28, 1), dtype="float32")
-    endpoint = archive.add_endpoint("serve", model.__call__, input_signature=[spec])
+    endpoint = archive.add_endpoint(
+        "serve", model.__call__, input_signature=[spec]
+    )
     assert compiled(endpoint.get_concrete_function()) == []
 
 
 @pytest.mark.slow
-@pytest.mark.backends("tensorflow", reason="LiteRT export goes through a TensorFlow SavedModel")
+@pytest.mark.backends(
+    "tensorflow", reason="LiteRT export goes through a TensorFlow SavedModel"
+)
 def test_int8_litert_keeps_the_float_accuracy(mnist_subset, tmp_path):
     """A full-integer LiteRT model of the folded model, trained briefly (4,000
     images, one epoch), calibrated on 100 other training images."""
@@ -148,7 +166,9 @@ def test_int8_litert_keeps_the_float_accuracy(mnist_subset, tmp_path):
     keras.utils.set_random_seed(0)
     model = article_model(bnlayers.BatchNormalization())
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    model.fit(x_train[:4000], y_train[:4000], batch_size=64, epochs=1, verbose=0)
+    model.fit(
+        x_train[:4000], y_train[:4000], batch_size=64, epochs=1, verbose=0
+    )
     folded = bnlayers.fold_batchnorm(model)
 
     def representative():
@@ -166,8 +186,15 @@ def test_int8_litert_keeps_the_float_accuracy(mnist_subset, tmp_path):
         inference_input_type=tf.int8,
         inference_output_type=tf.int8,
     )
-    float_accuracy = np.mean(_keras_predictions(model, x_test).argmax(-1) == y_test)
-    int8_accuracy = np.mean(_litert_predictions(path, x_test).argmax(-1) == y_test)
+    float_accuracy = np.mean(
+        _keras_predictions(model, x_test).argmax(-1) == y_test
+    )
+    int8_accuracy = np.mean(
+        _litert_predictions(path, x_test).argmax(-1) == y_test
+    )
     assert float_accuracy > 0.75  # measured 0.8255: the training did train
     # Measured: 0.8285 for int8, 0.3 points from the float model.
-    assert abs(int8_accuracy - float_accuracy) <= 0.03, (int8_accuracy, float_accuracy)
+    assert abs(int8_accuracy - float_accuracy) <= 0.03, (
+        int8_accuracy,
+        float_accuracy,
+    )
