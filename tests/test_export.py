@@ -34,7 +34,7 @@ def inputs(mnist_subset):
     return mnist_subset[2][:64]
 
 
-@pytest.fixture(scope="module", params=["as_trained", "folded"])
+@pytest.fixture(scope="module", params=["unfolded", "folded"])
 def model(request, inputs):
     """The article's model, random weights and random BN statistics (so that
     neither BN nor its folding is an identity), as it is or folded."""
@@ -50,7 +50,7 @@ def model(request, inputs):
             rng.uniform(0.005, 0.02, 32).astype("float32"),
         ]
     )
-    if request.param == "as_trained":
+    if request.param == "unfolded":
         return original
     return bnlayers.fold_batchnorm(original)
 
@@ -90,7 +90,7 @@ def test_onnx_runs_in_onnxruntime(model, inputs, tmp_path):
     model.export(str(path), format="onnx", verbose=False)
     session = ort.InferenceSession(str(path))
     got = session.run(None, {session.get_inputs()[0].name: inputs})[0]
-    # Measured: largest difference 4.6e-7 as trained and 5.4e-7 folded on
+    # Measured: largest difference 4.6e-7 unfolded and 5.4e-7 folded on
     # TensorFlow (tf2onnx), 3.9e-7 and 4.5e-7 on torch (torch.onnx).
     np.testing.assert_allclose(got, expected, rtol=0, atol=5e-6)
 
@@ -105,7 +105,7 @@ def test_saved_model_runs_in_tensorflow(model, inputs, tmp_path):
     model.export(str(path), format="tf_saved_model", verbose=False)
     loaded = tf.saved_model.load(str(path))
     got = loaded.serve(inputs).numpy()
-    # Measured: largest difference 2.7e-7 as trained (the export traces the
+    # Measured: largest difference 2.7e-7 unfolded (the export traces the
     # fast path's arithmetic as plain ops; predict runs it compiled), 0 folded.
     np.testing.assert_allclose(
         got, _keras_predictions(model, inputs), rtol=0, atol=3e-6
@@ -120,7 +120,7 @@ def test_litert_runs_in_ai_edge_litert(model, inputs, tmp_path):
     path = tmp_path / "model.tflite"
     model.export(str(path), format="litert", verbose=False)
     got = _litert_predictions(path, inputs)
-    # Measured: largest difference 2.4e-6 as trained, 2.2e-6 folded.
+    # Measured: largest difference 2.4e-6 unfolded, 2.2e-6 folded.
     np.testing.assert_allclose(
         got, _keras_predictions(model, inputs), rtol=0, atol=2.5e-5
     )
