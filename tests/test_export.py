@@ -129,9 +129,11 @@ def test_litert_runs_in_ai_edge_litert(model, inputs, tmp_path):
 @pytest.mark.backends(
     "tensorflow", reason="the fused fast path exists on TensorFlow only"
 )
-def test_export_traces_plain_ops_and_predict_keeps_the_compiled_call(inputs):
-    """Converters need plain ops; Keras' predict keeps the XLA-compiled call
-    (the fast path's speed)."""
+def test_export_traces_plain_ops_and_predict_keeps_the_compiled_call(
+    inputs, monkeypatch
+):
+    """Converters need plain ops; Keras' predict and evaluate keep the
+    XLA-compiled call (the fast path's speed)."""
 
     def compiled(concrete):
         library = concrete.graph.as_graph_def().library.function
@@ -143,6 +145,22 @@ def test_export_traces_plain_ops_and_predict_keeps_the_compiled_call(inputs):
     model.predict(inputs, verbose=0)
     traced = model.predict_function._list_all_concrete_functions()
     assert traced and all(compiled(f) for f in traced)
+    # evaluate's step is not reachable as a tf.function: a spy records
+    # the choice its trace made.
+    from bnlayers import _fused
+
+    choices = []
+    in_replica = _fused._in_replica_function
+
+    def spy():
+        choices.append(in_replica())
+        return choices[-1]
+
+    monkeypatch.setattr(_fused, "_in_replica_function", spy)
+    model.compile(loss="sparse_categorical_crossentropy")
+    model.evaluate(inputs, np.zeros(len(inputs)), verbose=0)
+    assert choices and all(choices)
+    monkeypatch.undo()
     archive = keras.export.ExportArchive()
     archive.track(model)
     spec = keras.InputSpec(shape=(None, 28, 28, 1), dtype="float32")
