@@ -27,8 +27,8 @@ column, and the differences are of logits.
 Needs the TensorFlow backend and the `export` extra
 (`pip install -e ".[export]"`). Files go to `--out` (default runs/export).
 Exit status: 0 on success, 2 for a bad argument or a missing runtime, 1
-when an exported model disagrees with the Keras model by more than
-`--max-diff`.
+when an export fails or an exported model disagrees with the Keras model
+by more than `--max-diff`.
 """
 
 import argparse
@@ -211,13 +211,17 @@ def export_onnx_with_torch(keras_path, onnx_path, bnlayers):
     root = str(pathlib.Path(bnlayers.__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, KERAS_BACKEND="torch", PYTHONPATH=path)
-    subprocess.run(
+    proc = subprocess.run(
         [sys.executable, "-c", TORCH_EXPORT, str(keras_path), str(onnx_path)],
         env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
     )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            "the ONNX export under the PyTorch backend failed:\n"
+            + proc.stderr[-3000:]
+        )
     return True
 
 
