@@ -397,10 +397,12 @@ def main(argv=None):
     keras_time = statistics.median(results["Keras (bnlayers BN)"]["times"])
 
     title = (
-        "article's model, 1 epoch"
+        f"article's model, {args.epochs} epoch(s)"
         if args.model == "article"
         else "MobileNetV3Small, 64x64x3"
     )
+    if args.load is not None:
+        title = f"{args.load}"
     print(
         f"\n{title}; {len(x_test)} test inputs, batches of {b}, {args.rounds} interleaved rounds"
     )
