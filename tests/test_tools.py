@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import bnlayers
-from bnlayers import tools
+from bnlayers.tools import _common
 from bnlayers.tools import ChannelAffine
 
 from article import article_model
@@ -28,7 +28,7 @@ BOTH = [BUILTIN, OURS]
 
 
 def _bn_layers(model):
-    return tools._batchnorm_layers(model)
+    return _common.batchnorm_layers(model)
 
 
 def _randomize_bn(model, seed=0):

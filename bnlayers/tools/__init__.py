@@ -1,0 +1,36 @@
+"""Whole-model tools for batch normalization: swap, fold, recalibrate, freeze.
+
+The jobs people do with BN layers in finished models, which PyTorch, timm
+and fvcore have tools for and Keras does not:
+
+- `swap_batchnorm(model, to=...)`: a copy of the model with every BN layer
+  turned into `bnlayers.BatchNormalization` or the built-in one, optimizer
+  state included.
+- `fold_batchnorm(model)`: an inference-only copy with BN merged into the
+  adjacent linear layer where that is exact, a fixed multiply-add
+  (`ChannelAffine`) elsewhere.
+- `recalibrate(model, data)`: the moving statistics replaced by the exact
+  population statistics over `data` (as fvcore's PreciseBN does).
+- `freeze_batchnorm(model)`: every BN layer in inference mode and
+  non-trainable, for fine-tuning.
+
+Each works on `keras.layers.BatchNormalization` and
+`bnlayers.BatchNormalization` alike, in Sequential and Functional models
+and in models nested inside them. They walk models through a few Keras
+internals (all in `_keras_internals`), checked against Keras 3.15.x; on
+another Keras version they raise a RuntimeError naming it.
+"""
+
+from bnlayers.tools.channel_affine import ChannelAffine
+from bnlayers.tools.fold import fold_batchnorm
+from bnlayers.tools.freeze import freeze_batchnorm
+from bnlayers.tools.recalibration import recalibrate
+from bnlayers.tools.swap import swap_batchnorm
+
+__all__ = [
+    "ChannelAffine",
+    "fold_batchnorm",
+    "freeze_batchnorm",
+    "recalibrate",
+    "swap_batchnorm",
+]
