@@ -58,7 +58,7 @@ def infer(model, x, jit=False):
     return keras.ops.convert_to_numpy(fn(x))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mobilenet():
     """A keras.applications model with 52 built-in BN layers and random statistics.
 
@@ -67,7 +67,11 @@ def mobilenet():
     """
     keras.utils.set_random_seed(3)
     model = keras.applications.MobileNetV2(
-        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10, classifier_activation=None
+        input_shape=(32, 32, 3),
+        alpha=0.35,
+        weights=None,
+        classes=10,
+        classifier_activation=None,
     )
     randomize_bn(model, seed=3)
     x = np.random.default_rng(3).normal(size=(8, 32, 32, 3)).astype("float32")

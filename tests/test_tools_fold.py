@@ -45,7 +45,9 @@ def test_fold_article_model_becomes_multiply_add(bn, mnist_subset, tmp_path):
     out = infer(folded, x)
     assert relative(out, ref) <= AGREE
     # No training branch: the same output in training mode.
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(folded(x, training=True)), out)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(folded(x, training=True)), out
+    )
 
     path = tmp_path / "folded.keras"
     folded.save(path)
@@ -89,7 +91,10 @@ def test_fold_conv_bn_relu_stack(data_format, bn):
     assert folded.layers[0].use_bias  # a bias is added to carry beta
     x = np.random.default_rng(1).normal(size=(16,) + shape).astype("float32")
     # TensorFlow's CPU kernels have no NCHW convolution; XLA compiles one.
-    jit = data_format == "channels_first" and keras.backend.backend() == "tensorflow"
+    jit = (
+        data_format == "channels_first"
+        and keras.backend.backend() == "tensorflow"
+    )
     assert relative(infer(folded, x, jit), infer(model, x, jit)) <= AGREE
 
 
@@ -97,19 +102,53 @@ def test_fold_conv_bn_relu_stack(data_format, bn):
     "make",
     [
         lambda: [keras.Input((20, 3)), keras.layers.Conv1D(6, 3), OURS()],
-        lambda: [keras.Input((6, 6, 6, 2)), keras.layers.Conv3D(4, 3), BUILTIN()],
-        lambda: [keras.Input((10, 10, 3)), keras.layers.DepthwiseConv2D(3, depth_multiplier=2), OURS()],
-        lambda: [keras.Input((20, 3)), keras.layers.DepthwiseConv1D(3, depth_multiplier=3), BUILTIN()],
-        lambda: [keras.Input((10, 10, 3)), keras.layers.SeparableConv2D(5, 3, depth_multiplier=2), OURS()],
-        lambda: [keras.Input((7, 5)), keras.layers.Dense(4, use_bias=False), OURS(axis=2)],
-        lambda: [keras.Input((10, 10, 3)), keras.layers.Conv2D(4, 3, groups=1), OURS()],
+        lambda: [
+            keras.Input((6, 6, 6, 2)),
+            keras.layers.Conv3D(4, 3),
+            BUILTIN(),
+        ],
+        lambda: [
+            keras.Input((10, 10, 3)),
+            keras.layers.DepthwiseConv2D(3, depth_multiplier=2),
+            OURS(),
+        ],
+        lambda: [
+            keras.Input((20, 3)),
+            keras.layers.DepthwiseConv1D(3, depth_multiplier=3),
+            BUILTIN(),
+        ],
+        lambda: [
+            keras.Input((10, 10, 3)),
+            keras.layers.SeparableConv2D(5, 3, depth_multiplier=2),
+            OURS(),
+        ],
+        lambda: [
+            keras.Input((7, 5)),
+            keras.layers.Dense(4, use_bias=False),
+            OURS(axis=2),
+        ],
+        lambda: [
+            keras.Input((10, 10, 3)),
+            keras.layers.Conv2D(4, 3, groups=1),
+            OURS(),
+        ],
     ],
-    ids=["conv1d", "conv3d", "depthwise2d", "depthwise1d", "separable2d", "dense_rank3", "conv2d"],
+    ids=[
+        "conv1d",
+        "conv3d",
+        "depthwise2d",
+        "depthwise1d",
+        "separable2d",
+        "dense_rank3",
+        "conv2d",
+    ],
 )
 def test_fold_each_foldable_layer(make):
     model = randomize_bn(keras.Sequential(make()))
     folded = bnlayers.fold_batchnorm(model)
-    assert len(folded.layers) == 1 and type(folded.layers[0]) is type(model.layers[0])
+    assert len(folded.layers) == 1 and type(folded.layers[0]) is type(
+        model.layers[0]
+    )
     shape = (8,) + tuple(model.inputs[0].shape[1:])
     x = np.random.default_rng(2).normal(size=shape).astype("float32")
     assert relative(infer(folded, x), infer(model, x)) <= AGREE
@@ -159,7 +198,12 @@ def test_fold_functional_residual_and_nested():
     tapped_bn = BUILTIN(name="tapped_bn")(t)
     h = keras.layers.Add()([tapped_bn, t])
     block = keras.Sequential(
-        [keras.Input((10, 10, 8)), keras.layers.Conv2D(6, 3), OURS(), keras.layers.ReLU()],
+        [
+            keras.Input((10, 10, 8)),
+            keras.layers.Conv2D(6, 3),
+            OURS(),
+            keras.layers.ReLU(),
+        ],
         name="block",
     )
     h = block(h)
@@ -173,8 +217,14 @@ def test_fold_functional_residual_and_nested():
     assert names["stem"].use_bias and names["res_a"].use_bias
     assert type(names["tapped_bn"]) is ChannelAffine
     assert type(names["after_block_bn"]) is ChannelAffine
-    assert [type(layer).__name__ for layer in names["block"].layers] == ["Conv2D", "ReLU"]
-    assert sum(type(layer) is ChannelAffine for layer in folded._flatten_layers()) == 2
+    assert [type(layer).__name__ for layer in names["block"].layers] == [
+        "Conv2D",
+        "ReLU",
+    ]
+    assert (
+        sum(type(layer) is ChannelAffine for layer in folded._flatten_layers())
+        == 2
+    )
     x = np.random.default_rng(8).normal(size=(8, 10, 10, 4)).astype("float32")
     assert relative(infer(folded, x), infer(model, x)) <= AGREE
 
@@ -191,7 +241,9 @@ def test_fold_rejects_bad_input():
     with pytest.raises(TypeError, match="keras.Model"):
         bnlayers.fold_batchnorm("model.keras")
     with pytest.raises(ValueError, match="built"):
-        bnlayers.fold_batchnorm(keras.Sequential([keras.layers.Dense(2), OURS()]))
+        bnlayers.fold_batchnorm(
+            keras.Sequential([keras.layers.Dense(2), OURS()])
+        )
 
     class Sub(keras.Model):
         def __init__(self):
@@ -205,8 +257,6 @@ def test_fold_rejects_bad_input():
     sub(np.zeros((1, 3), "float32"))
     with pytest.raises(TypeError, match="subclassed"):
         bnlayers.fold_batchnorm(sub)
-
-
 
 
 # The BN layer before each of these layers merges into it (by input channel).
@@ -232,7 +282,11 @@ _FORWARD_INPUTS = {
 @pytest.mark.parametrize("case", sorted(_FORWARD))
 def test_fold_into_the_following_layer(case, caplog):
     # The ReLU keeps the BN from merging into the layer before it.
-    layers = [keras.Input(_FORWARD_INPUTS[case]), keras.layers.Dense(6), keras.layers.ReLU()]
+    layers = [
+        keras.Input(_FORWARD_INPUTS[case]),
+        keras.layers.Dense(6),
+        keras.layers.ReLU(),
+    ]
     model = keras.Sequential(layers + [OURS(name="bn")] + _FORWARD[case]())
     randomize_bn(model, seed=21)
     with caplog.at_level("INFO", logger="bnlayers"):
@@ -243,7 +297,11 @@ def test_fold_into_the_following_layer(case, caplog):
     assert folded.layers[2].use_bias  # a bias is added to carry the offsets
     follower = model.layers[3].name
     assert f"'bn' merged into the following '{follower}'" in caplog.text
-    x = np.random.default_rng(21).normal(size=(6,) + _FORWARD_INPUTS[case]).astype("float32")
+    x = (
+        np.random.default_rng(21)
+        .normal(size=(6,) + _FORWARD_INPUTS[case])
+        .astype("float32")
+    )
     # Measured over 5 seeds: at most 7.8e-7 of the output (two chained convs).
     assert relative(infer(folded, x), infer(model, x)) <= AGREE
 
@@ -278,7 +336,9 @@ def test_fold_into_both_neighbours_and_keep_what_is_not_exact(caplog):
     assert relative(infer(folded, x), infer(model, x)) <= AGREE
 
 
-@pytest.mark.backends("tensorflow", reason="tf.saved_model and tf2onnx run on TensorFlow")
+@pytest.mark.backends(
+    "tensorflow", reason="tf.saved_model and tf2onnx run on TensorFlow"
+)
 def test_folded_model_exports_directly(tmp_path):
     import tensorflow as tf
 
@@ -292,7 +352,9 @@ def test_folded_model_exports_directly(tmp_path):
     # The same TensorFlow ops on the same weights: the very same numbers.
     np.testing.assert_array_equal(reloaded.serve(x).numpy(), expected)
 
-    ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    ort = pytest.importorskip(
+        "onnxruntime", reason="the export extra is not installed"
+    )
     pytest.importorskip("tf2onnx", reason="the export extra is not installed")
     folded.export(tmp_path / "folded.onnx", format="onnx", verbose=False)
     session = ort.InferenceSession(str(tmp_path / "folded.onnx"))
@@ -301,8 +363,12 @@ def test_folded_model_exports_directly(tmp_path):
     np.testing.assert_allclose(out, expected, rtol=0, atol=2.5e-6)
 
 
-def test_channel_affine_files_saved_before_the_tools_package_still_load(tmp_path):
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu"), OURS()])
+def test_channel_affine_files_saved_before_the_tools_package_still_load(
+    tmp_path,
+):
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, activation="relu"), OURS()]
+    )
     folded = bnlayers.fold_batchnorm(randomize_bn(model, seed=24))
     assert type(folded.layers[1]) is ChannelAffine
     path = tmp_path / "folded.keras"
@@ -310,12 +376,19 @@ def test_channel_affine_files_saved_before_the_tools_package_still_load(tmp_path
     # Files saved when the class lived in the module bnlayers/tools.py name
     # that module; only the registered name has to match.
     legacy = tmp_path / "legacy.keras"
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(legacy, "w") as target:
+    with (
+        zipfile.ZipFile(path) as source,
+        zipfile.ZipFile(legacy, "w") as target,
+    ):
         for item in source.infolist():
             data = source.read(item)
             if item.filename == "config.json":
                 config = json.loads(data)
-                (layer,) = [c for c in config["config"]["layers"] if c["class_name"] == "ChannelAffine"]
+                (layer,) = [
+                    c
+                    for c in config["config"]["layers"]
+                    if c["class_name"] == "ChannelAffine"
+                ]
                 assert layer["registered_name"] == "bnlayers>ChannelAffine"
                 layer["module"] = "bnlayers.tools"
                 data = json.dumps(config).encode()

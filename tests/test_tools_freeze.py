@@ -14,7 +14,12 @@ from _tools_helpers import randomize_bn
 def test_freeze_then_finetune_leaves_bn_weights_untouched():
     keras.utils.set_random_seed(16)
     inner = keras.Sequential(
-        [keras.Input((8,)), keras.layers.Dense(8), OURS(name="inner_bn"), keras.layers.ReLU()],
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(8),
+            OURS(name="inner_bn"),
+            keras.layers.ReLU(),
+        ],
         name="inner",
     )
     inputs = keras.Input((4,))
@@ -31,9 +36,19 @@ def test_freeze_then_finetune_leaves_bn_weights_untouched():
     assert bnlayers.freeze_batchnorm(model) is model
     bns = bn_layers(model)
     assert len(bns) == 2 and not any(layer.trainable for layer in bns)
-    assert all(layer.trainable for layer in model._flatten_layers() if layer not in bns)
-    frozen = {v.path: keras.ops.convert_to_numpy(v).copy() for layer in bns for v in layer.weights}
-    others = {v.path: keras.ops.convert_to_numpy(v).copy() for v in model.weights if v.path not in frozen}
+    assert all(
+        layer.trainable for layer in model._flatten_layers() if layer not in bns
+    )
+    frozen = {
+        v.path: keras.ops.convert_to_numpy(v).copy()
+        for layer in bns
+        for v in layer.weights
+    }
+    others = {
+        v.path: keras.ops.convert_to_numpy(v).copy()
+        for v in model.weights
+        if v.path not in frozen
+    }
     # Inference mode even when called in training mode.
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(model(x, training=True)),

@@ -21,7 +21,9 @@ def _two_bn_model():
     h = keras.layers.Dense(5, name="d1")(inputs)
     h = BUILTIN(name="bn1")(h)
     h = keras.layers.ReLU()(h)
-    h = keras.layers.Dropout(0.5)(h)  # off during recalibration, as at inference
+    h = keras.layers.Dropout(0.5)(
+        h
+    )  # off during recalibration, as at inference
     h = keras.layers.Dense(4, name="d2")(h)
     h = OURS(name="bn2")(h)
     outputs = keras.layers.Dense(1, name="head")(h)
@@ -33,7 +35,10 @@ def _reference_stats(model, x, batch_size):
     """float64 population statistics of bn1's and bn2's inputs, bn1 using batch statistics."""
 
     def weights(name):
-        return [np.asarray(w, "float64") for w in model.get_layer(name).get_weights()]
+        return [
+            np.asarray(w, "float64")
+            for w in model.get_layer(name).get_weights()
+        ]
 
     w1, b1 = weights("d1")
     w2, b2 = weights("d2")
@@ -43,7 +48,9 @@ def _reference_stats(model, x, batch_size):
     h2 = []
     for start in range(0, len(x), batch_size):
         part = h1[start : start + batch_size]
-        normed = (part - part.mean(0)) / np.sqrt(part.var(0) + eps) * gamma + beta
+        normed = (part - part.mean(0)) / np.sqrt(
+            part.var(0) + eps
+        ) * gamma + beta
         h2.append(np.maximum(normed, 0.0) @ w2 + b2)
     h2 = np.concatenate(h2)
     return (h1.mean(0), h1.var(0)), (h2.mean(0), h2.var(0))
@@ -63,11 +70,19 @@ def test_recalibrate_gives_exact_population_statistics_and_touches_nothing_else(
     x = (rng.normal(size=(100, 6)) * 3 + 5).astype("float32")
     y = rng.normal(size=(100, 1)).astype("float32")
     model.compile(optimizer="adam", loss="mse")
-    model.fit(x, y, batch_size=50, epochs=1, verbose=0)  # gives the optimizer state
-    before = {v.path: keras.ops.convert_to_numpy(v).copy() for v in model.weights}
-    optimizer = [keras.ops.convert_to_numpy(v).copy() for v in model.optimizer.variables]
+    model.fit(
+        x, y, batch_size=50, epochs=1, verbose=0
+    )  # gives the optimizer state
+    before = {
+        v.path: keras.ops.convert_to_numpy(v).copy() for v in model.weights
+    }
+    optimizer = [
+        keras.ops.convert_to_numpy(v).copy() for v in model.optimizer.variables
+    ]
 
-    assert bnlayers.recalibrate(model, x, batch_size=32) is model  # last batch: 4
+    assert (
+        bnlayers.recalibrate(model, x, batch_size=32) is model
+    )  # last batch: 4
 
     (m1, v1), (m2, v2) = _reference_stats(model, x, 32)
     # float32 activations against a float64 reference of the same formula.
@@ -78,10 +93,14 @@ def test_recalibrate_gives_exact_population_statistics_and_touches_nothing_else(
     moving = {"moving_mean", "moving_variance"}
     for v in model.weights:
         if v.name in moving:
-            assert not np.array_equal(keras.ops.convert_to_numpy(v), before[v.path])
+            assert not np.array_equal(
+                keras.ops.convert_to_numpy(v), before[v.path]
+            )
         else:
-            np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), before[v.path])
-    for v, value in zip(model.optimizer.variables, optimizer):
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(v), before[v.path]
+            )
+    for v, value in zip(model.optimizer.variables, optimizer, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), value)
     for name in ("bn1", "bn2"):
         layer = model.get_layer(name)
@@ -116,17 +135,21 @@ def test_recalibrate_accepts_every_data_form_and_steps():
         "dataset": run(tf.data.Dataset.from_tensor_slices((x, y)).batch(32)),
         "generator": run(generator()),
         "pydataset": run(Batches()),
-        "endless": run(tf.data.Dataset.from_tensor_slices(x).batch(32).repeat(), steps=3),
+        "endless": run(
+            tf.data.Dataset.from_tensor_slices(x).batch(32).repeat(), steps=3
+        ),
     }
     for form, got in forms.items():
-        for a, b in zip(got, expected):
+        for a, b in zip(got, expected, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=form)
 
     # steps=2 uses the first 64 examples only.
     model = _two_bn_model()
     bnlayers.recalibrate(model, x, steps=2, batch_size=32)
     (mean, var), _ = _reference_stats(model, x[:64], 32)
-    np.testing.assert_allclose(_moving(model, "bn1")[0], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _moving(model, "bn1")[0], mean, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(_moving(model, "bn1")[1], var, rtol=1e-5)
 
 
@@ -149,7 +172,11 @@ def test_recalibrate_multi_input_model_takes_list_or_dict():
 def test_recalibrate_leaves_masked_positions_out(bn):
     keras.utils.set_random_seed(14)
     model = keras.Sequential(
-        [keras.Input((9,), dtype="int32"), keras.layers.Embedding(20, 4, mask_zero=True), bn()]
+        [
+            keras.Input((9,), dtype="int32"),
+            keras.layers.Embedding(20, 4, mask_zero=True),
+            bn(),
+        ]
     )
     tokens = np.random.default_rng(14).integers(1, 20, size=(24, 9))
     tokens[:, 6:] = 0  # padding
@@ -163,31 +190,52 @@ def test_recalibrate_leaves_masked_positions_out(bn):
 
 
 def _moving_layer(layer):
-    return keras.ops.convert_to_numpy(layer.moving_mean), keras.ops.convert_to_numpy(layer.moving_variance)
+    return keras.ops.convert_to_numpy(
+        layer.moving_mean
+    ), keras.ops.convert_to_numpy(layer.moving_variance)
 
 
 @pytest.mark.parametrize("bn", BOTH, ids=["keras", "bnlayers"])
 def test_recalibrate_skips_frozen_layers_and_keeps_renorm_state(bn):
     model = keras.Sequential(
-        [keras.Input((3,)), bn(renorm=True, name="renorm"), bn(name="frozen"), keras.layers.Dense(2)]
+        [
+            keras.Input((3,)),
+            bn(renorm=True, name="renorm"),
+            bn(name="frozen"),
+            keras.layers.Dense(2),
+        ]
     )
     randomize_bn(model, seed=15)
     model.get_layer("frozen").trainable = False
-    frozen = [keras.ops.convert_to_numpy(v).copy() for v in model.get_layer("frozen").weights]
+    frozen = [
+        keras.ops.convert_to_numpy(v).copy()
+        for v in model.get_layer("frozen").weights
+    ]
     renorm = model.get_layer("renorm")
-    renorm_state = [keras.ops.convert_to_numpy(v).copy() for v in (renorm.renorm_mean, renorm.renorm_stddev)]
-    x = np.random.default_rng(15).normal(2.0, 3.0, size=(40, 3)).astype("float32")
+    renorm_state = [
+        keras.ops.convert_to_numpy(v).copy()
+        for v in (renorm.renorm_mean, renorm.renorm_stddev)
+    ]
+    x = (
+        np.random.default_rng(15)
+        .normal(2.0, 3.0, size=(40, 3))
+        .astype("float32")
+    )
 
     bnlayers.recalibrate(model, x, batch_size=16)
-    for v, value in zip(model.get_layer("frozen").weights, frozen):
+    for v, value in zip(model.get_layer("frozen").weights, frozen, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), value)
-    for v, value in zip((renorm.renorm_mean, renorm.renorm_stddev), renorm_state):
+    for v, value in zip(
+        (renorm.renorm_mean, renorm.renorm_stddev), renorm_state, strict=True
+    ):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), value)
     mean, var = _moving_layer(renorm)
     np.testing.assert_allclose(mean, x.astype("float64").mean(0), rtol=1e-5)
     np.testing.assert_allclose(var, x.astype("float64").var(0), rtol=1e-5)
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(renorm.moving_stddev), np.sqrt(var + renorm.epsilon), rtol=1e-6
+        keras.ops.convert_to_numpy(renorm.moving_stddev),
+        np.sqrt(var + renorm.epsilon),
+        rtol=1e-6,
     )
 
 
@@ -201,7 +249,9 @@ def test_recalibrate_rejects_bad_input():
     with pytest.raises(TypeError, match="data="):
         bnlayers.recalibrate(model, 3.0)
     with pytest.raises(ValueError, match="batch_size=8"):
-        bnlayers.recalibrate(model, tf.data.Dataset.from_tensor_slices(x).batch(4), batch_size=8)
+        bnlayers.recalibrate(
+            model, tf.data.Dataset.from_tensor_slices(x).batch(4), batch_size=8
+        )
     with pytest.raises(ValueError, match="batch_size=0"):
         bnlayers.recalibrate(model, x, batch_size=0)
     with pytest.raises(ValueError, match="no batches"):
@@ -214,25 +264,38 @@ def test_recalibrate_repairs_the_article_model_after_one_epoch(mnist_subset):
     x_train, y_train, x_test, y_test = mnist_subset
     keras.utils.set_random_seed(1)
     model = article_model(OURS())
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer="adam",
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     model.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
-    loss_before, acc_before = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
+    loss_before, acc_before = model.evaluate(
+        x_test, y_test, batch_size=500, verbose=0
+    )
     bnlayers.recalibrate(model, x_train, batch_size=64)
-    loss_after, acc_after = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
+    loss_after, acc_after = model.evaluate(
+        x_test, y_test, batch_size=500, verbose=0
+    )
     # Measured with seed 1: loss 1.43 -> 0.17, accuracy 91.0% -> 94.9%.
     assert loss_before > 0.8 and acc_before > 0.8
     assert loss_after < 0.3
     assert acc_after >= acc_before + 0.01
 
 
-
-
-def test_recalibrate_expands_masks_at_the_last_axis_as_keras_does():
+@pytest.mark.parametrize("bn", BOTH, ids=["keras", "bnlayers"])
+def test_recalibrate_expands_masks_at_the_last_axis_as_keras_does(bn):
     # Keras' rule: a (batch, time) mask leaves out whole positions, even
     # when BN normalizes the time axis (axis=1) and reduces the channels.
     keras.utils.set_random_seed(18)
-    model = keras.Sequential([keras.Input((5, 3)), keras.layers.Masking(0.0), BUILTIN(axis=1)])
-    x = np.random.default_rng(18).normal(2.0, 1.5, size=(12, 5, 3)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((5, 3)), keras.layers.Masking(0.0), bn(axis=1)]
+    )
+    x = (
+        np.random.default_rng(18)
+        .normal(2.0, 1.5, size=(12, 5, 3))
+        .astype("float32")
+    )
     x[::2, 3:] = 0.0  # padding at the end of every other sequence
     x[1::4, 1] = 0.0
     bnlayers.recalibrate(model, x, batch_size=4, verbose=0)
@@ -251,7 +314,9 @@ def _progress(text):
     """The progress output with colours, times and rates replaced by `T`."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     text = re.sub(r"\d+(\.\d+)?(s|ms|us)(/step)?", "T", text)
-    return [line.strip() for line in re.split(r"[\r\n\x08]+", text) if line.strip()]
+    return [
+        line.strip() for line in re.split(r"[\r\n\x08]+", text) if line.strip()
+    ]
 
 
 def test_recalibrate_verbose_shows_progress_as_predict_does(capsys):
@@ -267,10 +332,14 @@ def test_recalibrate_verbose_shows_progress_as_predict_does(capsys):
             assert got == expected == []
         else:
             # predict's last line is recalibrate's: "3/3 ━━━━ T T" or "3/3 - T - T".
-            assert got[-1] == expected[-1] and got[-1].startswith("3/3 "), verbose
+            assert got[-1] == expected[-1] and got[-1].startswith("3/3 "), (
+                verbose
+            )
         if verbose == 2:
             assert len(got) == 1
-    bnlayers.recalibrate(model, x, batch_size=32)  # the default is predict's, "auto"
+    bnlayers.recalibrate(
+        model, x, batch_size=32
+    )  # the default is predict's, "auto"
     assert _progress(capsys.readouterr().out)[-1] == shown["auto"][-1]
 
 

@@ -29,21 +29,28 @@ def test_swap_keras_applications_model_both_ways(mobilenet):
 
     old_bn, new_bn = bn_layers(model), bn_layers(swapped)
     assert len(old_bn) == len(new_bn) == 52
-    assert all(type(layer) is BUILTIN for layer in old_bn)  # the original is untouched
+    assert all(
+        type(layer) is BUILTIN for layer in old_bn
+    )  # the original is untouched
     assert all(type(layer) is OURS for layer in new_bn)
-    for old, new in zip(old_bn, new_bn):
+    for old, new in zip(old_bn, new_bn, strict=True):
         config = new.get_config()
-        assert config.pop("virtual_batch_size") is None and config.pop("fused") is None
+        assert (
+            config.pop("virtual_batch_size") is None
+            and config.pop("fused") is None
+        )
         assert config == old.get_config()
     # Every weight of every layer carried over bit for bit, in order.
     assert [v.path.split("/", 1)[1] for v in swapped.weights] == [
         v.path.split("/", 1)[1] for v in model.weights
     ]
-    for a, b in zip(swapped.weights, model.weights):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
-    assert [type(layer) for layer in swapped.layers if type(layer) is not OURS] == [
-        type(layer) for layer in model.layers if type(layer) is not BUILTIN
-    ]
+    for a, b in zip(swapped.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+        )
+    assert [
+        type(layer) for layer in swapped.layers if type(layer) is not OURS
+    ] == [type(layer) for layer in model.layers if type(layer) is not BUILTIN]
     assert relative(infer(swapped, x), ref) <= AGREE
 
     back = bnlayers.swap_batchnorm(swapped, to="keras")
@@ -54,12 +61,20 @@ def test_swap_keras_applications_model_both_ways(mobilenet):
 
 def _nested_model(first_bn, second_bn):
     inner_seq = keras.Sequential(
-        [keras.layers.Dense(6), first_bn(axis=[-1]) if first_bn is OURS else first_bn(), keras.layers.ReLU()],
+        [
+            keras.layers.Dense(6),
+            first_bn(axis=[-1]) if first_bn is OURS else first_bn(),
+            keras.layers.ReLU(),
+        ],
         name="inner_seq",
     )
     inner_in = keras.Input((6,))
     inner_fn = keras.Model(
-        inner_in, keras.layers.Dense(3)(second_bn(renorm=True, name="renorm_bn")(inner_in)), name="inner_fn"
+        inner_in,
+        keras.layers.Dense(3)(
+            second_bn(renorm=True, name="renorm_bn")(inner_in)
+        ),
+        name="inner_fn",
     )
     inputs = keras.Input((5,))
     h = inner_seq(inputs)
@@ -69,7 +84,10 @@ def _nested_model(first_bn, second_bn):
     return randomize_bn(model, seed=5)
 
 
-@pytest.mark.parametrize("source, target, to", [(BUILTIN, OURS, "bnlayers"), (OURS, BUILTIN, "keras")])
+@pytest.mark.parametrize(
+    "source, target, to",
+    [(BUILTIN, OURS, "bnlayers"), (OURS, BUILTIN, "keras")],
+)
 def test_swap_nested_models_and_renorm(source, target, to):
     model = _nested_model(source, source)
     x = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
@@ -84,13 +102,17 @@ def test_swap_nested_models_and_renorm(source, target, to):
         "renorm_mean",
         "renorm_stddev",
     ]
-    for a, b in zip(swapped.weights, model.weights):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    for a, b in zip(swapped.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+        )
     assert relative(infer(swapped, x), infer(model, x)) <= AGREE
 
 
 def test_swap_keeps_compile_config_and_drops_fused():
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), OURS(axis=[1], fused=False)])
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3), OURS(axis=[1], fused=False)]
+    )
     model.compile(optimizer="sgd", loss="mse")
     swapped = bnlayers.swap_batchnorm(model, to="keras")
     assert swapped.compiled and swapped.get_compile_config()["loss"] == "mse"
@@ -132,14 +154,16 @@ def test_swap_rejects_bad_input():
         bnlayers.swap_batchnorm(hidden)
 
 
-
-
 def _trained(kind, bn):
     """A small model trained 4 Adam steps; its data for one more step."""
     keras.utils.set_random_seed(31)
     # No bias before the BN: its gradient is rounding noise, which Adam
     # scales up to steps of the learning rate, differently in each model.
-    layers = [keras.layers.Dense(8, use_bias=False), bn(name="bn"), keras.layers.ReLU()]
+    layers = [
+        keras.layers.Dense(8, use_bias=False),
+        bn(name="bn"),
+        keras.layers.ReLU(),
+    ]
     layers.append(keras.layers.Dense(1))
     if kind == "sequential":
         model = keras.Sequential([keras.Input((5,))] + layers)
@@ -159,25 +183,33 @@ def _trained(kind, bn):
 
 
 @pytest.mark.parametrize(
-    "kind, source, to", [("sequential", BUILTIN, "bnlayers"), ("functional", OURS, "keras")]
+    "kind, source, to",
+    [("sequential", BUILTIN, "bnlayers"), ("functional", OURS, "keras")],
 )
-def test_swap_carries_the_optimizer_state_so_training_continues(kind, source, to):
+def test_swap_carries_the_optimizer_state_so_training_continues(
+    kind, source, to
+):
     model, x, y = _trained(kind, source)
     swapped = bnlayers.swap_batchnorm(model, to=to)
     old, new = model.optimizer.variables, swapped.optimizer.variables
     assert [v.name for v in new] == [v.name for v in old]
     assert int(keras.ops.convert_to_numpy(swapped.optimizer.iterations)) == 4
-    for a, b in zip(old, new):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(b), keras.ops.convert_to_numpy(a))
+    for a, b in zip(old, new, strict=True):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(b), keras.ops.convert_to_numpy(a)
+        )
     # The next step on both, then the loss of the one after. The two BN
     # implementations round differently: measured at most 6e-8 between the
     # weights and 7.8e-8 (relative) between the losses. With a fresh Adam,
     # as before the state was carried, they were 1.7e-2 and 2.8e-2 apart.
     first = [m.train_on_batch(x, y) for m in (model, swapped)]
     assert first[1] == pytest.approx(first[0], rel=1e-6)
-    for a, b in zip(model.weights, swapped.weights):
+    for a, b in zip(model.weights, swapped.weights, strict=True):
         np.testing.assert_allclose(
-            keras.ops.convert_to_numpy(b), keras.ops.convert_to_numpy(a), rtol=0, atol=6e-7
+            keras.ops.convert_to_numpy(b),
+            keras.ops.convert_to_numpy(a),
+            rtol=0,
+            atol=6e-7,
         )
     second = [m.train_on_batch(x, y) for m in (model, swapped)]
     assert second[1] == pytest.approx(second[0], rel=1e-6)
@@ -191,12 +223,16 @@ def test_swap_warns_when_the_optimizer_state_cannot_be_carried():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         swapped = bnlayers.swap_batchnorm(model)
-    assert any("could not carry the optimizer state" in str(w.message) for w in caught)
+    assert any(
+        "could not carry the optimizer state" in str(w.message) for w in caught
+    )
     assert int(keras.ops.convert_to_numpy(swapped.optimizer.iterations)) == 0
 
 
 @pytest.mark.parametrize("version", ["3.16.0", "3.14.2", "4.0.0"])
-def test_tools_refuse_a_keras_they_were_not_checked_against(version, monkeypatch):
+def test_tools_refuse_a_keras_they_were_not_checked_against(
+    version, monkeypatch
+):
     from bnlayers.tools import _keras_internals
 
     model = keras.Sequential([keras.Input((4,)), OURS()])

@@ -44,31 +44,13 @@ def is_batchnorm(layer):
 
 def batchnorm_layers(model):
     """Every distinct BN layer inside `model`, nested ones included, in order."""
-    return [layer for layer in internals.sublayers(model) if is_batchnorm(layer)]
+    return [
+        layer for layer in internals.sublayers(model) if is_batchnorm(layer)
+    ]
 
 
 def contains_batchnorm(layer):
     return any(is_batchnorm(sub) for sub in internals.sublayers(layer))
-
-
-def feature_axes(axis, ndim):
-    """`axis` (an int or a list of ints) as sorted non-negative axes of a rank-`ndim` input."""
-    axes = axis if isinstance(axis, (list, tuple)) else [axis]
-    return sorted(int(a) % ndim for a in axes)
-
-
-def expand_mask(mask, ndim, features):
-    """`mask` made to broadcast against a rank-`ndim` input with feature axes `features`.
-
-    Keras' rule: a mask has the input's rank minus one and lacks the last
-    axis, whatever the feature axis is. A mask that lacks every feature
-    axis instead (several feature axes) gets each of them back.
-    """
-    if len(mask.shape) == ndim - 1:
-        return ops.expand_dims(mask, -1)
-    for a in features:
-        mask = ops.expand_dims(mask, a)
-    return mask
 
 
 def to_numpy64(variable):

@@ -42,7 +42,9 @@ class Rebuilder:
         for layer, weights in self.pending:
             if isinstance(weights, dict):
                 for variable in layer.weights:
-                    variable.assign(weights[variable.name].astype(variable.dtype))
+                    variable.assign(
+                        weights[variable.name].astype(variable.dtype)
+                    )
             else:
                 layer.set_weights(weights)
         call_once(new)
@@ -52,7 +54,9 @@ class Rebuilder:
         if isinstance(model, keras.Sequential):
             return self._sequential(model)
         check_rebuildable(model, self.function)
-        return keras.models.clone_model(model, clone_function=self.layer, call_function=self._call)
+        return keras.models.clone_model(
+            model, clone_function=self.layer, call_function=self._call
+        )
 
     def layer(self, layer):
         if id(layer) in self.cache:
@@ -90,7 +94,9 @@ class Rebuilder:
         first = internals.sequential_input(model)
         if first is not None:
             new_layers.insert(0, first)
-        new = keras.Sequential(new_layers, name=model.name, trainable=model.trainable)
+        new = keras.Sequential(
+            new_layers, name=model.name, trainable=model.trainable
+        )
         if model.compiled:
             new.compile_from_config(model.get_compile_config())
         return new
@@ -108,10 +114,14 @@ def call_once(model):
     specs = keras.tree.flatten(structure)
     if all(None not in tuple(spec.shape[1:]) for spec in specs):
         inputs = keras.tree.map_structure(
-            lambda spec: np.zeros((1,) + tuple(spec.shape[1:]), dtype=spec.dtype), structure
+            lambda spec: np.zeros(
+                (1,) + tuple(spec.shape[1:]), dtype=spec.dtype
+            ),
+            structure,
         )
     else:
         inputs = keras.tree.map_structure(
-            lambda spec: keras.Input(batch_shape=spec.shape, dtype=spec.dtype), structure
+            lambda spec: keras.Input(batch_shape=spec.shape, dtype=spec.dtype),
+            structure,
         )
     model(inputs, training=False)

@@ -5,8 +5,8 @@ import numbers
 import keras
 from keras import ops
 
+from bnlayers import _geometry
 from bnlayers import _math
-from bnlayers.tools._common import feature_axes
 
 
 # The registered name, "bnlayers>ChannelAffine", is what saved files refer
@@ -38,34 +38,39 @@ class ChannelAffine(keras.layers.Layer):
         elif isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
             axis = int(axis)
         else:
-            raise TypeError(f"`axis` must be an int or a list of ints. Received: axis={axis!r}")
+            raise TypeError(
+                f"`axis` must be an int or a list of ints. Received: axis={axis!r}"
+            )
         self.axis = axis
         self.supports_masking = True
         self._feature_axes = None
 
     def build(self, input_shape):
         ndim = len(input_shape)
-        axes = self.axis if isinstance(self.axis, list) else [self.axis]
-        for a in axes:
-            if not -ndim <= a < ndim:
-                raise ValueError(
-                    f"`axis` {a} is out of range for inputs of rank {ndim}. "
-                    f"Received: axis={self.axis!r}, input_shape={tuple(input_shape)}"
-                )
-        self._feature_axes = feature_axes(self.axis, ndim)
+        self._feature_axes = _geometry.feature_axes(
+            self.axis, ndim, input_shape
+        )
         shape = tuple(input_shape[a] for a in self._feature_axes)
         self.scale = self.add_weight(
-            shape=shape, name="scale", initializer="ones", trainable=False, autocast=False
+            shape=shape,
+            name="scale",
+            initializer="ones",
+            trainable=False,
+            autocast=False,
         )
         self.offset = self.add_weight(
-            shape=shape, name="offset", initializer="zeros", trainable=False, autocast=False
+            shape=shape,
+            name="offset",
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
         )
 
     def call(self, inputs):
         ndim = len(inputs.shape)
-        param_shape = [1] * ndim
-        for i, a in enumerate(self._feature_axes):
-            param_shape[a] = self.scale.shape[i]
+        param_shape = _geometry.param_shape(
+            self._feature_axes, ndim, self.scale.shape
+        )
         dtype = _math.statistics_dtype(inputs.dtype)
         x = ops.cast(inputs, dtype)
         scale = ops.reshape(ops.cast(self.scale, dtype), param_shape)

@@ -6,11 +6,11 @@ import logging
 import keras
 import numpy as np
 
+from bnlayers import _geometry
 from bnlayers.tools import _keras_internals as internals
 from bnlayers.tools._common import check_built
 from bnlayers.tools._common import check_model
 from bnlayers.tools._common import check_rebuildable
-from bnlayers.tools._common import feature_axes
 from bnlayers.tools._common import inference_scale_offset
 from bnlayers.tools._common import is_batchnorm
 from bnlayers.tools._common import to_numpy64
@@ -103,7 +103,9 @@ def fold_batchnorm(model):
 
 def _channel_affine(bn):
     if not bn.built:
-        raise ValueError(f"`fold_batchnorm` needs every BN layer built; {bn.name!r} is not.")
+        raise ValueError(
+            f"`fold_batchnorm` needs every BN layer built; {bn.name!r} is not."
+        )
     scale, offset = inference_scale_offset(bn)
     config = {"axis": bn.axis, "name": bn.name, "dtype": bn.dtype_policy}
     return ChannelAffine.from_config(config), [scale, offset]
@@ -119,7 +121,9 @@ def _merged(layer, bn_before, bn_after):
         _merge_input_affine(layer, weights, *inference_scale_offset(bn_before))
     if bn_after is not None:
         _merge_output_affine(layer, weights, *inference_scale_offset(bn_after))
-    weights["bias"] = np.broadcast_to(weights["bias"], (_output_channels(layer),))
+    weights["bias"] = np.broadcast_to(
+        weights["bias"], (_output_channels(layer),)
+    )
     return layer.__class__.from_config(config), weights
 
 
@@ -138,7 +142,9 @@ def _merge_input_affine(layer, weights, scale, offset):
     weights["kernel"] = kernel * scale[:, None]
     # Every output position sums the whole kernel over real inputs (no
     # padding), so the offsets add the same amount everywhere.
-    per_channel = kernel.reshape((-1,) + kernel.shape[-2:]).sum(axis=0)  # (in, out)
+    per_channel = kernel.reshape((-1,) + kernel.shape[-2:]).sum(
+        axis=0
+    )  # (in, out)
     weights["bias"] = weights["bias"] + offset @ per_channel
 
 
@@ -166,13 +172,25 @@ def _plan(model):
     """
     usage = _graph_usage(model)
     before, after = {}, {}
-    for m in [model] + [sub for sub in internals.sublayers(model) if internals.is_graph_model(sub)]:
+    for m in [model] + [
+        sub
+        for sub in internals.sublayers(model)
+        if internals.is_graph_model(sub)
+    ]:
         for bn, producer, consumer in _neighbours(m):
             backward = _problem_before(producer, bn, usage)
-            forward = _problem_after(bn, consumer, usage) if backward else "not needed"
+            forward = (
+                _problem_after(bn, consumer, usage)
+                if backward
+                else "not needed"
+            )
             if backward is None:
                 before[id(producer)] = bn
-                logger.info("fold_batchnorm: %r merged into the preceding %r", bn.name, producer.name)
+                logger.info(
+                    "fold_batchnorm: %r merged into the preceding %r",
+                    bn.name,
+                    producer.name,
+                )
             elif forward is None:
                 after[id(consumer)] = bn
                 logger.info(
@@ -202,8 +220,14 @@ def _neighbours(model):
         layers = model.layers
         for i, layer in enumerate(layers):
             if is_batchnorm(layer):
-                producer = layers[i - 1] if i > 0 else "it is the model's first layer"
-                consumer = layers[i + 1] if i + 1 < len(layers) else "it is the model's last layer"
+                producer = (
+                    layers[i - 1] if i > 0 else "it is the model's first layer"
+                )
+                consumer = (
+                    layers[i + 1]
+                    if i + 1 < len(layers)
+                    else "it is the model's last layer"
+                )
                 yield layer, producer, consumer
         return
     nodes = internals.graph_nodes(model)
@@ -216,7 +240,11 @@ def _neighbours(model):
         if node.is_input or not is_batchnorm(node.operation):
             continue
         if len(node.input_tensors) != 1:
-            yield node.operation, "it takes several inputs", "it takes several inputs"
+            yield (
+                node.operation,
+                "it takes several inputs",
+                "it takes several inputs",
+            )
             continue
         tensor = node.input_tensors[0]
         if len(consumers[id(tensor)]) != 1 or id(tensor) in outputs:
@@ -240,7 +268,9 @@ def _problem_before(producer, bn, usage):
         return producer
     name = repr(producer.name)
     if type(producer) not in _FOLDABLE_BEFORE:
-        return f"{name} is a {type(producer).__name__}, not a Dense or convolution"
+        return (
+            f"{name} is a {type(producer).__name__}, not a Dense or convolution"
+        )
     common = _common_problem(producer, bn, usage)
     if common:
         return common
@@ -276,7 +306,9 @@ def _common_problem(layer, bn, usage):
         return f"it or {name} is called in more than one place"
     if not layer.built or not bn.built:
         return f"it or {name} is not built"
-    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+    if getattr(layer, "lora_enabled", False) or getattr(
+        layer, "quantization_mode", None
+    ):
         return f"{name} is quantized or has LoRA weights"
     return None
 
@@ -286,7 +318,7 @@ def _axis_problem(layer, bn, verb):
     if ndim is None:
         return "its input rank is unknown"
     channel = _channel_axis(layer, ndim)
-    axes = feature_axes(bn.axis, ndim)
+    axes = _geometry.feature_axes(bn.axis, ndim)
     if axes != [channel]:
         return f"it normalizes axes {axes} and {layer.name!r} {verb} channels on axis {channel}"
     return None
@@ -308,7 +340,11 @@ def _graph_usage(model, usage=None, seen=None):
     if isinstance(model, keras.Sequential):
         operations = list(model.layers)
     elif internals.is_graph_model(model):
-        operations = [node.operation for node in internals.graph_nodes(model) if not node.is_input]
+        operations = [
+            node.operation
+            for node in internals.graph_nodes(model)
+            if not node.is_input
+        ]
     else:
         return usage
     for op in operations:

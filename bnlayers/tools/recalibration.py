@@ -15,12 +15,11 @@ import numpy as np
 from keras import backend
 from keras import ops
 
+from bnlayers import _geometry
 from bnlayers import _math
 from bnlayers.tools._common import batchnorm_layers
 from bnlayers.tools._common import check_built
 from bnlayers.tools._common import check_model
-from bnlayers.tools._common import expand_mask
-from bnlayers.tools._common import feature_axes
 
 _VERBOSE = ("auto", 0, 1, 2)
 
@@ -89,13 +88,23 @@ def recalibrate(model, data, steps=None, *, batch_size=None, verbose="auto"):
     _check_steps(steps)
     verbose = _check_verbose(verbose)
     check_built(model, "recalibrate")
-    layers = [layer for layer in batchnorm_layers(model) if layer.trainable and layer.built]
+    layers = [
+        layer
+        for layer in batchnorm_layers(model)
+        if layer.trainable and layer.built
+    ]
     batches, target = _batches(data, steps, batch_size)
     if not layers:
         return model
-    progbar = keras.utils.Progbar(target, verbose=verbose, unit_name="step") if verbose else None
+    progbar = (
+        keras.utils.Progbar(target, verbose=verbose, unit_name="step")
+        if verbose
+        else None
+    )
     with _calibration_mode(layers) as captured:
-        collected, seen = _collect_moments(_forward_function(model, captured), batches, progbar)
+        collected, seen = _collect_moments(
+            _forward_function(model, captured), batches, progbar
+        )
     if not seen:
         raise ValueError(
             "`data` yielded no batches, so there is nothing to compute statistics "
@@ -109,9 +118,13 @@ def recalibrate(model, data, steps=None, *, batch_size=None, verbose="auto"):
 
 def _check_steps(steps):
     if steps is not None and (
-        isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1
+        isinstance(steps, bool)
+        or not isinstance(steps, numbers.Integral)
+        or steps < 1
     ):
-        raise ValueError(f"`steps` must be None or a positive int. Received: steps={steps!r}")
+        raise ValueError(
+            f"`steps` must be None or a positive int. Received: steps={steps!r}"
+        )
 
 
 def _check_verbose(verbose):
@@ -120,7 +133,9 @@ def _check_verbose(verbose):
         return 1
     if isinstance(verbose, numbers.Integral) and int(verbose) in (0, 1, 2):
         return int(verbose)  # bools too, as Keras takes them
-    raise ValueError(f"`verbose` must be one of {_VERBOSE}. Received: verbose={verbose!r}")
+    raise ValueError(
+        f"`verbose` must be one of {_VERBOSE}. Received: verbose={verbose!r}"
+    )
 
 
 # ------------------------------------------------------------------- data
@@ -164,7 +179,11 @@ def _is_dataset(data):
 
 
 def _is_array(value):
-    return hasattr(value, "shape") and hasattr(value, "dtype") and len(value.shape) > 0
+    return (
+        hasattr(value, "shape")
+        and hasattr(value, "dtype")
+        and len(value.shape) > 0
+    )
 
 
 def _dataset_batches(data, steps):
@@ -174,7 +193,9 @@ def _dataset_batches(data, steps):
     else:
         known = len(data)
         iterator = (data[i] for i in range(known))
-    target = known if known >= 0 else None  # tf.data's -1 / -2: infinite or unknown
+    target = (
+        known if known >= 0 else None
+    )  # tf.data's -1 / -2: infinite or unknown
     return _take(iterator, steps, unpack=True), _at_most(target, steps)
 
 
@@ -187,7 +208,11 @@ def _array_batches(data, steps, batch_size):
         )
     # As in `fit`: a tuple is (x, y[, sample_weight]); a list or dict is
     # the inputs of a model with several.
-    x = keras.utils.unpack_x_y_sample_weight(data)[0] if isinstance(data, tuple) else data
+    x = (
+        keras.utils.unpack_x_y_sample_weight(data)[0]
+        if isinstance(data, tuple)
+        else data
+    )
     if batch_size is None:
         batch_size = 32
     if (
@@ -200,10 +225,12 @@ def _array_batches(data, steps, batch_size):
         )
     size = int(keras.tree.flatten(x)[0].shape[0])
     iterator = (
-        keras.tree.map_structure(lambda a: a[start : start + batch_size], x)
+        keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], x)
         for start in range(0, size, batch_size)
     )
-    return _take(iterator, steps, unpack=False), _at_most(math.ceil(size / batch_size), steps)
+    return _take(iterator, steps, unpack=False), _at_most(
+        math.ceil(size / batch_size), steps
+    )
 
 
 def _at_most(count, steps):
@@ -216,7 +243,11 @@ def _take(iterator, steps, unpack):
     # islice stops before drawing batch `steps + 1`, which a generator may
     # not have or may be costly to make.
     for element in itertools.islice(iterator, steps):
-        yield keras.utils.unpack_x_y_sample_weight(element)[0] if unpack else element
+        yield (
+            keras.utils.unpack_x_y_sample_weight(element)[0]
+            if unpack
+            else element
+        )
 
 
 # ------------------------------------------------------- the calibration pass
@@ -233,8 +264,15 @@ def _calibration_mode(layers):
     whatever the layer's arithmetic.
     """
     captured = {}
-    snapshot = [(v, ops.convert_to_numpy(v)) for layer in layers for v in layer.non_trainable_weights]
-    momenta = [(layer, layer.momentum, getattr(layer, "renorm_momentum", None)) for layer in layers]
+    snapshot = [
+        (v, ops.convert_to_numpy(v))
+        for layer in layers
+        for v in layer.non_trainable_weights
+    ]
+    momenta = [
+        (layer, layer.momentum, getattr(layer, "renorm_momentum", None))
+        for layer in layers
+    ]
     try:
         for i, layer in enumerate(layers):
             layer.call = _moments_hook(i, layer, layer.call, captured)
@@ -258,10 +296,10 @@ def _moments_hook(key, layer, original, captured):
 
     def hook(inputs, training=None, mask=None, **kwargs):
         ndim = len(inputs.shape)
-        features = feature_axes(layer.axis, ndim)
-        reduction = [a for a in range(ndim) if a not in features]
+        features = _geometry.feature_axes(layer.axis, ndim)
+        reduction = _geometry.reduction_axes(features, ndim)
         x = ops.cast(inputs, _math.statistics_dtype(inputs.dtype))
-        weights = None if mask is None else expand_mask(mask, ndim, features)
+        weights = _geometry.expand_mask(mask, ndim, features, inputs.shape)
         count, mean, m2 = _math.moments(x, reduction, weights)
         shape = layer.moving_mean.shape
         count = ops.reshape(ops.broadcast_to(count, ops.shape(mean)), shape)
@@ -295,7 +333,9 @@ def _collect_moments(forward, batches, progbar):
     for x in batches:
         for key, triples in forward(x).items():
             for triple in triples:
-                collected[key].append([ops.convert_to_numpy(t).astype("float64") for t in triple])
+                collected[key].append(
+                    [ops.convert_to_numpy(t).astype("float64") for t in triple]
+                )
         seen += 1
         if progbar is not None and progbar.verbose == 1:
             progbar.update(seen, finalize=False)
@@ -313,9 +353,13 @@ def _collect_moments(forward, batches, progbar):
 def _merged_statistics(triples):
     """`(count, mean, variance)` per feature, merged exactly over the batches' moments."""
     # As tensors: PyTorch cannot mix NumPy arrays into its arithmetic.
-    count, mean, m2 = (ops.convert_to_tensor(np.stack(parts)) for parts in zip(*triples))
+    count, mean, m2 = (
+        ops.convert_to_tensor(np.stack(parts))
+        for parts in zip(*triples, strict=True)
+    )
     total, mean, m2 = (
-        ops.convert_to_numpy(t)[0] for t in _math.merge_moments(count, mean, m2, axis=0)
+        ops.convert_to_numpy(t)[0]
+        for t in _math.merge_moments(count, mean, m2, axis=0)
     )
     return total, mean, ops.convert_to_numpy(_math.variance(total, m2))
 

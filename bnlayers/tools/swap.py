@@ -134,10 +134,14 @@ def _carry_optimizer_state(old, new):
         return  # nothing learned yet: a fresh optimizer is the same
     reason = _optimizer_mismatch(old, new)
     if reason is None:
-        targets = _counterparts(old, new, internals.optimizer_targets(optimizer))
+        targets = _counterparts(
+            old, new, internals.optimizer_targets(optimizer)
+        )
         if not new.optimizer.built:
             new.optimizer.build(targets)
-        elif [id(v) for v in internals.optimizer_targets(new.optimizer)] != [id(v) for v in targets]:
+        elif [id(v) for v in internals.optimizer_targets(new.optimizer)] != [
+            id(v) for v in targets
+        ]:
             reason = "the copy's optimizer is built for other variables"
     if reason is None:
         reason = _assign_all(optimizer.variables, new.optimizer.variables)
@@ -159,7 +163,9 @@ def _optimizer_mismatch(old, new):
     if len(old.weights) != len(new.weights):
         return "the copy has another number of variables"
     known = {id(v) for v in old.weights}
-    if any(id(v) not in known for v in internals.optimizer_targets(old.optimizer)):
+    if any(
+        id(v) not in known for v in internals.optimizer_targets(old.optimizer)
+    ):
         return "the optimizer also trains variables of another model"
     return None
 
@@ -171,9 +177,10 @@ def _counterparts(old, new, variables):
 
 def _assign_all(sources, targets):
     if len(sources) != len(targets) or any(
-        tuple(a.shape) != tuple(b.shape) for a, b in zip(sources, targets)
+        tuple(a.shape) != tuple(b.shape)
+        for a, b in zip(sources, targets, strict=True)
     ):
         return "the two optimizers' variables differ in number or shape"
-    for source, target in zip(sources, targets):
+    for source, target in zip(sources, targets, strict=True):
         target.assign(keras.ops.convert_to_numpy(source))
     return None
