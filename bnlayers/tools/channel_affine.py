@@ -1,6 +1,8 @@
 """`ChannelAffine`: the fixed multiply-add that a BN layer is at inference."""
 
 import numbers
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 from keras import ops
@@ -31,7 +33,7 @@ class ChannelAffine(keras.layers.Layer):
     the BN layers do.
     """
 
-    def __init__(self, axis=-1, **kwargs):
+    def __init__(self, axis: int | Sequence[int] = -1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(axis, (list, tuple)):
             axis = [int(a) for a in axis]

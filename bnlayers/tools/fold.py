@@ -29,7 +29,7 @@ _FOLDABLE_BEFORE = (keras.layers.Dense,) + _CONVS + _DEPTHWISE + _SEPARABLE
 _FOLDABLE_AFTER = (keras.layers.Dense,) + _CONVS
 
 
-def fold_batchnorm(model):
+def fold_batchnorm(model: keras.Model) -> keras.Model:
     """Returns an inference-only copy of `model` with batch normalization folded away.
 
     At inference a BN layer is a fixed per-feature affine map,

@@ -1,10 +1,12 @@
 """`freeze_batchnorm`: every BN layer in inference mode and not trained, for fine-tuning."""
 
+import keras
+
 from bnlayers.tools._common import batchnorm_layers
 from bnlayers.tools._common import check_model
 
 
-def freeze_batchnorm(model):
+def freeze_batchnorm(model: keras.Model) -> keras.Model:
     """Freezes every BN layer of `model` for fine-tuning; the rest is left as it is.
 
     Each `keras.layers.BatchNormalization` and `bnlayers.BatchNormalization`

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import math
 import numbers
+from typing import Any
 
 import keras
 import numpy as np
@@ -24,7 +25,14 @@ from bnlayers.tools._common import check_model
 _VERBOSE = ("auto", 0, 1, 2)
 
 
-def recalibrate(model, data, steps=None, *, batch_size=None, verbose="auto"):
+def recalibrate(
+    model: keras.Model,
+    data: Any,
+    steps: int | None = None,
+    *,
+    batch_size: int | None = None,
+    verbose: str | int = "auto",
+) -> keras.Model:
     """Sets every BN layer's moving statistics to the exact population statistics over `data`.
 
     During training the moving mean and variance are exponential averages

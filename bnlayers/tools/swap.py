@@ -49,7 +49,7 @@ def _builtin_config(layer):
     return config
 
 
-def swap_batchnorm(model, to="bnlayers"):
+def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
     """Returns a copy of `model` in which every BN layer is the chosen implementation.
 
     Every `keras.layers.BatchNormalization` and `bnlayers.BatchNormalization`
