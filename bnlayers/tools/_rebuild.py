@@ -105,14 +105,17 @@ class Rebuilder:
 def call_once(model):
     """Calls a built graph model once in inference mode, as `model.export` requires.
 
-    On zeros of batch size 1 where every input's shape is known, else on
-    symbolic inputs (which builds no new weights and computes nothing).
+    On zeros of batch size 1 where every input's shape is known (and not a
+    string), else on symbolic inputs (which computes nothing).
     """
     if not model.built or not internals.is_graph_model(model):
         return
     structure = internals.input_structure(model)
     specs = keras.tree.flatten(structure)
-    if all(None not in tuple(spec.shape[1:]) for spec in specs):
+    if all(
+        None not in tuple(spec.shape[1:]) and spec.dtype != "string"
+        for spec in specs
+    ):
         inputs = keras.tree.map_structure(
             lambda spec: np.zeros(
                 (1,) + tuple(spec.shape[1:]), dtype=spec.dtype

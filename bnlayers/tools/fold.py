@@ -87,17 +87,20 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     check_model(model, "fold_batchnorm")
     check_rebuildable(model, "fold_batchnorm")
     check_built(model, "fold_batchnorm")
-    before, after = _plan(model)
+    following, preceding = _plan(model)
 
     def convert(layer):
-        if id(layer) in before or id(layer) in after:
-            return _merged(layer, after.get(id(layer)), before.get(id(layer)))
+        if id(layer) in following or id(layer) in preceding:
+            return _merged(
+                layer, preceding.get(id(layer)), following.get(id(layer))
+            )
         if is_batchnorm(layer):
             return _channel_affine(layer)
         return copy_layer(layer)
 
     rebuilder = Rebuilder(convert, "fold_batchnorm")
-    rebuilder.skipped = {id(bn) for bn in (*before.values(), *after.values())}
+    merged = (*following.values(), *preceding.values())
+    rebuilder.skipped = {id(bn) for bn in merged}
     return rebuilder.rebuild(model)
 
 
@@ -142,9 +145,8 @@ def _merge_input_affine(layer, weights, scale, offset):
     weights["kernel"] = kernel * scale[:, None]
     # Every output position sums the whole kernel over real inputs (no
     # padding), so the offsets add the same amount everywhere.
-    per_channel = kernel.reshape((-1,) + kernel.shape[-2:]).sum(
-        axis=0
-    )  # (in, out)
+    # (in_channels, out_channels): the kernel summed over its positions.
+    per_channel = kernel.reshape((-1,) + kernel.shape[-2:]).sum(axis=0)
     weights["bias"] = weights["bias"] + offset @ per_channel
 
 
@@ -166,12 +168,12 @@ def _merge_output_affine(layer, weights, scale, offset):
 
 
 def _plan(model):
-    """`(before, after)`: id(layer) -> the BN merged into it on its output / input side.
+    """`(following, preceding)`: id(layer) -> the BN that follows / precedes it, merged in.
 
     Logs the case each BN layer takes.
     """
     usage = _graph_usage(model)
-    before, after = {}, {}
+    following, preceding = {}, {}
     for m in [model] + [
         sub
         for sub in internals.sublayers(model)
@@ -185,14 +187,14 @@ def _plan(model):
                 else "not needed"
             )
             if backward is None:
-                before[id(producer)] = bn
+                following[id(producer)] = bn
                 logger.info(
                     "fold_batchnorm: %r merged into the preceding %r",
                     bn.name,
                     producer.name,
                 )
             elif forward is None:
-                after[id(consumer)] = bn
+                preceding[id(consumer)] = bn
                 logger.info(
                     "fold_batchnorm: %r merged into the following %r (input side)",
                     bn.name,
@@ -206,7 +208,7 @@ def _plan(model):
                     backward,
                     forward,
                 )
-    return before, after
+    return following, preceding
 
 
 def _neighbours(model):
