@@ -87,11 +87,9 @@ def sequential_input(model):
     )
 
 
-def input_structure(model):
-    """The symbolic inputs of a built graph model, nested as its `call` takes them."""
-    if isinstance(model, keras.Sequential):
-        return model.inputs[0]
-    return model._inputs_struct
+def mark_called(model):
+    """Sets the flag that `Layer.__call__` sets, which `model.export` checks."""
+    model._called = True
 
 
 def optimizer_targets(optimizer):

@@ -1,7 +1,6 @@
 """Rebuilding Sequential and Functional models layer by layer (for swap and fold)."""
 
 import keras
-import numpy as np
 
 from bnlayers.tools import _keras_internals as internals
 from bnlayers.tools._common import check_rebuildable
@@ -37,7 +36,7 @@ class Rebuilder:
         self.cache = {}
 
     def rebuild(self, model):
-        """The new model, built, with its weights, and called once (as `export` wants)."""
+        """The new model, built, with its weights, and marked as called (for `export`)."""
         new = self.model(model)
         for layer, weights in self.pending:
             if isinstance(weights, dict):
@@ -47,7 +46,7 @@ class Rebuilder:
                     )
             else:
                 layer.set_weights(weights)
-        call_once(new)
+        mark_called(new)
         return new
 
     def model(self, model):
@@ -102,29 +101,13 @@ class Rebuilder:
         return new
 
 
-def call_once(model):
-    """Calls a built graph model once in inference mode, as `model.export` requires.
+def mark_called(model):
+    """Marks a rebuilt graph model as called, as `model.export` requires.
 
-    On zeros of batch size 1 where every input's shape is known (and not a
-    string), else on symbolic inputs (which computes nothing).
+    Keras' ONNX export refuses a model that was never called, although for
+    Sequential and Functional models it takes the input signature from the
+    graph, not from a call. A real call would cost a forward pass (and, on
+    a compiling backend, a compilation per layer) and tell export nothing.
     """
-    if not model.built or not internals.is_graph_model(model):
-        return
-    structure = internals.input_structure(model)
-    specs = keras.tree.flatten(structure)
-    if all(
-        None not in tuple(spec.shape[1:]) and spec.dtype != "string"
-        for spec in specs
-    ):
-        inputs = keras.tree.map_structure(
-            lambda spec: np.zeros(
-                (1,) + tuple(spec.shape[1:]), dtype=spec.dtype
-            ),
-            structure,
-        )
-    else:
-        inputs = keras.tree.map_structure(
-            lambda spec: keras.Input(batch_shape=spec.shape, dtype=spec.dtype),
-            structure,
-        )
-    model(inputs, training=False)
+    if model.built and internals.is_graph_model(model):
+        internals.mark_called(model)

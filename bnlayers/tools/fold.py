@@ -64,10 +64,11 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     The folding is computed in float64 and rounded once, so the copy
     predicts what the original predicts in inference mode within float32
     rounding. The original model is left as it was. The copy comes back
-    built and called once (on zeros), so `copy.export(path, format=...)`
-    works on it directly. It is meant for `predict` and export; if the
-    original was compiled the copy is compiled with the same settings so
-    that `evaluate` works too. Training it would not train batch
+    built and ready for `copy.export(path, format=...)` in every format
+    (Keras' export otherwise refuses a model that was never called). It is
+    meant for `predict` and export; if the original was compiled the copy
+    is compiled with the same settings so that `evaluate` works too.
+    Training it would not train batch
     normalization, which is gone.
 
     ```python
