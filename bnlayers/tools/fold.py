@@ -220,19 +220,27 @@ def _neighbours(model):
     nowhere else; a string saying why not otherwise.
     """
     if isinstance(model, keras.Sequential):
-        layers = model.layers
-        for i, layer in enumerate(layers):
-            if is_batchnorm(layer):
-                producer = (
-                    layers[i - 1] if i > 0 else "it is the model's first layer"
-                )
-                consumer = (
-                    layers[i + 1]
-                    if i + 1 < len(layers)
-                    else "it is the model's last layer"
-                )
-                yield layer, producer, consumer
-        return
+        yield from _sequential_neighbours(model.layers)
+    else:
+        yield from _functional_neighbours(model)
+
+
+def _sequential_neighbours(layers):
+    for i, layer in enumerate(layers):
+        if is_batchnorm(layer):
+            producer = (
+                layers[i - 1] if i > 0 else "it is the model's first layer"
+            )
+            consumer = (
+                layers[i + 1]
+                if i + 1 < len(layers)
+                else "it is the model's last layer"
+            )
+            yield layer, producer, consumer
+
+
+def _functional_neighbours(model):
+    # Which nodes read each tensor (reads as a model output are checked apart).
     nodes = internals.graph_nodes(model)
     consumers = collections.defaultdict(list)
     for node in nodes:
