@@ -47,7 +47,9 @@ def feature_axes(axis, ndim, input_shape=None, virtual_batch_size=None):
     resolved = []
     for a in axes:
         if isinstance(a, bool) or not isinstance(a, numbers.Integral):
-            raise TypeError(f"`axis` must be an int or a list of ints. Received: axis={axis!r}")
+            raise TypeError(
+                f"`axis` must be an int or a list of ints. Received: axis={axis!r}"
+            )
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"`axis` {a} is out of range for inputs of rank {ndim}. "

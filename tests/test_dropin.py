@@ -10,10 +10,10 @@ import logging
 import keras
 import numpy as np
 import pytest
+from backend_ops import to_numpy
 from keras import ops
 
 import bnlayers
-from backend_ops import to_numpy
 
 # float32 against float32, the same arithmetic in another order: a few
 # 1e-7 of the largest value (measured below 1e-6); 1e-5 leaves margin.
@@ -21,7 +21,9 @@ RTOL = 1e-5
 
 
 def _pair(**kwargs):
-    return bnlayers.BatchNormalization(**kwargs), keras.layers.BatchNormalization(**kwargs)
+    return bnlayers.BatchNormalization(**kwargs), keras.layers.BatchNormalization(
+        **kwargs
+    )
 
 
 def _assert_close(ours, theirs, what):
@@ -51,7 +53,9 @@ def test_masking_layer_mask_with_features_on_axis_1(shape):
     _assert_close(ours.moving_variance, theirs.moving_variance, "moving variance")
     unmasked = bnlayers.BatchNormalization(axis=1, momentum=0.0)
     unmasked(x, training=True)
-    assert not np.allclose(to_numpy(unmasked.moving_mean), to_numpy(ours.moving_mean), rtol=1e-2)
+    assert not np.allclose(
+        to_numpy(unmasked.moving_mean), to_numpy(ours.moving_mean), rtol=1e-2
+    )
 
 
 @pytest.mark.parametrize("dtype", ["int32", "uint8", "bool"])
