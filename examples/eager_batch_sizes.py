@@ -51,7 +51,10 @@ def main():
                 for x in batches:
                     layers[name](x, training=training)
                 times[name].append(time.perf_counter() - start)
-        ratios = [a / b for a, b in zip(times["bnlayers"], times["built-in"], strict=True)]
+        ratios = [
+            a / b
+            for a, b in zip(times["bnlayers"], times["built-in"], strict=True)
+        ]
         print(
             f"{'training ' if training else 'inference'}: first round "
             f"{times['bnlayers'][0]:.3f} s vs {times['built-in'][0]:.3f} s "

@@ -10,10 +10,10 @@ import logging
 import keras
 import numpy as np
 import pytest
-from backend_ops import to_numpy
 from keras import ops
 
 import bnlayers
+from backend_ops import to_numpy
 
 # float32 against float32, the same arithmetic in another order: a few
 # 1e-7 of the largest value (measured below 1e-6); 1e-5 leaves margin.
@@ -21,24 +21,32 @@ RTOL = 1e-5
 
 
 def _pair(**kwargs):
-    return bnlayers.BatchNormalization(**kwargs), keras.layers.BatchNormalization(
+    return bnlayers.BatchNormalization(
         **kwargs
-    )
+    ), keras.layers.BatchNormalization(**kwargs)
 
 
 def _assert_close(ours, theirs, what):
-    ours, theirs = to_numpy(ours).astype("float64"), to_numpy(theirs).astype("float64")
+    ours, theirs = (
+        to_numpy(ours).astype("float64"),
+        to_numpy(theirs).astype("float64"),
+    )
     scale = max(1.0, float(np.max(np.abs(theirs))))
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=RTOL * scale, err_msg=what)
+    np.testing.assert_allclose(
+        ours, theirs, rtol=0, atol=RTOL * scale, err_msg=what
+    )
 
 
-@pytest.mark.parametrize("shape", [(5, 2, 3), (5, 3, 3, 2)], ids=["rank3", "rank4"])
+@pytest.mark.parametrize(
+    "shape", [(5, 2, 3), (5, 3, 3, 2)], ids=["rank3", "rank4"]
+)
 def test_masking_layer_mask_with_features_on_axis_1(shape):
     """Keras' masks drop the last axis, whatever the feature axis: expanded there."""
     rng = np.random.default_rng(0)
     x = rng.normal(5.0, 10.0, shape).astype("float32")
     x[:, 1] = 0.0
-    x[0, 1] = 1.0  # one example keeps feature 1, so every feature has statistics
+    # One example keeps feature 1, so that every feature has statistics.
+    x[0, 1] = 1.0
     inputs = ops.convert_to_tensor(x)
     # What a Masking layer attaches to its outputs (passed explicitly: JAX
     # arrays cannot carry a mask).
@@ -50,7 +58,9 @@ def test_masking_layer_mask_with_features_on_axis_1(shape):
         y_theirs = theirs(inputs, training=training, mask=mask)
         _assert_close(y_ours, y_theirs, f"outputs, training={training}")
     _assert_close(ours.moving_mean, theirs.moving_mean, "moving mean")
-    _assert_close(ours.moving_variance, theirs.moving_variance, "moving variance")
+    _assert_close(
+        ours.moving_variance, theirs.moving_variance, "moving variance"
+    )
     unmasked = bnlayers.BatchNormalization(axis=1, momentum=0.0)
     unmasked(x, training=True)
     assert not np.allclose(
@@ -69,10 +79,14 @@ def test_integer_and_bool_inputs_are_cast_like_the_builtin(dtype):
         assert keras.backend.standardize_dtype(y_ours.dtype) == "float32"
         _assert_close(y_ours, y_theirs, f"outputs, training={training}")
     _assert_close(ours.moving_mean, theirs.moving_mean, "moving mean")
-    _assert_close(ours.moving_variance, theirs.moving_variance, "moving variance")
+    _assert_close(
+        ours.moving_variance, theirs.moving_variance, "moving variance"
+    )
 
 
-@pytest.mark.backends("tensorflow", reason="tf.function tracing and XLA compilation")
+@pytest.mark.backends(
+    "tensorflow", reason="tf.function tracing and XLA compilation"
+)
 def test_eager_calls_on_many_batch_sizes_trace_once():
     """Eager calls with a new batch size each time: no retracing, no warning.
 
@@ -116,5 +130,9 @@ def test_eager_calls_on_many_batch_sizes_trace_once():
     calls(range(13, 23))
     # Eager calls ran these graph functions, and 10 more batch sizes traced none.
     assert min(eager_before) >= 1, eager_before
-    assert [f.graph.experimental_get_tracing_count() for f in eager] == eager_before
-    assert [f.experimental_get_tracing_count() for f in compiled] == compiled_before
+    assert [
+        f.graph.experimental_get_tracing_count() for f in eager
+    ] == eager_before
+    assert [
+        f.experimental_get_tracing_count() for f in compiled
+    ] == compiled_before

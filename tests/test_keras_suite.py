@@ -71,18 +71,25 @@ def test_keras_batch_normalization_suite_passes(tmp_path):
         check=False,
     )
     output = (run.stdout + run.stderr)[-20000:]
-    assert report.exists(), f"pytest wrote no report (exit {run.returncode}):\n{output}"
+    assert report.exists(), (
+        f"pytest wrote no report (exit {run.returncode}):\n{output}"
+    )
     suite = ElementTree.parse(report).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     collected, failed, errors, skipped = (
-        int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")
+        int(suite.get(key))
+        for key in ("tests", "failures", "errors", "skipped")
     )
     passed = collected - failed - errors - skipped
     print(
         f"Keras' BatchNormalization tests on {env['KERAS_BACKEND']}: "
         f"{passed} passed of {collected}"
     )
-    assert (failed, errors) == (0, 0), f"{failed} failed, {errors} errors:\n{output}"
+    assert (failed, errors) == (0, 0), (
+        f"{failed} failed, {errors} errors:\n{output}"
+    )
     assert passed == collected, f"{skipped} skipped:\n{output}"
-    assert collected >= MIN_TESTS, f"only {collected} tests collected:\n{output}"
+    assert collected >= MIN_TESTS, (
+        f"only {collected} tests collected:\n{output}"
+    )
     assert run.returncode == 0, output
