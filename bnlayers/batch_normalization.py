@@ -182,9 +182,12 @@ class BatchNormalization(keras.layers.Layer):
             path computes the same thing in a few fused loops: on a GPU
             with TensorFlow's fused batch-norm kernel (cuDNN), elsewhere
             and under `jit_compile=True` with the arithmetic compiled by
-            XLA. It is eligible on the TensorFlow backend with a single
-            feature axis, no mask, no `renorm`, no `virtual_batch_size` and
-            no `synchronized` strategy of several replicas;
+            XLA (eager calls off a GPU run the same arithmetic as a graph
+            traced once for every batch size, rather than compiled for
+            each new shape). It is eligible on the TensorFlow backend with
+            a single feature axis, no mask, no `renorm`, no
+            `virtual_batch_size` and no `synchronized` strategy of several
+            replicas;
             `bnlayers.fused_eligibility(layer, inputs)` gives the reason
             when it is not. Off a GPU, inference in a graph traced outside
             Keras' `fit`/`evaluate`/`predict` steps and outside XLA (as
