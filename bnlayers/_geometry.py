@@ -47,7 +47,9 @@ def feature_axes(axis, ndim, input_shape=None, virtual_batch_size=None):
     resolved = []
     for a in axes:
         if isinstance(a, bool) or not isinstance(a, numbers.Integral):
-            raise TypeError(f"`axis` must be an int or a list of ints. Received: axis={axis!r}")
+            raise TypeError(
+                f"`axis` must be an int or a list of ints. Received: axis={axis!r}"
+            )
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"`axis` {a} is out of range for inputs of rank {ndim}. "
@@ -87,14 +89,16 @@ def param_shape(features, ndim, sizes):
     (the shape of the layer's weights).
     """
     shape = [1] * ndim
-    for a, size in zip(features, sizes):
+    for a, size in zip(features, sizes, strict=True):
         shape[a] = size
     return shape
 
 
 def _fits(mask_shape, expected):
     """Whether a mask of `mask_shape` broadcasts to `expected` axis by axis."""
-    for m, e in zip(mask_shape, expected):
+    if len(mask_shape) != len(expected):
+        return False
+    for m, e in zip(mask_shape, expected, strict=True):
         if m is not None and e is not None and m != 1 and m != e:
             return False
     return True
@@ -136,10 +140,13 @@ def expand_mask(mask, ndim, features, input_shape=None):
     if rank == ndim - 1 and last_ok:
         return ops.expand_dims(mask, -1)
     if len(features) > 1 and rank == without_features and features_ok:
-        for a in features:  # ascending, so each insertion lands where it belongs
+        # Ascending, so that each insertion lands where it belongs.
+        for a in features:
             mask = ops.expand_dims(mask, a)
         return mask
-    expected = f"the shape of the inputs without their last axis (rank {ndim - 1})"
+    expected = (
+        f"the shape of the inputs without their last axis (rank {ndim - 1})"
+    )
     if len(features) > 1:
         expected += (
             f", or, with {len(features)} feature axes, without the feature axes "

@@ -46,23 +46,27 @@ def _check_renorm_clipping(renorm_clipping):
             "`renorm_clipping` must be a dict with keys among "
             f"{list(_RENORM_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
         )
-    unknown = sorted(set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS))
+    # Each message also carries the built-in layer's phrase ("Received
+    # invalid keys", "rmax should be", "dmax should be non-negative"), so
+    # that code and tests matching the built-in's errors match these.
+    unknown = sorted(set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS), key=repr)
     if unknown:
         raise ValueError(
             f"Unknown keys {unknown} in `renorm_clipping`; the keys are "
-            f"{list(_RENORM_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
+            f"{list(_RENORM_CLIPPING_KEYS)}. Received invalid keys for `renorm_clipping`: "
+            f"renorm_clipping={renorm_clipping!r}"
         )
     rmax = renorm_clipping.get("rmax")
     rmin = renorm_clipping.get("rmin")
     dmax = renorm_clipping.get("dmax")
     if rmax is not None and rmin is not None and rmax < rmin:
         raise ValueError(
-            "`renorm_clipping` needs rmax >= rmin. "
-            f"Received: renorm_clipping={renorm_clipping!r} (rmax={rmax}, rmin={rmin})"
+            "`renorm_clipping` needs rmax >= rmin (rmax should be greater than or equal "
+            f"to rmin). Received: renorm_clipping={renorm_clipping!r} (rmax={rmax}, rmin={rmin})"
         )
     if dmax is not None and dmax < 0:
         raise ValueError(
-            "`renorm_clipping` needs dmax >= 0. "
+            "`renorm_clipping` needs dmax >= 0 (dmax should be non-negative). "
             f"Received: renorm_clipping={renorm_clipping!r} (dmax={dmax})"
         )
     return dict(renorm_clipping)
@@ -178,9 +182,12 @@ class BatchNormalization(keras.layers.Layer):
             path computes the same thing in a few fused loops: on a GPU
             with TensorFlow's fused batch-norm kernel (cuDNN), elsewhere
             and under `jit_compile=True` with the arithmetic compiled by
-            XLA. It is eligible on the TensorFlow backend with a single
-            feature axis, no mask, no `renorm`, no `virtual_batch_size` and
-            no `synchronized` strategy of several replicas;
+            XLA (eager calls off a GPU run the same arithmetic as a graph
+            traced once for every batch size, rather than compiled for
+            each new shape). It is eligible on the TensorFlow backend with
+            a single feature axis, no mask, no `renorm`, no
+            `virtual_batch_size` and no `synchronized` strategy of several
+            replicas;
             `bnlayers.fused_eligibility(layer, inputs)` gives the reason
             when it is not. Off a GPU, inference in a graph traced outside
             Keras' `fit`/`evaluate`/`predict` steps and outside XLA (as

@@ -33,17 +33,27 @@ CONSTRUCTOR_CASES = [
     (
         {"renorm": True, "renorm_clipping": {"rmax": 3, "tmax": 1}},
         ValueError,
-        ["['tmax']", "`renorm_clipping`", "renorm_clipping={'rmax': 3, 'tmax': 1}"],
+        [
+            "['tmax']",
+            "`renorm_clipping`",
+            "Received invalid keys",
+            "renorm_clipping={'rmax': 3, 'tmax': 1}",
+        ],
     ),
     (
         {"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 2.0}},
         ValueError,
-        ["rmax >= rmin", "renorm_clipping={'rmax': 0.5, 'rmin': 2.0}", "rmax=0.5, rmin=2.0"],
+        [
+            "rmax >= rmin",
+            "rmax should be",
+            "renorm_clipping={'rmax': 0.5, 'rmin': 2.0}",
+            "rmax=0.5, rmin=2.0",
+        ],
     ),
     (
         {"renorm": True, "renorm_clipping": {"dmax": -1.0}},
         ValueError,
-        ["dmax >= 0", "renorm_clipping={'dmax': -1.0}"],
+        ["dmax >= 0", "dmax should be non-negative", "renorm_clipping={'dmax': -1.0}"],
     ),
     (
         {"renorm": True, "renorm_clipping": [("rmax", 3)]},
