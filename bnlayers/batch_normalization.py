@@ -419,11 +419,9 @@ class BatchNormalization(keras.layers.Layer):
         inputs, weights = self._prepare_call_inputs(inputs, mask)
         use_batch_statistics = bool(training) and self.trainable
 
-        if self._use_fused_kernel(inputs, weights):
-            from bnlayers import _fused
-
-            outputs = _fused.fused_call(self, inputs, use_batch_statistics)
-            return ops.cast(outputs, self.compute_dtype)
+        fast = self._fast_path(inputs, weights)
+        if fast is not None:
+            return self._fast_call(inputs, use_batch_statistics, fast)
 
         ndim = len(inputs.shape)
         param_shape = _geometry.param_shape(self._feature_axes, ndim, self.moving_mean.shape)
@@ -470,21 +468,43 @@ class BatchNormalization(keras.layers.Layer):
             outputs = _math.normalize(centred, offset, var, gamma, beta, self.epsilon)
         return ops.cast(outputs, self.compute_dtype)
 
-    def _use_fused_kernel(self, inputs, mask):
-        """Whether this call runs the fused TensorFlow kernel (see `_fused`)."""
+    def _fast_path(self, inputs, mask):
+        """The fast path's implementation for this call (see `_fused`), or None."""
         if self.fused is False:
-            return False
+            return None
         from bnlayers import _fused
 
-        reason = _fused.ineligibility(self, inputs, mask)
+        implementation = _fused.implementation()
+        reason = _fused.ineligibility(self, inputs, mask, self._feature_axes, implementation)
         if reason is None:
-            return True
+            return implementation
         if self.fused:
             raise ValueError(
                 f"`fused=True` but the fused fast path cannot be taken here: {reason}. "
                 "Pass fused=None to fall back to the reference path automatically."
             )
-        return False
+        return None
+
+    def _fast_call(self, inputs, use_batch_statistics, implementation):
+        from bnlayers import _fused
+
+        args = dict(
+            x=inputs,
+            gamma=self.gamma if self.scale else None,
+            beta=self.beta if self.center else None,
+            moving_mean=self.moving_mean,
+            moving_variance=self.moving_variance,
+            axis=self._feature_axes[0],
+            epsilon=self.epsilon,
+            out_dtype=self.compute_dtype,
+            implementation=implementation,
+        )
+        if not use_batch_statistics:
+            return _fused.inference(**args)
+        outputs, new_mean, new_var = _fused.training(momentum=self.momentum, **args)
+        for variable, value in ((self.moving_mean, new_mean), (self.moving_variance, new_var)):
+            variable.assign(ops.cast(value, variable.dtype))
+        return outputs
 
     def _ghost_batch_call(self, x, weights, gamma, beta):
         """Training step with the batch split into ghost batches.
