@@ -107,9 +107,10 @@ def shifted_moments(x, axes, weights=None):
 
     The form is two passes on shifted values: ``residual = sum(d) / n`` and
     ``m2 = sum((d - residual) ** 2)`` with ``d = x - s``, whose error does
-    not depend on how far `s` is from the mean (float32, unit spread,
-    measured: relative variance error <= 3e-7 at offsets 0 to 1e6). Fast
-    paths that want one read of `x` for both sums use `one_pass_moments`.
+    not depend on how far `s` is from the mean (float32, per-feature
+    spread 0.5 to 2, shapes (16, 5, 5, 4) and (64, 8), measured: variance
+    within 8e-7 relative and outputs within 1.2e-6 of float64 at offsets 0
+    to 1e6). Fast paths that want one read of `x` for both sums use `one_pass_moments`.
     """
     axes = tuple(axes)
     shift = choose_shift(x, axes, weights)
@@ -141,7 +142,9 @@ def one_pass_moments(count, s1, s2):
     the relative error of m2 is about ``eps * (1 + (s - mean) ** 2 / var)``
     times the sums' own rounding growth: with `s` one sample of the batch,
     a few ulps unless that sample lies many standard deviations out (at
-    30 standard deviations, 1e3 ulps). The XLA fast path uses this form.
+    30 standard deviations, 1e3 ulps). For fast paths that read `x` once
+    for both sums; TensorFlow's XLA path measured faster with two passes
+    (its CPU reductions materialize their operand either way).
     """
     residual = s1 / ops.maximum(count, 1.0)
     # Cauchy-Schwarz keeps s2 >= s1^2 / n; rounding may cross it by an ulp
