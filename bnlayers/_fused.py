@@ -75,7 +75,7 @@ def in_xla_context():
 
 
 def implementation():
-    """"kernel" (FusedBatchNormV3) when a GPU is visible and not under XLA, else "xla".
+    """ "kernel" (FusedBatchNormV3) when a GPU is visible and not under XLA, else "xla".
 
     Under XLA it is always "xla": XLA's lowering of the kernel loses the
     variance (see above). The device probe is `_gpu_visible`, which the
@@ -210,13 +210,17 @@ def training(
     )
 
 
-def inference(x, gamma, beta, moving_mean, moving_variance, axis, epsilon, out_dtype, implementation):
+def inference(
+    x, gamma, beta, moving_mean, moving_variance, axis, epsilon, out_dtype, implementation
+):
     """Batch normalization with the moving statistics; arguments as `training`."""
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
     if implementation == "kernel":
-        return _kernel_inference(x, gamma, beta, moving_mean, moving_variance, axis, epsilon, out_dtype)
+        return _kernel_inference(
+            x, gamma, beta, moving_mean, moving_variance, axis, epsilon, out_dtype
+        )
     dtype = _math.statistics_dtype(x.dtype)
     gamma, beta = _parameters(x, axis, gamma, beta, dtype)
     return _xla_inference(
@@ -309,7 +313,9 @@ def _xla_functions():
         # outside; an empty batch leaves the moving statistics as they are.
         mean = shift + residual
         counted = tf.size(x) > 0
-        new_mean = tf.where(counted, _math.moving_average(moving_mean, mean, momentum), moving_mean)
+        new_mean = tf.where(
+            counted, _math.moving_average(moving_mean, mean, momentum), moving_mean
+        )
         new_var = tf.where(counted, _math.moving_average(moving_var, var, momentum), moving_var)
         y = tf.reshape(tf.cast(y, out_dtype), shape)
         return y, shift, residual, var, new_mean, new_var

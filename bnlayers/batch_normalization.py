@@ -98,9 +98,11 @@ class BatchNormalization(keras.layers.Layer):
         moving_mean = moving_mean * momentum + mean(x) * (1 - momentum)
         moving_variance = moving_variance * momentum + var(x) * (1 - momentum)
 
-    `var` is the biased (population) variance, computed in two passes
-    around the mean, so it stays right when the mean is large next to the
-    spread (e.g. mean 1e4, standard deviation 1).
+    `var` is the biased (population) variance. Both statistics are taken
+    on the inputs shifted by one of their own values per feature, and the
+    normalization subtracts the shift first, so they stay exact to float32
+    rounding whatever the mean of the data (e.g. mean 1e6, standard
+    deviation 1), on every path.
 
     **At inference** (`evaluate()`, `predict()`, `training=False` or
     `None`), the moving statistics take the place of the batch ones and

@@ -72,9 +72,7 @@ def step(layer, execution):
             lambda x, dy: value_and_grads(call, [x], dy, variables, [layer]),
             jit_compile=execution == "jit",
         )
-    return lambda x, dy: value_and_grads(
-        call, [x], dy, variables, [layer], jit=execution == "jit"
-    )
+    return lambda x, dy: value_and_grads(call, [x], dy, variables, [layer], jit=execution == "jit")
 
 
 def errors(make_layer, execution, x, dy, policy):
@@ -96,8 +94,13 @@ def errors(make_layer, execution, x, dy, policy):
         x_in = to_numpy(keras.ops.cast(keras.ops.cast(x, layer.compute_dtype), "float32"))
     state = dict(zip(("gamma", "beta", "moving_mean", "moving_variance"), weights))
     y_ref, g_ref, s_ref = ref.step(
-        x_in, state, feature_axes=[x.ndim - 1], training=True, epsilon=layer.epsilon,
-        momentum=0.0, upstream=dy,
+        x_in,
+        state,
+        feature_axes=[x.ndim - 1],
+        training=True,
+        epsilon=layer.epsilon,
+        momentum=0.0,
+        upstream=dy,
     )
     f32 = lambda t: to_numpy(keras.ops.cast(t, "float32")).astype(np.float64)  # noqa: E731
     out = float(np.max(np.abs(f32(y) - y_ref)))
@@ -138,9 +141,7 @@ def densenet_gradients(seeds=5):
 
     def build(dtype):
         keras.config.set_dtype_policy(dtype)
-        model = keras.applications.DenseNet121(
-            weights=None, input_shape=(64, 64, 3), classes=10
-        )
+        model = keras.applications.DenseNet121(weights=None, input_shape=(64, 64, 3), classes=10)
         keras.config.set_dtype_policy("float32")
         return model
 
@@ -150,8 +151,10 @@ def densenet_gradients(seeds=5):
             loss = keras.losses.sparse_categorical_crossentropy(y, logits)
             loss = tf.reduce_sum(loss)
         return np.concatenate(
-            [np.ravel(g.numpy()).astype(np.float64)
-             for g in tape.gradient(loss, model.trainable_variables)]
+            [
+                np.ravel(g.numpy()).astype(np.float64)
+                for g in tape.gradient(loss, model.trainable_variables)
+            ]
         )
 
     results = {"built-in": [], "bnlayers fused=None": [], "bnlayers fused=False": []}
@@ -173,8 +176,10 @@ def densenet_gradients(seeds=5):
                     layer.fused = fused
             err = float(np.max(np.abs(grads(swapped, x, y) - g64))) / scale
             results[f"bnlayers fused={fused}"].append(err)
-        print(f"  seed {seed}: " + ", ".join(f"{k} {v[-1]:.2e}" for k, v in results.items()),
-              flush=True)
+        print(
+            f"  seed {seed}: " + ", ".join(f"{k} {v[-1]:.2e}" for k, v in results.items()),
+            flush=True,
+        )
     return {k: statistics.median(v) for k, v in results.items()}
 
 
@@ -182,16 +187,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--densenet", action="store_true", help="also DenseNet121's gradients")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--no-table", action="store_true", help="skip the offset table")
     args = parser.parse_args(argv)
-    print(f"Keras {keras.__version__}, backend {BACKEND}; bnlayers paths: "
-          + ", ".join(f"fused={f} {e}" for f, e in paths()))
-    print()
-    print("| offset | shape | policy | built-in output | built-in variance | built-in gradients "
-          "| bnlayers output | bnlayers variance | bnlayers gradients |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for shape, offset, policy, b, o in table():
-        print(f"| {offset:g} | {shape} | {policy} | {b[0]:.1e} | {b[1]:.1e} | {b[2]:.1e} "
-              f"| {o[0]:.1e} | {o[1]:.1e} | {o[2]:.1e} |", flush=True)
+    print(
+        f"Keras {keras.__version__}, backend {BACKEND}; bnlayers paths: "
+        + ", ".join(f"fused={f} {e}" for f, e in paths())
+    )
+    for line in [] if args.no_table else table_lines():
+        print(line, flush=True)
     if args.densenet:
         if BACKEND != "tensorflow":
             print("--densenet runs on TensorFlow only")
@@ -200,6 +203,20 @@ def main(argv=None):
         print(f"DenseNet121 float32 gradients vs float64 (median of {args.seeds} seeds):")
         for name, err in densenet_gradients(args.seeds).items():
             print(f"  {name}: {err:.2e}")
+
+
+def table_lines():
+    yield ""
+    yield (
+        "| offset | shape | policy | built-in output | built-in variance | built-in gradients "
+        "| bnlayers output | bnlayers variance | bnlayers gradients |"
+    )
+    yield "|---|---|---|---|---|---|---|---|---|"
+    for shape, offset, policy, b, o in table():
+        yield (
+            f"| {offset:g} | {shape} | {policy} | {b[0]:.1e} | {b[1]:.1e} | {b[2]:.1e} "
+            f"| {o[0]:.1e} | {o[1]:.1e} | {o[2]:.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -51,9 +51,7 @@ MIXED_TOL = {"mixed_float16": 2e-3, "mixed_bfloat16": 1.6e-2}
 if BACKEND == "tensorflow":
     # (fused, execution)
     PATHS = [
-        (fused, execution)
-        for fused in (None, False)
-        for execution in ("eager", "function", "jit")
+        (fused, execution) for fused in (None, False) for execution in ("eager", "function", "jit")
     ]
 elif BACKEND == "jax":
     PATHS = [(None, "eager"), (None, "jit")]
@@ -104,8 +102,12 @@ def _check(layer, step, x, dy, mask, expected, offset):
     y_ref, grads_ref, state_ref = expected
     sizes = layer.moving_mean.shape
     layer.set_weights(
-        [to_numpy(layer.gamma), to_numpy(layer.beta), np.zeros(sizes, "float32"),
-         np.ones(sizes, "float32")]
+        [
+            to_numpy(layer.gamma),
+            to_numpy(layer.beta),
+            np.zeros(sizes, "float32"),
+            np.ones(sizes, "float32"),
+        ]
     )
     y, (dx, dgamma, dbeta) = step(x, dy, mask)
     where = f"offset {offset:g}"
@@ -129,9 +131,12 @@ def _layer(shape, fused, **kwargs):
     rng = np.random.default_rng(7)
     sizes = layer.moving_mean.shape
     layer.set_weights(
-        [rng.uniform(0.5, 1.5, sizes).astype("float32"),
-         rng.uniform(-0.5, 0.5, sizes).astype("float32"),
-         np.zeros(sizes, "float32"), np.ones(sizes, "float32")]
+        [
+            rng.uniform(0.5, 1.5, sizes).astype("float32"),
+            rng.uniform(-0.5, 0.5, sizes).astype("float32"),
+            np.zeros(sizes, "float32"),
+            np.ones(sizes, "float32"),
+        ]
     )
     return layer
 
@@ -152,8 +157,14 @@ def _run_offsets(layer, shape, feature_axes, fused, execution, mask=None, refere
         x, dy = _data(shape, feature_axes, offset, seed=i)
         if reference is None:
             expected = ref.step(
-                x, _state(layer), feature_axes=feature_axes, training=True, epsilon=layer.epsilon,
-                momentum=0.0, mask=mask, upstream=dy,
+                x,
+                _state(layer),
+                feature_axes=feature_axes,
+                training=True,
+                epsilon=layer.epsilon,
+                momentum=0.0,
+                mask=mask,
+                upstream=dy,
             )
         else:
             expected = reference(x, dy, _state(layer))
@@ -198,7 +209,12 @@ def _ghost_reference(size, epsilon):
         for start in range(0, x.shape[0], size):
             part = slice(start, start + size)
             y, g, _ = ref.step(
-                x[part], state, feature_axes=[3], training=True, epsilon=epsilon, momentum=0.0,
+                x[part],
+                state,
+                feature_axes=[3],
+                training=True,
+                epsilon=epsilon,
+                momentum=0.0,
                 upstream=dy[part],
             )
             ys.append(y)
@@ -211,7 +227,11 @@ def _ghost_reference(size, epsilon):
             total += x[part].size // x.shape[-1]
         grads["x"] = np.concatenate(dxs)
         _, mean, _ = ref.batch_moments(x, [3])
-        return np.concatenate(ys), grads, {"moving_mean": mean.ravel(), "moving_variance": m2 / total}
+        return (
+            np.concatenate(ys),
+            grads,
+            {"moving_mean": mean.ravel(), "moving_variance": m2 / total},
+        )
 
     return reference
 
@@ -232,8 +252,13 @@ def test_mixed_precision_at_offset_1e3(policy, fused, float32_policy_after):
     x, dy = _data(shape, [3], 1e3, seed=5)
     x_low = to_numpy(keras.ops.cast(keras.ops.cast(x, layer.compute_dtype), "float32"))
     y_ref, grads_ref, state_ref = ref.step(
-        x_low, _state(layer), feature_axes=[3], training=True, epsilon=layer.epsilon,
-        momentum=0.0, upstream=dy,
+        x_low,
+        _state(layer),
+        feature_axes=[3],
+        training=True,
+        epsilon=layer.epsilon,
+        momentum=0.0,
+        upstream=dy,
     )
     y, (dx, dgamma, dbeta) = _step_function(layer, "eager", False)(x, dy, None)
     tol = MIXED_TOL[policy]
