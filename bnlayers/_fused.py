@@ -71,7 +71,11 @@ def in_xla_context():
         from tensorflow.python.ops import control_flow_util
     except ImportError:  # pragma: no cover - private module moved
         return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    return bool(
+        control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()
+        )
+    )
 
 
 def implementation():
@@ -86,7 +90,7 @@ def implementation():
     return "kernel" if _gpu_visible() else "xla"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpu_visible():
     import tensorflow as tf
 
@@ -193,7 +197,15 @@ def training(
     x = tf.convert_to_tensor(x)
     if implementation == "kernel":
         return _kernel_training(
-            x, gamma, beta, moving_mean, moving_variance, axis, epsilon, momentum, out_dtype
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            axis,
+            epsilon,
+            momentum,
+            out_dtype,
         )
     dtype = _math.statistics_dtype(x.dtype)
     gamma, beta = _parameters(x, axis, gamma, beta, dtype)
@@ -211,7 +223,15 @@ def training(
 
 
 def inference(
-    x, gamma, beta, moving_mean, moving_variance, axis, epsilon, out_dtype, implementation
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_variance,
+    axis,
+    epsilon,
+    out_dtype,
+    implementation,
 ):
     """Batch normalization with the moving statistics; arguments as `training`."""
     import tensorflow as tf
@@ -219,7 +239,14 @@ def inference(
     x = tf.convert_to_tensor(x)
     if implementation == "kernel":
         return _kernel_inference(
-            x, gamma, beta, moving_mean, moving_variance, axis, epsilon, out_dtype
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            axis,
+            epsilon,
+            out_dtype,
         )
     dtype = _math.statistics_dtype(x.dtype)
     gamma, beta = _parameters(x, axis, gamma, beta, dtype)
@@ -258,7 +285,7 @@ def _count(x, axis, dtype):
 # arithmetic is in the dtype of `gamma` (the statistics dtype).
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _xla_functions():
     import tensorflow as tf
 
@@ -283,7 +310,9 @@ def _xla_functions():
         if x.shape.rank == 2:
             rows = tf.concat([x[:1], tf.zeros([1, tf.shape(x)[1]], x.dtype)], 0)
             return rows[0]
-        rows = tf.concat([x[:1, :, :1], tf.zeros([1, tf.shape(x)[1], 1], x.dtype)], 0)
+        rows = tf.concat(
+            [x[:1, :, :1], tf.zeros([1, tf.shape(x)[1], 1], x.dtype)], 0
+        )
         return rows[0, :, 0]
 
     def count(x, dtype):
@@ -292,7 +321,17 @@ def _xla_functions():
         return tf.cast(tf.maximum(n, 1), dtype)
 
     @tf.function(jit_compile=True, autograph=False)
-    def forward(x, gamma, beta, moving_mean, moving_var, momentum, epsilon, axis, out_dtype):
+    def forward(
+        x,
+        gamma,
+        beta,
+        moving_mean,
+        moving_var,
+        momentum,
+        epsilon,
+        axis,
+        out_dtype,
+    ):
         """Outputs, the shift and residual mean, the variance, the new moving statistics."""
         shape = tf.shape(x)
         x = tf.cast(merged(x, axis), gamma.dtype)
@@ -308,15 +347,21 @@ def _xla_functions():
         residual = tf.reduce_sum(d, stats_axes(x)) / n
         centred = d - per_feature(residual, x)
         var = tf.reduce_sum(tf.square(centred), stats_axes(x)) / n
-        y = centred * per_feature(tf.math.rsqrt(var + epsilon) * gamma, x) + per_feature(beta, x)
+        y = centred * per_feature(
+            tf.math.rsqrt(var + epsilon) * gamma, x
+        ) + per_feature(beta, x)
         # The Keras update rule, here rather than in a dozen small ops
         # outside; an empty batch leaves the moving statistics as they are.
         mean = shift + residual
         counted = tf.size(x) > 0
         new_mean = tf.where(
-            counted, _math.moving_average(moving_mean, mean, momentum), moving_mean
+            counted,
+            _math.moving_average(moving_mean, mean, momentum),
+            moving_mean,
         )
-        new_var = tf.where(counted, _math.moving_average(moving_var, var, momentum), moving_var)
+        new_var = tf.where(
+            counted, _math.moving_average(moving_var, var, momentum), moving_var
+        )
         y = tf.reshape(tf.cast(y, out_dtype), shape)
         return y, shift, residual, var, new_mean, new_var
 
@@ -336,7 +381,9 @@ def _xla_functions():
         # gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), and
         # sum(dy * xhat) is dgamma.
         dx = per_feature(gamma * inv, x) * (
-            dy - per_feature(dbeta / n, x) - centred * per_feature(inv * dgamma / n, x)
+            dy
+            - per_feature(dbeta / n, x)
+            - centred * per_feature(inv * dgamma / n, x)
         )
         return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
 
@@ -346,7 +393,9 @@ def _xla_functions():
         x = tf.cast(merged(x, axis), gamma.dtype)
         # The mean is subtracted before scaling, as in the reference path
         # (x * a + b would lose digits when the mean is large next to the spread).
-        y = (x - per_feature(mean, x)) * per_feature(tf.math.rsqrt(var + epsilon) * gamma, x)
+        y = (x - per_feature(mean, x)) * per_feature(
+            tf.math.rsqrt(var + epsilon) * gamma, x
+        )
         return tf.reshape(tf.cast(y + per_feature(beta, x), out_dtype), shape)
 
     @tf.function(jit_compile=True, autograph=False)
@@ -356,14 +405,18 @@ def _xla_functions():
         dy = tf.cast(merged(dy, axis), gamma.dtype)
         inv = tf.math.rsqrt(var + epsilon)
         dx = dy * per_feature(inv * gamma, x)
-        dgamma = tf.reduce_sum(dy * (x - per_feature(mean, x)), stats_axes(x)) * inv
+        dgamma = (
+            tf.reduce_sum(dy * (x - per_feature(mean, x)), stats_axes(x)) * inv
+        )
         dbeta = tf.reduce_sum(dy, stats_axes(x))
         return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
 
     return forward, backward, inference, inference_backward
 
 
-def _xla_training(x, gamma, beta, moving_mean, moving_var, epsilon, momentum, axis, out_dtype):
+def _xla_training(
+    x, gamma, beta, moving_mean, moving_var, epsilon, momentum, axis, out_dtype
+):
     import tensorflow as tf
 
     forward, backward, _, _ = _xla_functions()
@@ -371,7 +424,15 @@ def _xla_training(x, gamma, beta, moving_mean, moving_var, epsilon, momentum, ax
     @tf.custom_gradient
     def normalize(x, gamma, beta):
         y, shift, residual, var, new_mean, new_var = forward(
-            x, gamma, beta, moving_mean, moving_var, momentum, epsilon, axis, out_dtype
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_var,
+            momentum,
+            epsilon,
+            axis,
+            out_dtype,
         )
 
         def grad(dy, dmean, dvar):
@@ -464,12 +525,16 @@ def _kernel_inputs(x, axis, out_dtype):
     shape = _static_shape(x)
     kernel_shape, data_format = _kernel_layout(shape, axis)
     if kernel_shape == "dynamic":
-        kernel_shape = tf.stack([-1, shape[axis], tf.reduce_prod(tf.shape(x)[axis + 1 :]), 1])
+        kernel_shape = tf.stack(
+            [-1, shape[axis], tf.reduce_prod(tf.shape(x)[axis + 1 :]), 1]
+        )
     xk = x if kernel_shape is None else tf.reshape(x, kernel_shape)
     return x, xk, kernel_shape, data_format
 
 
-def _kernel_training(x, gamma, beta, moving_mean, moving_var, axis, epsilon, momentum, out_dtype):
+def _kernel_training(
+    x, gamma, beta, moving_mean, moving_var, axis, epsilon, momentum, out_dtype
+):
     import tensorflow as tf
 
     x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
@@ -479,7 +544,9 @@ def _kernel_training(x, gamma, beta, moving_mean, moving_var, axis, epsilon, mom
     # it never sees the offset of the data (_math.choose_shift). The
     # shifted values stay float32: rounded back to float16 they would not
     # be the inputs' exact differences (gradients off by 2e-4, measured).
-    shift = tf.reshape(_math.choose_shift(tf.cast(x, tf.float32), reduction), [-1])
+    shift = tf.reshape(
+        _math.choose_shift(tf.cast(x, tf.float32), reduction), [-1]
+    )
     if data_format == "NHWC":
         shift_k = tf.reshape(shift, [1, 1, 1, -1])
     else:
@@ -504,14 +571,20 @@ def _kernel_training(x, gamma, beta, moving_mean, moving_var, axis, epsilon, mom
     moving_mean = tf.cast(moving_mean, tf.float32)
     moving_var = tf.cast(moving_var, tf.float32)
     counted = count > 0
-    new_mean = tf.where(counted, _math.moving_average(moving_mean, mean, momentum), moving_mean)
-    new_var = tf.where(counted, _math.moving_average(moving_var, var, momentum), moving_var)
+    new_mean = tf.where(
+        counted, _math.moving_average(moving_mean, mean, momentum), moving_mean
+    )
+    new_var = tf.where(
+        counted, _math.moving_average(moving_var, var, momentum), moving_var
+    )
     if kernel_shape is not None:
         y = tf.reshape(y, tf.shape(x))
     return tf.cast(y, out_dtype), new_mean, new_var
 
 
-def _kernel_inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon, out_dtype):
+def _kernel_inference(
+    x, gamma, beta, moving_mean, moving_var, axis, epsilon, out_dtype
+):
     import tensorflow as tf
 
     x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
@@ -578,5 +651,7 @@ def fused_eligibility(layer, inputs, mask=None):
 
         inputs = keras.KerasTensor(tuple(inputs), dtype=layer.compute_dtype)
     shape = _static_shape(inputs)
-    features = _geometry.feature_axes(layer.axis, len(shape), shape, layer.virtual_batch_size)
+    features = _geometry.feature_axes(
+        layer.axis, len(shape), shape, layer.virtual_batch_size
+    )
     return ineligibility(layer, inputs, mask, features, implementation())

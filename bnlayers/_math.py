@@ -52,7 +52,9 @@ def _first_sample(x, axes):
     A sum over a slice of one element rather than the slice itself, so the
     result has size 1 along `axes` even when the batch is empty.
     """
-    index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape)))
+    index = tuple(
+        slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape))
+    )
     return ops.sum(x[index], axis=axes, keepdims=True)
 
 
@@ -127,10 +129,16 @@ def shifted_moments(x, axes, weights=None):
     if weights is None:
         count = ops.cast(reduced_size(x, axes), x.dtype)
         # Not ops.mean: on PyTorch it averages float64 in float32.
-        residual = ops.sum(d, axis=axes, keepdims=True) / ops.maximum(count, 1.0)
+        residual = ops.sum(d, axis=axes, keepdims=True) / ops.maximum(
+            count, 1.0
+        )
         # The variance's derivative with respect to the mean is zero at the
         # mean, so the residual needs no gradient path through m2.
-        m2 = ops.sum(ops.square(d - ops.stop_gradient(residual)), axis=axes, keepdims=True)
+        m2 = ops.sum(
+            ops.square(d - ops.stop_gradient(residual)),
+            axis=axes,
+            keepdims=True,
+        )
         count = ops.ones_like(residual) * count
         return count, shift, residual, m2
     keep = ops.broadcast_to(ops.cast(weights, "bool"), ops.shape(x))

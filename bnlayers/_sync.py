@@ -89,7 +89,9 @@ def cross_replica_moments(ctx, x, axes, weights=None):
     axes = tuple(axes)
     if weights is None:
         local_sum = ops.sum(x, axis=axes, keepdims=True)
-        local_count = ops.ones_like(local_sum) * ops.cast(_math.reduced_size(x, axes), x.dtype)
+        local_count = ops.ones_like(local_sum) * ops.cast(
+            _math.reduced_size(x, axes), x.dtype
+        )
     else:
         keep = ops.broadcast_to(ops.cast(weights, "bool"), ops.shape(x))
         zeros = ops.zeros_like(x)

@@ -25,7 +25,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+)
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -45,7 +47,9 @@ SHAPES = ((16, 5, 5, 4), (64, 8))
 
 def paths():
     if BACKEND == "tensorflow":
-        return [(f, e) for f in (None, False) for e in ("eager", "function", "jit")]
+        return [
+            (f, e) for f in (None, False) for e in ("eager", "function", "jit")
+        ]
     if BACKEND == "jax":
         return [(None, "eager"), (None, "jit")]
     return [(None, "eager")]
@@ -55,7 +59,9 @@ def data(shape, offset, seed):
     rng = np.random.default_rng(seed)
     c = shape[-1]
     spread = rng.uniform(0.5, 2.0, c)
-    x = (offset + rng.uniform(-1, 1, c) + spread * rng.standard_normal(shape)).astype("float32")
+    x = (
+        offset + rng.uniform(-1, 1, c) + spread * rng.standard_normal(shape)
+    ).astype("float32")
     return x, rng.standard_normal(shape).astype("float32")
 
 
@@ -72,7 +78,9 @@ def step(layer, execution):
             lambda x, dy: value_and_grads(call, [x], dy, variables, [layer]),
             jit_compile=execution == "jit",
         )
-    return lambda x, dy: value_and_grads(call, [x], dy, variables, [layer], jit=execution == "jit")
+    return lambda x, dy: value_and_grads(
+        call, [x], dy, variables, [layer], jit=execution == "jit"
+    )
 
 
 def errors(make_layer, execution, x, dy, policy):
@@ -91,8 +99,12 @@ def errors(make_layer, execution, x, dy, policy):
     y, (dx, dgamma, dbeta) = step(layer, execution)(x, dy)
     x_in = x
     if policy != "float32":
-        x_in = to_numpy(keras.ops.cast(keras.ops.cast(x, layer.compute_dtype), "float32"))
-    state = dict(zip(("gamma", "beta", "moving_mean", "moving_variance"), weights))
+        x_in = to_numpy(
+            keras.ops.cast(keras.ops.cast(x, layer.compute_dtype), "float32")
+        )
+    state = dict(
+        zip(("gamma", "beta", "moving_mean", "moving_variance"), weights)
+    )
     y_ref, g_ref, s_ref = ref.step(
         x_in,
         state,
@@ -104,7 +116,11 @@ def errors(make_layer, execution, x, dy, policy):
     )
     f32 = lambda t: to_numpy(keras.ops.cast(t, "float32")).astype(np.float64)  # noqa: E731
     out = float(np.max(np.abs(f32(y) - y_ref)))
-    var = float(np.max(np.abs(f32(layer.moving_variance) / s_ref["moving_variance"] - 1)))
+    var = float(
+        np.max(
+            np.abs(f32(layer.moving_variance) / s_ref["moving_variance"] - 1)
+        )
+    )
     grad = max(
         float(np.max(np.abs(f32(dx) - g_ref["x"]))) / g_ref["x_scale"],
         ref.rel_err(f32(dgamma), g_ref["gamma"]),
@@ -116,15 +132,27 @@ def errors(make_layer, execution, x, dy, policy):
 def table():
     rows = []
     cases = [(s, o, "float32") for s in SHAPES for o in OFFSETS]
-    cases += [((16, 5, 5, 4), 1e3, p) for p in ("mixed_float16", "mixed_bfloat16")]
+    cases += [
+        ((16, 5, 5, 4), 1e3, p) for p in ("mixed_float16", "mixed_bfloat16")
+    ]
     for shape, offset, policy in cases:
         keras.config.set_dtype_policy(policy)
         x, dy = data(shape, offset, seed=int(offset) % 97)
         builtin = errors(
-            lambda: keras.layers.BatchNormalization(momentum=0.0), "eager", x, dy, policy
+            lambda: keras.layers.BatchNormalization(momentum=0.0),
+            "eager",
+            x,
+            dy,
+            policy,
         )
         ours = [
-            errors(lambda: bnlayers.BatchNormalization(momentum=0.0, fused=f), e, x, dy, policy)
+            errors(
+                lambda f=f: bnlayers.BatchNormalization(momentum=0.0, fused=f),
+                e,
+                x,
+                dy,
+                policy,
+            )
             for f, e in paths()
         ]
         worst = tuple(max(o[i] for o in ours) for i in range(3))
@@ -141,7 +169,9 @@ def densenet_gradients(seeds=5):
 
     def build(dtype):
         keras.config.set_dtype_policy(dtype)
-        model = keras.applications.DenseNet121(weights=None, input_shape=(64, 64, 3), classes=10)
+        model = keras.applications.DenseNet121(
+            weights=None, input_shape=(64, 64, 3), classes=10
+        )
         keras.config.set_dtype_policy("float32")
         return model
 
@@ -157,18 +187,26 @@ def densenet_gradients(seeds=5):
             ]
         )
 
-    results = {"built-in": [], "bnlayers fused=None": [], "bnlayers fused=False": []}
+    results = {
+        "built-in": [],
+        "bnlayers fused=None": [],
+        "bnlayers fused=False": [],
+    }
     for seed in range(seeds):
         keras.utils.set_random_seed(seed)
         model32 = build("float32")
         model64 = build("float64")
-        model64.set_weights([w.astype(np.float64) for w in model32.get_weights()])
+        model64.set_weights(
+            [w.astype(np.float64) for w in model32.get_weights()]
+        )
         rng = np.random.default_rng(seed)
         x = rng.uniform(0, 1, (16, 64, 64, 3)).astype("float32")
         y = rng.integers(0, 10, 16)
         g64 = grads(model64, tf.constant(x, tf.float64), y)
         scale = float(np.max(np.abs(g64)))
-        results["built-in"].append(float(np.max(np.abs(grads(model32, x, y) - g64))) / scale)
+        results["built-in"].append(
+            float(np.max(np.abs(grads(model32, x, y) - g64))) / scale
+        )
         for fused in (None, False):
             swapped = swap_batchnorm(model32, to="bnlayers")
             for layer in swapped.layers:
@@ -177,7 +215,8 @@ def densenet_gradients(seeds=5):
             err = float(np.max(np.abs(grads(swapped, x, y) - g64))) / scale
             results[f"bnlayers fused={fused}"].append(err)
         print(
-            f"  seed {seed}: " + ", ".join(f"{k} {v[-1]:.2e}" for k, v in results.items()),
+            f"  seed {seed}: "
+            + ", ".join(f"{k} {v[-1]:.2e}" for k, v in results.items()),
             flush=True,
         )
     return {k: statistics.median(v) for k, v in results.items()}
@@ -185,9 +224,13 @@ def densenet_gradients(seeds=5):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--densenet", action="store_true", help="also DenseNet121's gradients")
+    parser.add_argument(
+        "--densenet", action="store_true", help="also DenseNet121's gradients"
+    )
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--no-table", action="store_true", help="skip the offset table")
+    parser.add_argument(
+        "--no-table", action="store_true", help="skip the offset table"
+    )
     args = parser.parse_args(argv)
     print(
         f"Keras {keras.__version__}, backend {BACKEND}; bnlayers paths: "
@@ -200,7 +243,9 @@ def main(argv=None):
             print("--densenet runs on TensorFlow only")
             return
         print()
-        print(f"DenseNet121 float32 gradients vs float64 (median of {args.seeds} seeds):")
+        print(
+            f"DenseNet121 float32 gradients vs float64 (median of {args.seeds} seeds):"
+        )
         for name, err in densenet_gradients(args.seeds).items():
             print(f"  {name}: {err:.2e}")
 

@@ -51,7 +51,9 @@ MIXED_TOL = {"mixed_float16": 2e-3, "mixed_bfloat16": 1.6e-2}
 if BACKEND == "tensorflow":
     # (fused, execution)
     PATHS = [
-        (fused, execution) for fused in (None, False) for execution in ("eager", "function", "jit")
+        (fused, execution)
+        for fused in (None, False)
+        for execution in ("eager", "function", "jit")
     ]
 elif BACKEND == "jax":
     PATHS = [(None, "eager"), (None, "jit")]
@@ -114,15 +116,34 @@ def _check(layer, step, x, dy, mask, expected, offset):
     err = float(np.max(np.abs(to_numpy(y).astype(np.float64) - y_ref)))
     assert err <= OUTPUT_ATOL, f"{where}: outputs {err:.2e} from float64"
     mean = state_ref["moving_mean"]
-    err = float(np.max(np.abs(to_numpy(layer.moving_mean) - mean) / np.maximum(np.abs(mean), 1.0)))
+    err = float(
+        np.max(
+            np.abs(to_numpy(layer.moving_mean) - mean)
+            / np.maximum(np.abs(mean), 1.0)
+        )
+    )
     assert err <= MEAN_RTOL, f"{where}: moving mean {err:.2e} from float64"
-    err = float(np.max(np.abs(to_numpy(layer.moving_variance) / state_ref["moving_variance"] - 1)))
-    assert err <= VARIANCE_RTOL, f"{where}: moving variance {err:.2e} relative from float64"
-    err = float(np.max(np.abs(to_numpy(dx) - grads_ref["x"]))) / grads_ref["x_scale"]
+    err = float(
+        np.max(
+            np.abs(
+                to_numpy(layer.moving_variance) / state_ref["moving_variance"]
+                - 1
+            )
+        )
+    )
+    assert err <= VARIANCE_RTOL, (
+        f"{where}: moving variance {err:.2e} relative from float64"
+    )
+    err = (
+        float(np.max(np.abs(to_numpy(dx) - grads_ref["x"])))
+        / grads_ref["x_scale"]
+    )
     assert err <= GRAD_RTOL, f"{where}: input gradient {err:.2e} from float64"
     for name, got in (("gamma", dgamma), ("beta", dbeta)):
         err = ref.rel_err(to_numpy(got), grads_ref[name])
-        assert err <= GRAD_RTOL, f"{where}: {name} gradient {err:.2e} from float64"
+        assert err <= GRAD_RTOL, (
+            f"{where}: {name} gradient {err:.2e} from float64"
+        )
 
 
 def _layer(shape, fused, **kwargs):
@@ -151,7 +172,9 @@ def _state(layer):
     }
 
 
-def _run_offsets(layer, shape, feature_axes, fused, execution, mask=None, reference=None):
+def _run_offsets(
+    layer, shape, feature_axes, fused, execution, mask=None, reference=None
+):
     step = _step_function(layer, execution, mask is not None)
     for i, offset in enumerate(OFFSETS):
         x, dy = _data(shape, feature_axes, offset, seed=i)
@@ -172,7 +195,9 @@ def _run_offsets(layer, shape, feature_axes, fused, execution, mask=None, refere
 
 
 @pytest.mark.parametrize("fused, execution", PATHS, ids=PATH_IDS)
-@pytest.mark.parametrize("shape", [(16, 5, 5, 4), (64, 8)], ids=["conv", "dense"])
+@pytest.mark.parametrize(
+    "shape", [(16, 5, 5, 4), (64, 8)], ids=["conv", "dense"]
+)
 def test_single_axis(shape, fused, execution):
     layer = _layer(shape, fused)
     _run_offsets(layer, shape, [len(shape) - 1], fused, execution)
@@ -190,7 +215,14 @@ def test_mask(execution):
     mask = np.random.default_rng(11).uniform(size=shape[:-1]) < 0.7
     mask[0, 0, 0] = False  # the first element, a shift candidate, is masked out
     layer = _layer(shape, None)
-    _run_offsets(layer, shape, [3], None, execution, mask=keras.ops.convert_to_tensor(mask))
+    _run_offsets(
+        layer,
+        shape,
+        [3],
+        None,
+        execution,
+        mask=keras.ops.convert_to_tensor(mask),
+    )
 
 
 @pytest.mark.parametrize("execution", REFERENCE_IDS)
@@ -239,8 +271,17 @@ def _ghost_reference(size, epsilon):
 @pytest.mark.parametrize("execution", REFERENCE_IDS)
 def test_ghost_batches(execution):
     shape = (16, 5, 5, 4)
-    layer = _layer(shape, None, virtual_batch_size=6)  # ghost batches of 6, 6 and 4
-    _run_offsets(layer, shape, [3], None, execution, reference=_ghost_reference(6, layer.epsilon))
+    layer = _layer(
+        shape, None, virtual_batch_size=6
+    )  # ghost batches of 6, 6 and 4
+    _run_offsets(
+        layer,
+        shape,
+        [3],
+        None,
+        execution,
+        reference=_ghost_reference(6, layer.epsilon),
+    )
 
 
 @pytest.mark.parametrize("policy", sorted(MIXED_TOL))
@@ -250,7 +291,9 @@ def test_mixed_precision_at_offset_1e3(policy, fused, float32_policy_after):
     shape = (16, 5, 5, 4)
     layer = _layer(shape, fused)
     x, dy = _data(shape, [3], 1e3, seed=5)
-    x_low = to_numpy(keras.ops.cast(keras.ops.cast(x, layer.compute_dtype), "float32"))
+    x_low = to_numpy(
+        keras.ops.cast(keras.ops.cast(x, layer.compute_dtype), "float32")
+    )
     y_ref, grads_ref, state_ref = ref.step(
         x_low,
         _state(layer),
@@ -264,9 +307,16 @@ def test_mixed_precision_at_offset_1e3(policy, fused, float32_policy_after):
     tol = MIXED_TOL[policy]
     assert ref.rel_err(to_numpy(keras.ops.cast(y, "float32")), y_ref) <= tol
     dx = to_numpy(keras.ops.cast(dx, "float32"))
-    assert float(np.max(np.abs(dx - grads_ref["x"]))) / grads_ref["x_scale"] <= tol
+    assert (
+        float(np.max(np.abs(dx - grads_ref["x"]))) / grads_ref["x_scale"] <= tol
+    )
     for got, name in ((dgamma, "gamma"), (dbeta, "beta")):
         assert ref.rel_err(to_numpy(got), grads_ref[name]) <= tol
-    assert ref.rel_err(to_numpy(layer.moving_mean), state_ref["moving_mean"]) <= 1e-6
-    err = np.abs(to_numpy(layer.moving_variance) / state_ref["moving_variance"] - 1)
+    assert (
+        ref.rel_err(to_numpy(layer.moving_mean), state_ref["moving_mean"])
+        <= 1e-6
+    )
+    err = np.abs(
+        to_numpy(layer.moving_variance) / state_ref["moving_variance"] - 1
+    )
     assert float(np.max(err)) <= 1e-5
