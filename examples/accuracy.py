@@ -103,7 +103,11 @@ def errors(make_layer, execution, x, dy, policy):
             keras.ops.cast(keras.ops.cast(x, layer.compute_dtype), "float32")
         )
     state = dict(
-        zip(("gamma", "beta", "moving_mean", "moving_variance"), weights)
+        zip(
+            ("gamma", "beta", "moving_mean", "moving_variance"),
+            weights,
+            strict=True,
+        )
     )
     y_ref, g_ref, s_ref = ref.step(
         x_in,
