@@ -1,9 +1,12 @@
 """The fused fast path of `BatchNormalization` on TensorFlow.
 
-`ineligibility(layer, inputs, mask)` is the one place that decides whether a
-call can take the fast path: it returns None when it can, else a short
-reason. `fused_call` runs it, with one of two implementations of the same
-computation (`implementation()` picks):
+Tensors in, tensors out: `training(x, gamma, beta, moving_mean,
+moving_variance, axis, epsilon, momentum, ...)` returns the outputs and the
+updated moving statistics, `inference(...)` the outputs; the layer owns the
+geometry (which `axis`), the dtypes and assigns the moving statistics.
+`ineligibility(...)` is the one place that decides whether a call can take
+this path; `implementation()` picks one of two implementations of the same
+computation:
 
 - ``"xla"``: the batch-norm arithmetic written out here in TensorFlow ops,
   forward and backward (a `tf.custom_gradient`), each compiled by XLA into
@@ -13,21 +16,26 @@ computation (`implementation()` picks):
   on one thread and writes a temporary for each reduction of a product).
   On CPU this beats TensorFlow's fused kernel, a chain of Eigen
   expressions there (measured at 0.73x to 0.9x of the built-in's training
-  step, and 2x slower for channels_first, which it transposes). Inside a function that is
-  XLA-compiled as a whole (`jit_compile=True`) the same ops are inlined.
+  step, and 2x slower for channels_first, which it transposes). Inside a
+  function that is XLA-compiled as a whole (`jit_compile=True`) the same
+  ops are inlined.
 - ``"kernel"``: TensorFlow's fused batch-norm kernel, `FusedBatchNormV3`,
   differentiated by its registered `FusedBatchNormGradV3`; on a GPU this is
   cuDNN's batch norm. Used when a GPU is visible and the call is not under
   XLA (XLA lowers this op with a one-pass variance, E[x^2] - E[x]^2, which
   cancels to nothing when the mean is large next to the spread: a mean of
   1e4 with variance 1 came out as variances of -34 and 87). In training the
-  kernel returns the unbiased (n / (n - 1)) batch variance; Keras' moving
-  variance follows the biased one, so the correction is undone.
+  kernel is fed ``x - s`` for the shift `s` of `_math.choose_shift` (the
+  first sample of each feature) and `s` is added back to its mean, so its
+  own summation never sees the offset of the data; it returns the unbiased
+  (n / (n - 1)) batch variance, and Keras' moving variance follows the
+  biased one, so the correction is undone.
 
 Both compute what the reference path in `_math` computes: statistics in
-float32 (float64 for float64 inputs), a two-pass variance around the mean,
-`(x - mean) * (gamma / sqrt(var + epsilon)) + beta`, the moving averages
-updated by the layer's own rule.
+float32 (float64 for float64 inputs) on values shifted by one sample of the
+batch (`_math.shifted_moments`), ``((x - s) - r) * (gamma / sqrt(var +
+epsilon)) + beta`` with ``r`` the mean of ``x - s``, the Keras rule for the
+moving averages.
 
 TensorFlow is imported inside the functions, so that importing bnlayers on
 another Keras backend does not import it.
@@ -39,10 +47,6 @@ from keras import backend
 
 from bnlayers import _geometry
 from bnlayers import _math
-
-# Which implementation `fused_call` uses outside XLA: None chooses (see
-# `implementation`); "xla" or "kernel" force one (the tests run both on CPU).
-IMPLEMENTATION = None
 
 # FusedBatchNormV3 computes in float32 (its `U` type) for these input types.
 _KERNEL_DTYPES = ("float16", "bfloat16", "float32")
@@ -67,34 +71,40 @@ def in_xla_context():
         from tensorflow.python.ops import control_flow_util
     except ImportError:  # pragma: no cover - private module moved
         return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    return bool(
+        control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()
+        )
+    )
 
 
 def implementation():
-    """"kernel" (FusedBatchNormV3) on a GPU outside XLA, else "xla".
+    """ "kernel" (FusedBatchNormV3) when a GPU is visible and not under XLA, else "xla".
 
-    Under XLA it is always "xla", even when `IMPLEMENTATION` asks for the
-    kernel: XLA's lowering of the kernel loses the variance (see above).
+    Under XLA it is always "xla": XLA's lowering of the kernel loses the
+    variance (see above). The device probe is `_gpu_visible`, which the
+    tests replace to run the kernel branch on CPU.
     """
     if in_xla_context():
         return "xla"
-    if IMPLEMENTATION is not None:
-        return IMPLEMENTATION
     return "kernel" if _gpu_visible() else "xla"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpu_visible():
     import tensorflow as tf
 
     return bool(tf.config.list_logical_devices("GPU"))
 
 
-def ineligibility(layer, inputs, mask):
+def ineligibility(layer, inputs, mask, feature_axes, implementation):
     """Why this call cannot take the fused fast path, or None if it can.
 
-    `inputs` is anything with `.shape` and `.dtype` (a tensor, a
-    KerasTensor, a `tf.TensorSpec`).
+    `layer` is read for its public configuration only (`renorm`,
+    `virtual_batch_size`, `synchronized`, `epsilon`, `axis`); `inputs` is
+    anything with `.shape` and `.dtype` (a tensor, a KerasTensor, a
+    `tf.TensorSpec`); `feature_axes` are the resolved feature axes;
+    `implementation` is what `implementation()` returned.
     """
     if backend.backend() != "tensorflow":
         return f"the Keras backend is {backend.backend()!r}, not 'tensorflow'"
@@ -117,16 +127,13 @@ def ineligibility(layer, inputs, mask):
                 "path sees one replica's batch only)"
             )
     shape = _static_shape(inputs)
-    axes = layer._feature_axes
-    if axes is None:
-        axes = _geometry.feature_axes(layer.axis, len(shape), shape, layer.virtual_batch_size)
-    if len(axes) != 1:
+    if len(feature_axes) != 1:
         return f"axis={layer.axis!r} names several feature axes (the fused path takes one)"
     dtype = backend.standardize_dtype(inputs.dtype)
     if not backend.is_float_dtype(dtype):
         # The layer casts integer and bool inputs before this point.
         dtype = _math.statistics_dtype(layer.compute_dtype)
-    kernel = implementation() == "kernel"
+    kernel = implementation == "kernel"
     dtypes = _KERNEL_DTYPES if kernel else _XLA_DTYPES
     if dtype not in dtypes:
         return f"inputs of dtype {dtype} (the fused path takes {', '.join(dtypes)})"
@@ -143,35 +150,116 @@ def ineligibility(layer, inputs, mask):
     return None
 
 
-def fused_call(layer, inputs, use_batch_statistics):
-    """The layer's call on the fast path; returns outputs in the compute dtype.
+def _parameters(x, axis, gamma, beta, dtype):
+    """gamma and beta in `dtype`, ones and zeros where they are None."""
+    import tensorflow as tf
 
-    With `use_batch_statistics`, normalizes with the batch statistics and
-    updates the layer's moving statistics; otherwise normalizes with the
-    moving statistics.
+    def per_feature(v, fill):
+        if v is None:
+            return tf.fill([tf.shape(x)[axis]], tf.constant(fill, dtype))
+        return tf.cast(v, dtype)
+
+    return per_feature(gamma, 1.0), per_feature(beta, 0.0)
+
+
+def training(
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_variance,
+    axis,
+    epsilon,
+    momentum,
+    out_dtype,
+    implementation,
+):
+    """Batch normalization with batch statistics, as one fused computation.
+
+    Args:
+        x: the inputs (a TensorFlow tensor), any floating dtype the path
+            takes (see `ineligibility`).
+        gamma, beta: per-feature vectors, or None for no scale / offset.
+        moving_mean, moving_variance: the current moving statistics
+            (vectors; variables are read).
+        axis: the one feature axis, non-negative.
+        epsilon, momentum: Python floats.
+        out_dtype: the dtype of the outputs (the layer's compute dtype).
+        implementation: "xla" or "kernel", from `implementation()`.
+
+    Returns:
+        `(y, new_moving_mean, new_moving_variance)`; the moving statistics
+        in the statistics dtype, unchanged where the batch is empty. Only
+        `y` carries gradients (to `x`, `gamma` and `beta`).
     """
     import tensorflow as tf
 
-    x = tf.convert_to_tensor(inputs)
-    axis = layer._feature_axes[0]
-    stats_dtype = _math.statistics_dtype(x.dtype)
-    out_dtype = layer.compute_dtype
-    if implementation() == "kernel":
-        return _kernel_call(layer, x, axis, use_batch_statistics, out_dtype)
+    x = tf.convert_to_tensor(x)
+    if implementation == "kernel":
+        return _kernel_training(
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            axis,
+            epsilon,
+            momentum,
+            out_dtype,
+        )
+    dtype = _math.statistics_dtype(x.dtype)
+    gamma, beta = _parameters(x, axis, gamma, beta, dtype)
+    return _xla_training(
+        x,
+        gamma,
+        beta,
+        tf.cast(moving_mean, dtype),
+        tf.cast(moving_variance, dtype),
+        tf.constant(epsilon, dtype),
+        tf.constant(momentum, dtype),
+        axis,
+        out_dtype,
+    )
 
-    def per_feature(variable, fill):
-        if variable is None:
-            return tf.fill([x.shape[axis]], tf.constant(fill, stats_dtype))
-        return tf.cast(variable, stats_dtype)
 
-    gamma = per_feature(layer.gamma if layer.scale else None, 1.0)
-    beta = per_feature(layer.beta if layer.center else None, 0.0)
-    epsilon = tf.constant(layer.epsilon, stats_dtype)
-    if not use_batch_statistics:
-        mean = tf.cast(layer.moving_mean, stats_dtype)
-        var = tf.cast(layer.moving_variance, stats_dtype)
-        return _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype)
-    return _xla_training(layer, x, gamma, beta, epsilon, axis, out_dtype)
+def inference(
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_variance,
+    axis,
+    epsilon,
+    out_dtype,
+    implementation,
+):
+    """Batch normalization with the moving statistics; arguments as `training`."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    if implementation == "kernel":
+        return _kernel_inference(
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            axis,
+            epsilon,
+            out_dtype,
+        )
+    dtype = _math.statistics_dtype(x.dtype)
+    gamma, beta = _parameters(x, axis, gamma, beta, dtype)
+    return _xla_inference(
+        x,
+        tf.cast(moving_mean, dtype),
+        tf.cast(moving_variance, dtype),
+        gamma,
+        beta,
+        tf.constant(epsilon, dtype),
+        axis,
+        out_dtype,
+    )
 
 
 def _count(x, axis, dtype):
@@ -227,37 +315,78 @@ def _xla_functions(compiled=True):
     def per_feature(v, x):
         return tf.reshape(v, [1, -1] if x.shape.rank == 2 else [1, -1, 1])
 
+    def first_sample(x):
+        """Each feature's first element (`_math.choose_shift`); 0 for an empty batch."""
+        # A slice and a concatenation, not a reduction: XLA fuses them into
+        # the loops that read the shift, where a reduction would be a loop
+        # of its own.
+        if x.shape.rank == 2:
+            rows = tf.concat([x[:1], tf.zeros([1, tf.shape(x)[1]], x.dtype)], 0)
+            return rows[0]
+        rows = tf.concat(
+            [x[:1, :, :1], tf.zeros([1, tf.shape(x)[1], 1], x.dtype)], 0
+        )
+        return rows[0, :, 0]
+
     def count(x, dtype):
         """Elements per feature, at least 1 (an empty batch gives zeros, not NaN)."""
         n = tf.size(x, out_type=tf.int64) // tf.shape(x, out_type=tf.int64)[1]
         return tf.cast(tf.maximum(n, 1), dtype)
 
     @function
-    def forward(x, gamma, beta, moving_mean, moving_var, momentum, epsilon, axis, out_dtype):
-        """Outputs, batch mean and variance, and the updated moving statistics."""
+    def forward(
+        x,
+        gamma,
+        beta,
+        moving_mean,
+        moving_var,
+        momentum,
+        epsilon,
+        axis,
+        out_dtype,
+    ):
+        """Outputs, the shift and residual mean, the variance, the new moving statistics."""
         shape = tf.shape(x)
         x = tf.cast(merged(x, axis), gamma.dtype)
         n = count(x, gamma.dtype)
-        mean = tf.reduce_sum(x, stats_axes(x)) / n
-        centred = x - per_feature(mean, x)
-        # Two passes: the variance around the mean, never E[x^2] - E[x]^2.
+        # Every sum is of x - shift, values of the order of the spread: the
+        # offset of the data never enters the rounding (see _math).
+        shift = first_sample(x)
+        d = x - per_feature(shift, x)
+        # Two passes on shifted values (_math.shifted_moments). The one-pass
+        # form (both sums in one read of x) measured slower here: XLA's CPU
+        # reductions take a materialized operand, so sum(d) and sum(d^2) cost
+        # two temporaries either way.
+        residual = tf.reduce_sum(d, stats_axes(x)) / n
+        centred = d - per_feature(residual, x)
         var = tf.reduce_sum(tf.square(centred), stats_axes(x)) / n
-        y = centred * per_feature(tf.math.rsqrt(var + epsilon) * gamma, x) + per_feature(beta, x)
-        # The layer's update rule, here rather than in a dozen small ops
+        y = centred * per_feature(
+            tf.math.rsqrt(var + epsilon) * gamma, x
+        ) + per_feature(beta, x)
+        # The Keras update rule, here rather than in a dozen small ops
         # outside; an empty batch leaves the moving statistics as they are.
+        mean = shift + residual
         counted = tf.size(x) > 0
-        new_mean = tf.where(counted, _math.moving_average(moving_mean, mean, momentum), moving_mean)
-        new_var = tf.where(counted, _math.moving_average(moving_var, var, momentum), moving_var)
-        return tf.reshape(tf.cast(y, out_dtype), shape), mean, var, new_mean, new_var
+        new_mean = tf.where(
+            counted,
+            _math.moving_average(moving_mean, mean, momentum),
+            moving_mean,
+        )
+        new_var = tf.where(
+            counted, _math.moving_average(moving_var, var, momentum), moving_var
+        )
+        y = tf.reshape(tf.cast(y, out_dtype), shape)
+        return y, shift, residual, var, new_mean, new_var
 
     @function
-    def backward(dy, x, mean, var, gamma, epsilon, axis):
+    def backward(dy, x, shift, residual, var, gamma, epsilon, axis):
         shape, dtype = tf.shape(x), x.dtype
         x = tf.cast(merged(x, axis), gamma.dtype)
         dy = tf.cast(merged(dy, axis), gamma.dtype)
         n = count(x, gamma.dtype)
         inv = tf.math.rsqrt(var + epsilon)
-        centred = x - per_feature(mean, x)
+        # (x - shift) - residual, as in the forward: exact at any offset.
+        centred = (x - per_feature(shift, x)) - per_feature(residual, x)
         dbeta = tf.reduce_sum(dy, stats_axes(x))
         dgamma = tf.reduce_sum(dy * centred, stats_axes(x)) * inv
         # With xhat = (x - mean) * inv and the batch statistics depending on
@@ -265,7 +394,9 @@ def _xla_functions(compiled=True):
         # gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), and
         # sum(dy * xhat) is dgamma.
         dx = per_feature(gamma * inv, x) * (
-            dy - per_feature(dbeta / n, x) - centred * per_feature(inv * dgamma / n, x)
+            dy
+            - per_feature(dbeta / n, x)
+            - centred * per_feature(inv * dgamma / n, x)
         )
         return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
 
@@ -275,7 +406,9 @@ def _xla_functions(compiled=True):
         x = tf.cast(merged(x, axis), gamma.dtype)
         # The mean is subtracted before scaling, as in the reference path
         # (x * a + b would lose digits when the mean is large next to the spread).
-        y = (x - per_feature(mean, x)) * per_feature(tf.math.rsqrt(var + epsilon) * gamma, x)
+        y = (x - per_feature(mean, x)) * per_feature(
+            tf.math.rsqrt(var + epsilon) * gamma, x
+        )
         return tf.reshape(tf.cast(y + per_feature(beta, x), out_dtype), shape)
 
     @function
@@ -285,7 +418,9 @@ def _xla_functions(compiled=True):
         dy = tf.cast(merged(dy, axis), gamma.dtype)
         inv = tf.math.rsqrt(var + epsilon)
         dx = dy * per_feature(inv * gamma, x)
-        dgamma = tf.reduce_sum(dy * (x - per_feature(mean, x)), stats_axes(x)) * inv
+        dgamma = (
+            tf.reduce_sum(dy * (x - per_feature(mean, x)), stats_axes(x)) * inv
+        )
         dbeta = tf.reduce_sum(dy, stats_axes(x))
         return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
 
@@ -320,33 +455,36 @@ def _shape_agnostic_function(python_function):
     return call
 
 
-def _xla_training(layer, x, gamma, beta, epsilon, axis, out_dtype):
-    """Outputs with batch statistics; updates the layer's moving statistics."""
+def _xla_training(
+    x, gamma, beta, moving_mean, moving_var, epsilon, momentum, axis, out_dtype
+):
     import tensorflow as tf
 
     forward, backward, _, _ = _xla_functions(compiled=not tf.executing_eagerly())
-    dtype = gamma.dtype
-    moving_mean = tf.cast(layer.moving_mean, dtype)
-    moving_var = tf.cast(layer.moving_variance, dtype)
-    momentum = tf.constant(layer.momentum, dtype)
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        y, mean, var, new_mean, new_var = forward(
-            x, gamma, beta, moving_mean, moving_var, momentum, epsilon, axis, out_dtype
+        y, shift, residual, var, new_mean, new_var = forward(
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_var,
+            momentum,
+            epsilon,
+            axis,
+            out_dtype,
         )
 
         def grad(dy, dmean, dvar):
             # The moving statistics carry no gradient.
             del dmean, dvar
-            return backward(dy, x, mean, var, gamma, epsilon, axis)
+            return backward(dy, x, shift, residual, var, gamma, epsilon, axis)
 
         return (y, new_mean, new_var), grad
 
     y, new_mean, new_var = normalize(x, gamma, beta)
-    for variable, value in ((layer.moving_mean, new_mean), (layer.moving_variance, new_var)):
-        variable.assign(tf.cast(tf.stop_gradient(value), variable.dtype))
-    return y
+    return y, tf.stop_gradient(new_mean), tf.stop_gradient(new_var)
 
 
 def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
@@ -419,7 +557,8 @@ def _kernel_layout(shape, axis):
     return [-1, channels, inner, 1], "NCHW"
 
 
-def _kernel_call(layer, x, axis, use_batch_statistics, out_dtype):
+def _kernel_inputs(x, axis, out_dtype):
+    """`x` in the kernel's layout, with what is needed to undo it."""
     import tensorflow as tf
 
     if backend.standardize_dtype(x.dtype) != out_dtype:
@@ -427,46 +566,82 @@ def _kernel_call(layer, x, axis, use_batch_statistics, out_dtype):
         # statistics; a kernel run in the input dtype would round to it.
         x = tf.cast(x, tf.float32)
     shape = _static_shape(x)
-    channels = shape[axis]
     kernel_shape, data_format = _kernel_layout(shape, axis)
     if kernel_shape == "dynamic":
-        kernel_shape = tf.stack([-1, channels, tf.reduce_prod(tf.shape(x)[axis + 1 :]), 1])
-    xk = x if kernel_shape is None else tf.reshape(x, kernel_shape)
-
-    def per_feature(variable, fill):
-        if variable is None:
-            return tf.fill([channels], tf.constant(fill, tf.float32))
-        return tf.cast(variable, tf.float32)
-
-    scale = per_feature(layer.gamma if layer.scale else None, 1.0)
-    offset = per_feature(layer.beta if layer.center else None, 0.0)
-    if use_batch_statistics:
-        y, mean, unbiased_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=xk,
-            scale=scale,
-            offset=offset,
-            mean=tf.zeros([0], tf.float32),
-            variance=tf.zeros([0], tf.float32),
-            epsilon=layer.epsilon,
-            data_format=data_format,
-            is_training=True,
+        kernel_shape = tf.stack(
+            [-1, shape[axis], tf.reduce_prod(tf.shape(x)[axis + 1 :]), 1]
         )
-        count = _count(x, axis, tf.float32)
-        # Undo the kernel's n / (n - 1). With n = 1 it left the (zero)
-        # variance alone, and (n - 1) / n = 0 keeps it zero.
-        var = unbiased_var * (tf.maximum(count - 1.0, 0.0) / tf.maximum(count, 1.0))
-        layer._update_moving_statistics(count, mean, var)
+    xk = x if kernel_shape is None else tf.reshape(x, kernel_shape)
+    return x, xk, kernel_shape, data_format
+
+
+def _kernel_training(
+    x, gamma, beta, moving_mean, moving_var, axis, epsilon, momentum, out_dtype
+):
+    import tensorflow as tf
+
+    x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
+    scale, offset = _parameters(x, axis, gamma, beta, tf.float32)
+    reduction = [i for i in range(len(x.shape)) if i != axis]
+    # The kernel sums what it is given; shifted by one sample per feature
+    # it never sees the offset of the data (_math.choose_shift). The
+    # shifted values stay float32: rounded back to float16 they would not
+    # be the inputs' exact differences (gradients off by 2e-4, measured).
+    shift = tf.reshape(
+        _math.choose_shift(tf.cast(x, tf.float32), reduction), [-1]
+    )
+    if data_format == "NHWC":
+        shift_k = tf.reshape(shift, [1, 1, 1, -1])
     else:
-        y = tf.raw_ops.FusedBatchNormV3(
-            x=xk,
-            scale=scale,
-            offset=offset,
-            mean=tf.cast(layer.moving_mean, tf.float32),
-            variance=tf.cast(layer.moving_variance, tf.float32),
-            epsilon=layer.epsilon,
-            data_format=data_format,
-            is_training=False,
-        )[0]
+        shift_k = tf.reshape(shift, [1, -1, 1, 1])
+    dk = tf.cast(xk, tf.float32) - shift_k
+    y, residual, unbiased_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=dk,
+        scale=scale,
+        offset=offset,
+        mean=tf.zeros([0], tf.float32),
+        variance=tf.zeros([0], tf.float32),
+        epsilon=epsilon,
+        data_format=data_format,
+        is_training=True,
+    )
+    count = _count(x, axis, tf.float32)
+    # Undo the kernel's n / (n - 1). With n = 1 it left the (zero)
+    # variance alone, and (n - 1) / n = 0 keeps it zero.
+    var = unbiased_var * (tf.maximum(count - 1.0, 0.0) / tf.maximum(count, 1.0))
+    mean = tf.stop_gradient(shift + residual)
+    var = tf.stop_gradient(var)
+    moving_mean = tf.cast(moving_mean, tf.float32)
+    moving_var = tf.cast(moving_var, tf.float32)
+    counted = count > 0
+    new_mean = tf.where(
+        counted, _math.moving_average(moving_mean, mean, momentum), moving_mean
+    )
+    new_var = tf.where(
+        counted, _math.moving_average(moving_var, var, momentum), moving_var
+    )
+    if kernel_shape is not None:
+        y = tf.reshape(y, tf.shape(x))
+    return tf.cast(y, out_dtype), new_mean, new_var
+
+
+def _kernel_inference(
+    x, gamma, beta, moving_mean, moving_var, axis, epsilon, out_dtype
+):
+    import tensorflow as tf
+
+    x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
+    scale, offset = _parameters(x, axis, gamma, beta, tf.float32)
+    y = tf.raw_ops.FusedBatchNormV3(
+        x=xk,
+        scale=scale,
+        offset=offset,
+        mean=tf.cast(moving_mean, tf.float32),
+        variance=tf.cast(moving_var, tf.float32),
+        epsilon=epsilon,
+        data_format=data_format,
+        is_training=False,
+    )[0]
     if kernel_shape is not None:
         y = tf.reshape(y, tf.shape(x))
     return tf.cast(y, out_dtype)
@@ -518,4 +693,8 @@ def fused_eligibility(layer, inputs, mask=None):
         import keras
 
         inputs = keras.KerasTensor(tuple(inputs), dtype=layer.compute_dtype)
-    return ineligibility(layer, inputs, mask)
+    shape = _static_shape(inputs)
+    features = _geometry.feature_axes(
+        layer.axis, len(shape), shape, layer.virtual_batch_size
+    )
+    return ineligibility(layer, inputs, mask, features, implementation())

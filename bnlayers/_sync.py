@@ -1,6 +1,7 @@
 """Cross-replica statistics for `synchronized=True` (TensorFlow's tf.distribute).
 
-The statistics of the global batch are taken around a *shift* that every
+The same shifted statistics as `_math.shifted_moments`, over every
+replica's batch: the statistics of the global batch are taken around a *shift* that every
 replica agrees on, with the shifted two-pass correction of Chan, Golub &
 LeVeque (1983):
 
@@ -88,7 +89,9 @@ def cross_replica_moments(ctx, x, axes, weights=None):
     axes = tuple(axes)
     if weights is None:
         local_sum = ops.sum(x, axis=axes, keepdims=True)
-        local_count = ops.ones_like(local_sum) * ops.cast(_math.reduced_size(x, axes), x.dtype)
+        local_count = ops.ones_like(local_sum) * ops.cast(
+            _math.reduced_size(x, axes), x.dtype
+        )
     else:
         keep = ops.broadcast_to(ops.cast(weights, "bool"), ops.shape(x))
         zeros = ops.zeros_like(x)
@@ -109,8 +112,5 @@ def cross_replica_moments(ctx, x, axes, weights=None):
         ops.sum(centred, axis=axes, keepdims=True),
         ops.sum(ops.square(centred), axis=axes, keepdims=True),
     )
-    residual = s1 / safe_count
-    # Cauchy-Schwarz keeps s2 >= s1^2 / n; rounding may cross it by an ulp
-    # when every value is the same.
-    m2 = ops.maximum(s2 - s1 * residual, 0.0)
+    residual, m2 = _math.one_pass_moments(count, s1, s2)
     return count, shift, residual, m2

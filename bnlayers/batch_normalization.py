@@ -102,9 +102,11 @@ class BatchNormalization(keras.layers.Layer):
         moving_mean = moving_mean * momentum + mean(x) * (1 - momentum)
         moving_variance = moving_variance * momentum + var(x) * (1 - momentum)
 
-    `var` is the biased (population) variance, computed in two passes
-    around the mean, so it stays right when the mean is large next to the
-    spread (e.g. mean 1e4, standard deviation 1).
+    `var` is the biased (population) variance. Both statistics are taken
+    on the inputs shifted by one of their own values per feature, and the
+    normalization subtracts the shift first, so they stay exact to float32
+    rounding whatever the mean of the data (e.g. mean 1e6, standard
+    deviation 1), on every path.
 
     **At inference** (`evaluate()`, `predict()`, `training=False` or
     `None`), the moving statistics take the place of the batch ones and
@@ -426,11 +428,9 @@ class BatchNormalization(keras.layers.Layer):
         inputs, weights = self._prepare_call_inputs(inputs, mask)
         use_batch_statistics = bool(training) and self.trainable
 
-        if self._use_fused_kernel(inputs, weights):
-            from bnlayers import _fused
-
-            outputs = _fused.fused_call(self, inputs, use_batch_statistics)
-            return ops.cast(outputs, self.compute_dtype)
+        fast = self._fast_path(inputs, weights)
+        if fast is not None:
+            return self._fast_call(inputs, use_batch_statistics, fast)
 
         ndim = len(inputs.shape)
         param_shape = _geometry.param_shape(self._feature_axes, ndim, self.moving_mean.shape)
@@ -477,21 +477,43 @@ class BatchNormalization(keras.layers.Layer):
             outputs = _math.normalize(centred, offset, var, gamma, beta, self.epsilon)
         return ops.cast(outputs, self.compute_dtype)
 
-    def _use_fused_kernel(self, inputs, mask):
-        """Whether this call runs the fused TensorFlow kernel (see `_fused`)."""
+    def _fast_path(self, inputs, mask):
+        """The fast path's implementation for this call (see `_fused`), or None."""
         if self.fused is False:
-            return False
+            return None
         from bnlayers import _fused
 
-        reason = _fused.ineligibility(self, inputs, mask)
+        implementation = _fused.implementation()
+        reason = _fused.ineligibility(self, inputs, mask, self._feature_axes, implementation)
         if reason is None:
-            return True
+            return implementation
         if self.fused:
             raise ValueError(
                 f"`fused=True` but the fused fast path cannot be taken here: {reason}. "
                 "Pass fused=None to fall back to the reference path automatically."
             )
-        return False
+        return None
+
+    def _fast_call(self, inputs, use_batch_statistics, implementation):
+        from bnlayers import _fused
+
+        args = dict(
+            x=inputs,
+            gamma=self.gamma if self.scale else None,
+            beta=self.beta if self.center else None,
+            moving_mean=self.moving_mean,
+            moving_variance=self.moving_variance,
+            axis=self._feature_axes[0],
+            epsilon=self.epsilon,
+            out_dtype=self.compute_dtype,
+            implementation=implementation,
+        )
+        if not use_batch_statistics:
+            return _fused.inference(**args)
+        outputs, new_mean, new_var = _fused.training(momentum=self.momentum, **args)
+        for variable, value in ((self.moving_mean, new_mean), (self.moving_variance, new_var)):
+            variable.assign(ops.cast(value, variable.dtype))
+        return outputs
 
     def _ghost_batch_call(self, x, weights, gamma, beta):
         """Training step with the batch split into ghost batches.
