@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-import _bn_reference as ref
+import bn_reference as ref
 import bnlayers
 from backend_ops import to_numpy
 from backend_ops import train_step
