@@ -1,13 +1,15 @@
 """One backend's side of the cross-backend tests (tests/test_cross_backend.py).
 
-Run as a script under the backend in KERAS_BACKEND:
+Run as a script under the backend in KERAS_BACKEND, with the tasks to do in
+this one process (a start-up of Keras and a backend is seconds):
 
-    python tests/_backend_worker.py article OUT.json [TRAIN_SIZE]
-    python tests/_backend_worker.py exchange DIR OUT.json
-    python tests/_backend_worker.py data_parallel OUT.json     (JAX, 2 CPU devices)
+    python tests/_backend_worker.py DIR PREFIX TASK [TASK ...]
 
-Each writes its findings as JSON (or files for `load` to read); the test
-asserts on them.
+TASK is `article`, `exchange` (loads the `.keras` files other backends left
+in DIR, then leaves this backend's) or `data_parallel` (JAX with 2 CPU
+devices). Each writes its findings to DIR/PREFIX-TASK.json, or the
+traceback if it failed (under "error"); the test asserts on them. Errors
+are `bn_reference.rel_err`.
 """
 
 import os
@@ -21,6 +23,7 @@ import sys
 import keras
 import numpy as np
 from article import article_model
+from bn_reference import rel_err
 
 import bnlayers
 
@@ -128,14 +131,10 @@ def load(directory, out):
             result[saved.stem] = {
                 "layers": [type(layer).__module__ + "." + type(layer).__name__ for layer in model.layers],
                 "weights_equal": bool(np.array_equal(weights, expected["weights"])),
-                "infer_rel_err": _rel_err(infer, expected["infer"]),
-                "train_rel_err": _rel_err(train, expected["train"]),
+                "infer_rel_err": rel_err(infer, expected["infer"]),
+                "train_rel_err": rel_err(train, expected["train"]),
             }
     pathlib.Path(out).write_text(json.dumps(result, indent=1))
-
-
-def _rel_err(actual, expected):
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
 def data_parallel(out):
@@ -185,6 +184,20 @@ def data_parallel(out):
     pathlib.Path(out).write_text(json.dumps(result))
 
 
+def main(directory, prefix, *tasks):
+    import traceback
+
+    directory = pathlib.Path(directory)
+    for task in tasks:
+        out = directory / f"{prefix}-{task}.json"
+        try:
+            if task == "exchange":
+                exchange(directory, out)
+            else:
+                {"article": article, "data_parallel": data_parallel}[task](out)
+        except Exception:
+            out.write_text(json.dumps({"error": traceback.format_exc()}))
+
+
 if __name__ == "__main__":
-    task, *args = sys.argv[1:]
-    {"article": article, "exchange": exchange, "data_parallel": data_parallel}[task](*args)
+    main(*sys.argv[1:])

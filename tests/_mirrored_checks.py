@@ -16,6 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import tensorflow as tf
 
+from bn_reference import feature_axes_of
+from bn_reference import rel_err
+
 OFFSETS = (0.0, 1e4, 1e6)
 SPREADS = (0.5, 1.0, 2.0)
 EPSILON = 1e-3
@@ -47,17 +50,6 @@ def local(strategy, value):
 def variable_copies(strategy, variable):
     """Each replica's copy of a layer weight."""
     return local(strategy, variable.value)
-
-
-def rel_err(value, truth):
-    return float(np.max(np.abs(np.asarray(value, "float64") - truth) / np.abs(truth)))
-
-
-def scaled_diff(value, reference):
-    """max |value - reference| / max |reference|: 0 for identical arrays."""
-    reference = np.asarray(reference, "float64")
-    scale = max(float(np.max(np.abs(reference))), 1e-30) if reference.size else 1.0
-    return float(np.max(np.abs(np.asarray(value, "float64") - reference), initial=0.0) / scale)
 
 
 def train_once(strategy, layer, parts, mask_parts=None):
@@ -117,9 +109,9 @@ def exactness(strategy, sizes):
                 key = name + ("_masked" if masked else "")
                 row[key + "_var"] = variable_copies(strategy, layer.moving_variance)[0].tolist()
                 row[key + "_var_rel_err"] = rel_err(
-                    variable_copies(strategy, layer.moving_variance)[0], truth_var
+                    variable_copies(strategy, layer.moving_variance)[0], truth_var, floor=0.0
                 )
-                row[key + "_out_max_abs_err"] = float(np.max(np.abs(y[keep] - truth_out[keep])))
+                row[key + "_out_rel_err"] = rel_err(y[keep], truth_out[keep])
         row["truth_var"] = x.astype("float64").var(axis=0).tolist()
         results.append(row)
     return results
@@ -147,9 +139,9 @@ def mixed_precision(strategy, sizes):
             y = np.concatenate(parts)
             out[name + "_dtype"] = str(y.dtype)
             out[name + "_var_rel_err"] = rel_err(
-                variable_copies(strategy, layer.moving_variance)[0], truth_var
+                variable_copies(strategy, layer.moving_variance)[0], truth_var, floor=0.0
             )
-            out[name + "_out_max_abs_err"] = float(np.max(np.abs(y.astype("float64") - truth_out)))
+            out[name + "_out_rel_err"] = rel_err(y, truth_out)
         return out
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -213,10 +205,11 @@ def equivalence(strategy, case, sizes, steps=3):
 
     diffs = {"outputs": 0.0, "grad_inputs": 0.0, "grad_gamma": 0.0, "grad_beta": 0.0}
     batch = sum(sizes)
+    features = feature_axes_of(kwargs.get("axis", -1), 1 + len(shape))
     for _ in range(steps):
         x = (3.0 + 2.0 * rng.standard_normal((batch,) + shape)).astype("float32")
         w = rng.standard_normal(x.shape).astype("float32")
-        mask_shape = tuple(d for i, d in enumerate((batch,) + shape) if i not in ref._feature_axes)
+        mask_shape = tuple(d for i, d in enumerate((batch,) + shape) if i not in features)
         m = rng.random(mask_shape) > 0.25
         m[0] = False  # a fully masked example as well
         y, gx, gg, gb = dist_step(
@@ -231,11 +224,11 @@ def equivalence(strategy, case, sizes, steps=3):
             ("grad_gamma", gg, rgg),
             ("grad_beta", gb, rgb),
         ):
-            diffs[key] = max(diffs[key], scaled_diff(value, reference))
+            diffs[key] = max(diffs[key], rel_err(value, reference))
     for name in ("moving_mean", "moving_variance") + (("moving_stddev",) if kwargs.get("renorm") else ()):
         reference = np.asarray(getattr(ref, name))
         copies = variable_copies(strategy, getattr(dist, name))
-        diffs[name] = max(scaled_diff(c, reference) for c in copies)
+        diffs[name] = max(rel_err(c, reference) for c in copies)
         # Replicas must agree bit for bit, or they drift apart over training.
         diffs[name + "_replicas_identical"] = all(np.array_equal(c, copies[0]) for c in copies)
     return diffs
@@ -271,11 +264,11 @@ def dataset_remainder(strategy, replicas):
         # Sorted rows: the comparison must not depend on which replica got which example.
         ours = np.sort(np.concatenate(parts), axis=0)
         theirs = np.sort(np.asarray(ref(ref_batch, training=True)), axis=0)
-        out_diff = max(out_diff, scaled_diff(ours, theirs))
+        out_diff = max(out_diff, rel_err(ours, theirs))
     result = {"per_replica_sizes": per_replica_sizes, "outputs": out_diff}
     for name in ("moving_mean", "moving_variance"):
         copies = variable_copies(strategy, getattr(dist, name))
-        result[name] = max(scaled_diff(c, np.asarray(getattr(ref, name))) for c in copies)
+        result[name] = max(rel_err(c, np.asarray(getattr(ref, name))) for c in copies)
     return result
 
 

@@ -189,12 +189,7 @@ def test_auto_takes_fast_path_in_parity_grid(monkeypatch):
     monkeypatch.setattr(_fused, "fused_call", lambda *a: calls.append(a[0].name) or real(*a))
     taken = 0
     for case in test_parity.CASES:
-        dtype = {"float64": "float64", "float16": "float16", "bfloat16": "bfloat16"}.get(case.policy)
-        layer = parity.make_layer(bnlayers.BatchNormalization, case, fused=None)
-        mask = np.ones([s for i, s in enumerate(case.shape) if i not in case.feature_axes], bool)
-        reason = bnlayers.fused_eligibility(
-            layer, tf.TensorSpec(case.shape, dtype or "float32"), mask=mask if case.mask else None
-        )
+        reason = parity.fast_path_reason(case)
         expected = not case.mask and not case.renorm and len(case.feature_axes) == 1
         if _fused.implementation() == "kernel":  # on a GPU
             expected = expected and case.epsilon >= _fused.KERNEL_MIN_EPSILON
@@ -220,7 +215,8 @@ def test_jit_never_uses_the_kernel_op(monkeypatch):
     assert "FusedBatchNormV3" not in _graph_ops(step, x, x)
     step(x, x)
     var = x.numpy().astype(np.float64).reshape(-1, 3).var(axis=0)
-    ref.assert_close(layer.moving_variance.numpy(), var, 1e-4, "moving_variance", floor=0.0)
+    # Measured 4.7e-6; a one-pass variance would be off by about 1.
+    ref.assert_close(layer.moving_variance.numpy(), var, 5e-5, "moving_variance", floor=0.0)
 
 
 # ------------------------------------------------------------------ parity
@@ -291,8 +287,10 @@ def test_moving_variance_is_the_biased_one(implementation, batch):
     layer = _built(shape=(batch, 5), momentum=0.0, fused=True)
     layer(x, training=True)
     x64 = x.astype(np.float64)
-    ref.assert_close(layer.moving_mean.numpy(), x64.mean(axis=0), 1e-6, "moving_mean")
-    ref.assert_close(layer.moving_variance.numpy(), x64.var(axis=0), 1e-5, "moving_variance")
+    # Measured 1.3e-7 and 1.4e-7 (a Bessel-corrected variance would be off
+    # by 1 / (batch - 1) of itself).
+    ref.assert_close(layer.moving_mean.numpy(), x64.mean(axis=0), 2e-6, "moving_mean")
+    ref.assert_close(layer.moving_variance.numpy(), x64.var(axis=0), 2e-6, "moving_variance")
 
 
 @pytest.mark.parametrize("execution", ["eager", "function", "jit"])
@@ -305,9 +303,11 @@ def test_variance_of_large_mean_data(implementation, execution):
         call = tf.function(call, jit_compile=execution == "jit")
     y = call(tf.constant(x)).numpy()
     _, mean, var = ref.batch_moments(x, [-1])
-    ref.assert_close(layer.moving_variance.numpy(), var.ravel(), 1e-4, "moving_variance", floor=0.0)
-    ref.assert_close(layer.moving_mean.numpy(), mean.ravel(), 1e-6, "moving_mean", floor=0.0)
-    # The output inherits the rounding of the float32 mean (~1e-3 at 1e4).
+    # Measured 3.6e-6 and 2.1e-7.
+    ref.assert_close(layer.moving_variance.numpy(), var.ravel(), 5e-5, "moving_variance", floor=0.0)
+    ref.assert_close(layer.moving_mean.numpy(), mean.ravel(), 2e-6, "moving_mean", floor=0.0)
+    # The output inherits the rounding of the float32 mean (~1e-3 at 1e4;
+    # measured 6.0e-4).
     ref.assert_close(y, (x - mean) / np.sqrt(var + 1e-3), 3e-3, "output")
 
 
@@ -337,8 +337,9 @@ def test_unknown_batch_size_in_a_function(implementation):
         x = rng.normal(0.5, 2.0, (batch, 6, 3)).astype("float32")
         y = call(x).numpy()
         _, mean, var = ref.batch_moments(x, [-1])
-        ref.assert_close(y, (x - mean) / np.sqrt(var + 1e-3), 1e-5, "output")
-        ref.assert_close(layer.moving_variance.numpy(), var.ravel(), 1e-5, "moving_variance")
+        # Measured 9.1e-8 and 1.7e-7.
+        ref.assert_close(y, (x - mean) / np.sqrt(var + 1e-3), 1e-6, "output")
+        ref.assert_close(layer.moving_variance.numpy(), var.ravel(), 2e-6, "moving_variance")
 
 
 def test_article_model_fits_alike_with_jit_and_without():
@@ -364,7 +365,8 @@ def test_article_model_fits_alike_with_jit_and_without():
         m.set_weights(initial)
         losses[name] = [float(m.train_on_batch(x[i : i + 32], y[i : i + 32])) for i in range(0, 128, 32)]
     for name in ("fused", "fused-jit"):
-        ref.assert_close(losses[name], losses["builtin"], 1e-4, f"losses ({name})")
+        # Measured 1.8e-6.
+        ref.assert_close(losses[name], losses["builtin"], 2e-5, f"losses ({name})")
 
 
 # --------------------------------------------------------------- benchmark
@@ -412,4 +414,4 @@ def test_second_order_gradients(implementation, training):
             penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
         results.append([penalty.numpy()] + [g.numpy() for g in outer.gradient(penalty, [x, layer.gamma.value])])
     for a, e in zip(*results):
-        ref.assert_close(a, e, 1e-5, "penalty, its gradients")
+        ref.assert_close(a, e, 5e-6, "penalty, its gradients")  # measured 5.4e-7

@@ -14,9 +14,13 @@ from backend_ops import train_step
 
 EPSILON = 1e-3
 MOMENTUM = 0.5
-# float32 against float64: rounding of sums over at most a few hundred
-# elements, a few 1e-7 of the largest value (measured); 1e-5 leaves margin.
-RTOL = 1e-5
+# bn_reference.rel_err allowed, about ten times the largest measured on
+# TensorFlow, JAX and PyTorch. float32 against float64: rounding of sums over
+# at most a few hundred elements (measured 4.7e-7).
+RTOL = 5e-6
+# Against the built-in layer, whose gamma gradient sums in another order
+# (measured 2.6e-6).
+BUILTIN_RTOL = 3e-5
 
 
 def _layer(shape, virtual_batch_size, axis=-1, seed=0, **kwargs):
@@ -118,9 +122,9 @@ def test_parity_with_builtin_when_virtual_batch_is_the_batch():
         for got, want, what in zip(
             train_step(ours, x, dy), train_step(builtin, x, dy), ("outputs", "dx", "dgamma", "dbeta")
         ):
-            ref.assert_close(got, want, RTOL, what)
+            ref.assert_close(got, want, BUILTIN_RTOL, what)
     for got, want in zip(ours.get_weights(), builtin.get_weights()):
-        ref.assert_close(got, want, RTOL, "weights")
+        ref.assert_close(got, want, BUILTIN_RTOL, "weights")
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7, 16])
@@ -137,7 +141,7 @@ def test_inference_ignores_virtual_batches(batch):
     expected = gamma * (x - mean) / np.sqrt(var + EPSILON) + beta
     for training in (False, None):
         ref.assert_close(ours(x, training=training), expected, RTOL, "inference outputs")
-    ref.assert_close(ours(x), builtin(x), RTOL, "against the built-in")
+    ref.assert_close(ours(x), builtin(x), BUILTIN_RTOL, "against the built-in")
 
 
 @pytest.mark.backends("tensorflow", reason="a tf.function trace with a None batch dimension")

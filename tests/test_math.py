@@ -30,9 +30,11 @@ def test_statistics_dtype(dtype, expected):
     assert _math.statistics_dtype(dtype) == expected
 
 
-# float32 results are rounding noise away from float64 (sums of a few
-# hundred terms); float64 inputs must agree to float64 rounding.
-TOL = {"float32": 1e-6, "float64": 1e-13}
+# bn_reference.rel_err allowed, about ten times the largest measured on
+# TensorFlow, JAX and PyTorch: float32 results are rounding noise away from
+# float64 (sums of a few hundred terms; measured 1.4e-7), float64 inputs
+# agree to float64 rounding (measured 5.8e-16).
+TOL = {"float32": 1e-6, "float64": 6e-15}
 FLOAT64 = pytest.param("float64", marks=pytest.mark.needs_x64)
 
 
@@ -82,8 +84,9 @@ def test_moments_of_large_mean_data(masked):
         ops.convert_to_tensor(x), (0,), None if keep is None else ops.convert_to_tensor(keep)
     )
     c, m, s = _triple(x, (0,), keep)
+    # Measured 1.4e-5 and 4.1e-7.
     ref.assert_close(_np(_math.variance(count, m2)), s / c, 1e-4, "variance", floor=0.0)
-    ref.assert_close(_np(mean), m, 1e-6, "mean", floor=0.0)
+    ref.assert_close(_np(mean), m, 4e-6, "mean", floor=0.0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", FLOAT64])
@@ -114,7 +117,8 @@ def test_merge_moments_equals_moments_of_the_union(dtype, offset):
     # ~ 100 here (m2 ~ 35). The exact merge is limited by the group means
     # themselves: in float32 a mean near 1e4 is only known to ~2**-11 * 1e4
     # ~ 5e-4, which enters m2 at first order through n_i (mean_i - mean).
-    tol = 1e-3 if (dtype == "float32" and offset) else 10 * TOL[dtype]
+    # Measured 2.8e-4 (float32) and 2.9e-13 (float64) at mean 1e4.
+    tol = {"float32": 3e-3, "float64": 3e-12}[dtype] if offset else TOL[dtype]
     ref.assert_close(_np(m2), s, tol, f"m2 ({dtype}, mean {offset:g})", floor=0.0)
 
 
@@ -132,8 +136,9 @@ def test_merge_moments_of_float64_is_exact_to_rounding():
         *[ops.stack([t[k] for t in triples], axis=0) for k in range(3)], axis=0
     )
     c, m, s = _triple(x, (0,))
-    ref.assert_close(_np(mean)[0], m, 1e-15, "mean")
-    ref.assert_close(_np(m2)[0], s, 1e-14, "m2")
+    # Measured 1.8e-16 and 0.
+    ref.assert_close(_np(mean)[0], m, 2e-15, "mean")
+    ref.assert_close(_np(m2)[0], s, 1e-15, "m2")
     np.testing.assert_array_equal(_np(count)[0] * np.ones_like(c), c)
 
 
@@ -154,7 +159,7 @@ def test_normalize(affine):
         return None if a is None else ops.convert_to_tensor(a.astype("float32"))
 
     y = _math.normalize(t(x), t(mean), t(var), t(gamma), t(beta), 1e-3)
-    ref.assert_close(_np(y), expected, 1e-6, "y")
+    ref.assert_close(_np(y), expected, 1e-6, "output")  # measured 9.7e-8
 
 
 def test_normalize_keeps_accuracy_for_large_means():
@@ -163,7 +168,7 @@ def test_normalize_keeps_accuracy_for_large_means():
     mean = np.float32(1e4)
     y = _math.normalize(ops.convert_to_tensor(x), mean, np.float32(1.0), None, None, 1e-3)
     expected = (x.astype(np.float64) - 1e4) / np.sqrt(1.001)
-    ref.assert_close(_np(y), expected, 1e-6, "y")
+    ref.assert_close(_np(y), expected, 5e-7, "output")  # measured 4.4e-8
 
 
 def test_moving_average():
@@ -172,4 +177,4 @@ def test_moving_average():
     for momentum in (0.0, 0.25, 0.99, 1.0):
         out = _math.moving_average(ops.convert_to_tensor(moving), ops.convert_to_tensor(value), momentum)
         expected = moving.astype(np.float64) * momentum + value * (1 - momentum)
-        ref.assert_close(_np(out), expected, 1e-7, "out")
+        ref.assert_close(_np(out), expected, 1e-6, "moving average")  # measured 8.5e-8

@@ -19,19 +19,21 @@ import pytest
 import tensorflow as tf
 
 import _mirrored_checks as checks
+import bn_reference as ref
 import bnlayers
 
 HERE = pathlib.Path(__file__).resolve().parent
 DEVICE_COUNTS = (2, 4)
 SUBPROCESS_TIMEOUT_S = 240
 
-# The issue asks for a relative error <= 1e-4 of the float64 truth; float32
-# rounding of the sums gives ~5e-7 (measured), so the tests hold 1e-5.
+# Errors are bn_reference.rel_err, measured in the worker processes.
+# The synchronized variance against the float64 truth: float32 rounding of
+# the sums (measured: MEASURED).
 VARIANCE_RTOL = 1e-5
-# Normalized outputs are O(1): float32 rounding is ~1e-6.
-OUTPUT_ATOL = 1e-5
+# Normalized outputs against the float64 truth (measured: MEASURED).
+OUTPUT_RTOL = 1e-5
 # Replicas sum in another order than one device: a few float32 ulps of the
-# largest value (1.4e-6 measured, for gamma's gradient, a sum over 96 terms).
+# largest value (measured: MEASURED).
 EQUIVALENCE_TOL = 1e-5
 
 
@@ -85,8 +87,8 @@ def test_strategy_has_the_requested_replicas(measured, replicas):
 def test_synchronized_variance_is_exact_at_any_mean(measured, replicas, masked, offset):
     (row,) = [r for r in measured[replicas]["exactness"] if r["offset"] == offset]
     key = "bnlayers" + ("_masked" if masked else "")
-    assert row[key + "_var_rel_err"] <= VARIANCE_RTOL, row
-    assert row[key + "_out_max_abs_err"] <= OUTPUT_ATOL, row
+    ref.check_error(row[key + "_var_rel_err"], VARIANCE_RTOL, f"{key} variance, mean {offset:g}")
+    ref.check_error(row[key + "_out_rel_err"], OUTPUT_RTOL, f"{key} outputs, mean {offset:g}")
 
 
 @pytest.mark.slow
@@ -94,8 +96,8 @@ def test_synchronized_variance_is_exact_at_any_mean(measured, replicas, masked, 
 def test_synchronized_variance_agrees_with_builtin_on_ordinary_data(measured, replicas):
     """At mean 0 the built-in's E[x^2] - E[x]^2 is fine, and the two agree."""
     (row,) = [r for r in measured[replicas]["exactness"] if r["offset"] == 0.0]
-    np.testing.assert_allclose(row["bnlayers_var"], row["builtin_var"], rtol=2 * VARIANCE_RTOL)
-    np.testing.assert_allclose(row["bnlayers_var"], row["truth_var"], rtol=VARIANCE_RTOL)
+    ref.assert_close(row["bnlayers_var"], row["builtin_var"], 2 * VARIANCE_RTOL, "vs built-in")
+    ref.assert_close(row["bnlayers_var"], row["truth_var"], VARIANCE_RTOL, "vs float64", floor=0.0)
 
 
 @pytest.mark.slow
@@ -104,10 +106,11 @@ def test_synchronized_statistics_in_mixed_precision(measured, replicas):
     """float16 inputs at mean 100: statistics in float32, outputs in float16."""
     result = measured[replicas]["mixed_precision"]
     assert result["bnlayers_dtype"] == "float16"
-    assert result["bnlayers_var_rel_err"] <= VARIANCE_RTOL, result
-    # float16 outputs below 4 in magnitude round by up to half a unit in the
-    # last place, 2**-10 = 9.8e-4.
-    assert result["bnlayers_out_max_abs_err"] <= 2**-10 * 1.05, result
+    ref.check_error(result["bnlayers_var_rel_err"], VARIANCE_RTOL, "variance, mixed_float16")
+    # A float16 output rounds by up to half a unit in its last place, 2**-11
+    # of its magnitude, so by up to 2**-11 of the largest output: a bound
+    # (measured: MEASURED), with 5% for the float32 error beneath it.
+    ref.check_error(result["bnlayers_out_rel_err"], 2**-11 * 1.05, "outputs, mixed_float16")
 
 
 def _equivalence_ids():
@@ -127,7 +130,7 @@ def test_replicas_equal_one_device_with_the_global_batch(measured, replicas, cas
         if key.endswith("_replicas_identical"):
             assert value is True, (key, diffs)
         else:
-            assert value <= EQUIVALENCE_TOL, (key, diffs)
+            ref.check_error(value, EQUIVALENCE_TOL, f"{key} ({case.split('_')[-1]} batches)")
 
 
 @pytest.mark.slow
@@ -141,7 +144,7 @@ def test_distributed_dataset_with_a_short_last_batch(measured, replicas):
     if replicas == 4:
         assert 0 in sizes[-1]
     for key in ("outputs", "moving_mean", "moving_variance"):
-        assert result[key] <= EQUIVALENCE_TOL, result
+        ref.check_error(result[key], EQUIVALENCE_TOL, key)
 
 
 # ----------------------------------------------------- without a strategy
