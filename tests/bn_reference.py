@@ -82,7 +82,10 @@ def batch_moments(x, feature_axes, mask=None):
     count = keep.sum(axis=reduction, keepdims=True).astype(np.float64)
     safe = np.maximum(count, 1.0)
     mean = np.where(keep, x, 0.0).sum(axis=reduction, keepdims=True) / safe
-    var = np.where(keep, (x - mean) ** 2, 0.0).sum(axis=reduction, keepdims=True) / safe
+    var = (
+        np.where(keep, (x - mean) ** 2, 0.0).sum(axis=reduction, keepdims=True)
+        / safe
+    )
     return count, mean, var
 
 
@@ -124,7 +127,9 @@ def step(
 
     g = per_feature("gamma") if scale else 1.0
     b = per_feature("beta") if center else 0.0
-    new_state = {k: np.asarray(v, dtype=np.float64).copy() for k, v in state.items()}
+    new_state = {
+        k: np.asarray(v, dtype=np.float64).copy() for k, v in state.items()
+    }
     keep = _keep(x, mask, features)
 
     if not (training and trainable):
@@ -137,7 +142,9 @@ def step(
 
     r, d = 1.0, 0.0
     if count is not None and renorm:
-        renorm_stddev = np.maximum(per_feature("renorm_stddev"), np.sqrt(epsilon))
+        renorm_stddev = np.maximum(
+            per_feature("renorm_stddev"), np.sqrt(epsilon)
+        )
         r = sigma / renorm_stddev
         d = (mean - per_feature("renorm_mean")) / renorm_stddev
         clipping = renorm_clipping or {}
@@ -152,7 +159,9 @@ def step(
     grads = None
     if upstream is not None:
         dy = np.asarray(upstream, dtype=np.float64)
-        dxhat = dy * g * r  # r and d are constants for the gradient (renorm paper)
+        dxhat = (
+            dy * g * r
+        )  # r and d are constants for the gradient (renorm paper)
         if count is None:
             dx = dxhat / sigma
         else:
@@ -168,10 +177,15 @@ def step(
         # nearly cancel (a batch of 2, whose normalized values hardly
         # depend on the inputs) dx is tiny next to them, and rounding in
         # any implementation is of their size, not of dx's.
-        grads = {"x": dx, "x_scale": float(np.max(np.abs(dxhat / sigma), initial=0.0))}
+        grads = {
+            "x": dx,
+            "x_scale": float(np.max(np.abs(dxhat / sigma), initial=0.0)),
+        }
         shape = [x.shape[a] for a in features]
         if scale:
-            grads["gamma"] = (dy * (r * xhat + d)).sum(axis=reduction).reshape(shape)
+            grads["gamma"] = (
+                (dy * (r * xhat + d)).sum(axis=reduction).reshape(shape)
+            )
         if center:
             grads["beta"] = dy.sum(axis=reduction).reshape(shape)
 
@@ -183,7 +197,9 @@ def step(
 
         def update(name, value, m):
             old = new_state[name]
-            new_state[name] = np.where(counted, old * m + value * (1.0 - m), old)
+            new_state[name] = np.where(
+                counted, old * m + value * (1.0 - m), old
+            )
 
         if renorm:
             stddev = np.sqrt(var_f + epsilon)
@@ -233,17 +249,34 @@ def batch_norm(x, feature_axes, gamma, beta, epsilon, mask=None, dy=None):
         "moving_variance": np.ones(shape),
     }
     y, grads, _ = step(
-        x, state, feature_axes=features, training=True, epsilon=epsilon, momentum=0.0,
-        mask=mask, upstream=dy,
+        x,
+        state,
+        feature_axes=features,
+        training=True,
+        epsilon=epsilon,
+        momentum=0.0,
+        mask=mask,
+        upstream=dy,
     )
-    count, mean, var = (np.reshape(t, shape) for t in batch_moments(x, features, mask))
+    count, mean, var = (
+        np.reshape(t, shape) for t in batch_moments(x, features, mask)
+    )
     out = {"y": y, "count": count, "mean": mean, "var": var}
     if grads is not None:
         out.update(dx=grads["x"], dgamma=grads["gamma"], dbeta=grads["beta"])
     return out
 
 
-def ghost_batch_norm(x, virtual_batch_size, feature_axes, gamma, beta, epsilon, mask=None, dy=None):
+def ghost_batch_norm(
+    x,
+    virtual_batch_size,
+    feature_axes,
+    gamma,
+    beta,
+    epsilon,
+    mask=None,
+    dy=None,
+):
     """Each run of `virtual_batch_size` examples normalized on its own.
 
     The last group is smaller when the batch is not a multiple. Returns the
@@ -338,8 +371,18 @@ def check_error(err, tol, what):
     """Record an error measured with `rel_err` (here or in a worker process)
     under the running test, and assert it is within `tol`."""
     # PYTEST_CURRENT_TEST is "tests/test_x.py::test_y[params] (call)".
-    module, _, test = os.environ.get("PYTEST_CURRENT_TEST", "").rpartition(" ")[0].partition("::")
-    record(module.rsplit("/", 1)[-1], test.split("[")[0], what, err, test.partition("[")[2][:-1])
+    module, _, test = (
+        os.environ.get("PYTEST_CURRENT_TEST", "")
+        .rpartition(" ")[0]
+        .partition("::")
+    )
+    record(
+        module.rsplit("/", 1)[-1],
+        test.split("[")[0],
+        what,
+        err,
+        test.partition("[")[2][:-1],
+    )
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
 
 

@@ -80,8 +80,12 @@ TOLERANCES = {  # bnlayers against the float64 reference
         "grad_param": 8e-6,  # 8.1e-7
     },
     # Bounds; measured 4.5e-4 and 3.7e-3 at most.
-    "float16": dict.fromkeys(("output", "stats", "grad_x", "grad_param"), 1.5e-3),
-    "bfloat16": dict.fromkeys(("output", "stats", "grad_x", "grad_param"), 1.2e-2),
+    "float16": dict.fromkeys(
+        ("output", "stats", "grad_x", "grad_param"), 1.5e-3
+    ),
+    "bfloat16": dict.fromkeys(
+        ("output", "stats", "grad_x", "grad_param"), 1.2e-2
+    ),
     "float64": {
         "output": 5e-15,  # measured 4.4e-16
         "stats": 2e-15,  # 2.0e-16
@@ -152,7 +156,9 @@ class Case:
 
     @property
     def feature_axes(self):
-        axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
+        axes = (
+            self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
+        )
         return sorted(a % self.ndim for a in axes)
 
     @property
@@ -161,7 +167,9 @@ class Case:
         other accepted form drops those."""
         if len(self.feature_axes) == 1:
             return self.shape[:-1]
-        return tuple(s for i, s in enumerate(self.shape) if i not in self.feature_axes)
+        return tuple(
+            s for i, s in enumerate(self.shape) if i not in self.feature_axes
+        )
 
     @property
     def clipping(self):
@@ -255,9 +263,13 @@ def run_keras(layer, case, weights, steps):
         return layer(t, training=False)
 
     def step(x, mask, w, x_inf, w_inf):
-        y, grads = value_and_grads(train, [x], w, params, [layer], args=[mask], jit=jax_jit)
+        y, grads = value_and_grads(
+            train, [x], w, params, [layer], args=[mask], jit=jax_jit
+        )
         # Runs after the training call, so it sees the updated statistics.
-        y_inf, grads_inf = value_and_grads(infer, [x_inf], w_inf, params, [layer], jit=jax_jit)
+        y_inf, grads_inf = value_and_grads(
+            infer, [x_inf], w_inf, params, [layer], jit=jax_jit
+        )
         return y, grads, y_inf, grads_inf
 
     if BACKEND == "tensorflow" and case.execution != "eager":
@@ -268,11 +280,16 @@ def run_keras(layer, case, weights, steps):
     dtype = "float64" if case.policy == "float64" else "float32"
     results = []
     for x, mask, w, x_inf, w_inf in steps:
-        args = [ops.convert_to_tensor(x, dtype), None if mask is None else ops.convert_to_tensor(mask)]
+        args = [
+            ops.convert_to_tensor(x, dtype),
+            None if mask is None else ops.convert_to_tensor(mask),
+        ]
         args += [ops.convert_to_tensor(a, dtype) for a in (w, x_inf, w_inf)]
         y, grads, y_inf, grads_inf = step(*args)
         assert keras.backend.standardize_dtype(y.dtype) == layer.compute_dtype
-        assert keras.backend.standardize_dtype(y_inf.dtype) == layer.compute_dtype
+        assert (
+            keras.backend.standardize_dtype(y_inf.dtype) == layer.compute_dtype
+        )
         results.append(
             {
                 "y": to_numpy(y),
@@ -312,9 +329,14 @@ def run_reference(case, names, weights, steps):
     stored = case.policy in ("float16", "bfloat16")
 
     def store(state):
-        return {k: rounded(v, case.policy) if stored else v for k, v in state.items()}
+        return {
+            k: rounded(v, case.policy) if stored else v
+            for k, v in state.items()
+        }
 
-    state = store(dict(zip(names, (np.asarray(w, np.float64) for w in weights))))
+    state = store(
+        dict(zip(names, (np.asarray(w, np.float64) for w in weights)))
+    )
     options = dict(
         feature_axes=case.feature_axes,
         epsilon=case.epsilon,
@@ -332,13 +354,20 @@ def run_reference(case, names, weights, steps):
         # The gradient of the output's cast hands the layer the upstream
         # gradient in the compute dtype.
         y, g, state = ref.step(
-            rounded(x, case.policy), state, training=True, mask=mask,
-            upstream=rounded(w, case.policy), **options
+            rounded(x, case.policy),
+            state,
+            training=True,
+            mask=mask,
+            upstream=rounded(w, case.policy),
+            **options,
         )
         state = store(state)
         y_inf, g_inf, _ = ref.step(
-            rounded(x_inf, case.policy), state, training=False,
-            upstream=rounded(w_inf, case.policy), **options
+            rounded(x_inf, case.policy),
+            state,
+            training=False,
+            upstream=rounded(w_inf, case.policy),
+            **options,
         )
         results.append(
             {
@@ -347,13 +376,18 @@ def run_reference(case, names, weights, steps):
                 "weights": [state[n] for n in names],
                 "y_inf": y_inf,
                 "grads_inf": [g_inf["x"]] + [g_inf[n] for n in param_names],
-                "x_scale": {"grads": g["x_scale"], "grads_inf": g_inf["x_scale"]},
+                "x_scale": {
+                    "grads": g["x_scale"],
+                    "grads_inf": g_inf["x_scale"],
+                },
             }
         )
     return results
 
 
-def compare(case, against, actual, expected, names, reference, tol=None, where=""):
+def compare(
+    case, against, actual, expected, names, reference, tol=None, where=""
+):
     """Compare per-step results; `reference` (float64) supplies the error scales."""
     tol = tol or TOLERANCES[case.policy]
     label = f"{case.name} ({where})" if where else case.name
@@ -375,14 +409,22 @@ def compare(case, against, actual, expected, names, reference, tol=None, where="
             suffix = "train" if mode == "grads" else "infer"
             # Measured against the size of the terms it is the difference of
             # (see bn_reference.step).
-            measure(f"grad x/{suffix}", "grad_x", a[mode][0], e[mode][0], r["x_scale"][mode])
+            measure(
+                f"grad x/{suffix}",
+                "grad_x",
+                a[mode][0],
+                e[mode][0],
+                r["x_scale"][mode],
+            )
             for ga, ge in zip(a[mode][1:], e[mode][1:]):
                 measure(f"grad gamma,beta/{suffix}", "grad_param", ga, ge)
             assert len(a[mode]) == len(e[mode]), case.name + at
         assert len(a["weights"]) == len(e["weights"]) == len(names)
         for name, wa, we in zip(names, a["weights"], e["weights"]):
             if name in ("gamma", "beta"):
-                np.testing.assert_array_equal(wa, we, err_msg=f"{case.name}: {name} changed{at}")
+                np.testing.assert_array_equal(
+                    wa, we, err_msg=f"{case.name}: {name} changed{at}"
+                )
             else:
                 measure("moving stats", "stats", wa, we)
 
@@ -394,17 +436,23 @@ def _assert_not_vacuous(case, names, weights, steps, reference):
     if case.mask:
         unmasked = [(x, None, w, xi, wi) for x, _, w, xi, wi in steps]
         y = run_reference(case, names, weights, unmasked)[0]["y"]
-        assert ref.rel_err(y, reference[0]["y"]) > 1e-2, f"{case.name}: the mask changes nothing"
+        assert ref.rel_err(y, reference[0]["y"]) > 1e-2, (
+            f"{case.name}: the mask changes nothing"
+        )
     if case.clipping:
         unclipped = dataclasses.replace(case, renorm_clipping=())
         y = run_reference(unclipped, names, weights, steps)[0]["y"]
-        assert ref.rel_err(y, reference[0]["y"]) > 1e-2, f"{case.name}: clipping changes nothing"
+        assert ref.rel_err(y, reference[0]["y"]) > 1e-2, (
+            f"{case.name}: clipping changes nothing"
+        )
 
 
 def set_policy(policy):
     """Make `policy` the global dtype policy, or float32 where the case gives the
     layer its dtype (restore it with conftest's `float32_policy_after`)."""
-    keras.config.set_dtype_policy("float32" if policy in _LAYER_DTYPES else policy)
+    keras.config.set_dtype_policy(
+        "float32" if policy in _LAYER_DTYPES else policy
+    )
 
 
 def _builtin_tolerances(case):
@@ -424,7 +472,11 @@ def param(case, *values, id=None):
     execution and policy need."""
     marks = {
         "function": [pytest.mark.backends("tensorflow", reason="tf.function")],
-        "jit": [pytest.mark.backends("tensorflow", "jax", reason="XLA: tf.function or jax.jit")],
+        "jit": [
+            pytest.mark.backends(
+                "tensorflow", "jax", reason="XLA: tf.function or jax.jit"
+            )
+        ],
     }.get(case.execution, [])
     if case.policy == "float64":
         marks = marks + [pytest.mark.needs_x64]
@@ -451,17 +503,34 @@ def check(case, layer, where=""):
         builtin = None
         if case.builtin_comparable:
             builtin_layer = make_layer(keras.layers.BatchNormalization, case)
-            assert [w.path.split("/")[-1] for w in builtin_layer.weights] == names
+            assert [
+                w.path.split("/")[-1] for w in builtin_layer.weights
+            ] == names
             builtin = run_keras(builtin_layer, case, weights, steps)
             # The yardstick checked against the built-in too.
-            compare(case, "float64 (built-in)", builtin, reference, names, reference,
-                    _builtin_tolerances(case))
+            compare(
+                case,
+                "float64 (built-in)",
+                builtin,
+                reference,
+                names,
+                reference,
+                _builtin_tolerances(case),
+            )
         _EXPECTED[case] = reference, builtin
     reference, builtin = _EXPECTED[case]
     compare(case, "float64", ours, reference, names, reference, where=where)
     if builtin is not None:
-        compare(case, "built-in", ours, builtin, names, reference, _builtin_tolerances(case),
-                where=where)
+        compare(
+            case,
+            "built-in",
+            ours,
+            builtin,
+            names,
+            reference,
+            _builtin_tolerances(case),
+            where=where,
+        )
     ref.CASES_RUN.add((case.name, where))
 
 
@@ -478,6 +547,7 @@ def fast_path_reason(case):
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return bnlayers.fused_eligibility(layer, tf.TensorSpec(case.shape, dtype), mask=mask)
+        return bnlayers.fused_eligibility(
+            layer, tf.TensorSpec(case.shape, dtype), mask=mask
+        )
     return bnlayers.fused_eligibility(layer, case.shape, mask=mask)
-

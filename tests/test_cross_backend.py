@@ -40,7 +40,10 @@ DATA_PARALLEL_RTOL = 1e-5
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.backends("tensorflow", reason="starts its own process per backend: runs once, in the full suite"),
+    pytest.mark.backends(
+        "tensorflow",
+        reason="starts its own process per backend: runs once, in the full suite",
+    ),
 ]
 
 
@@ -50,7 +53,9 @@ def _installed(backend):
 
 def _needs(*backends):
     missing = [b for b in backends if not _installed(b)]
-    return pytest.mark.skipif(bool(missing), reason=f"not installed: {', '.join(missing)}")
+    return pytest.mark.skipif(
+        bool(missing), reason=f"not installed: {', '.join(missing)}"
+    )
 
 
 # One process per backend start-up, in this order (each `exchange` loads the
@@ -79,7 +84,8 @@ def worker_results(tmp_path_factory):
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
         if backend == "jax":
             env["XLA_FLAGS"] = (
-                env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+                env.get("XLA_FLAGS", "")
+                + " --xla_force_host_platform_device_count=2"
             ).strip()
         proc = subprocess.run(
             [sys.executable, str(WORKER), str(directory), str(i), *tasks],
@@ -88,19 +94,29 @@ def worker_results(tmp_path_factory):
             text=True,
             timeout=TIMEOUT,
         )
-        assert proc.returncode == 0, f"{backend} worker {tasks} failed:\n{proc.stderr[-4000:]}"
+        assert proc.returncode == 0, (
+            f"{backend} worker {tasks} failed:\n{proc.stderr[-4000:]}"
+        )
         for task in tasks:
-            results[i, backend, task] = json.loads((directory / f"{i}-{task}.json").read_text())
+            results[i, backend, task] = json.loads(
+                (directory / f"{i}-{task}.json").read_text()
+            )
     return results
 
 
 def _result(worker_results, backend, task):
-    (result,) = [r for (_, b, t), r in worker_results.items() if (b, t) == (backend, task)]
+    (result,) = [
+        r
+        for (_, b, t), r in worker_results.items()
+        if (b, t) == (backend, task)
+    ]
     assert "error" not in result, f"{backend} {task}:\n{result['error']}"
     return result
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_needs(b)) for b in ("jax", "torch")])
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=_needs(b)) for b in ("jax", "torch")]
+)
 def test_article_model_trains_as_with_the_builtin(worker_results, backend):
     """One epoch of the article's model on 2,048 bundled images, batch 64, both
     layers from the same initial weights on the same batches.
@@ -117,7 +133,9 @@ def test_article_model_trains_as_with_the_builtin(worker_results, backend):
     for key in ("train_loss", "test_loss"):
         ref.assert_close(ours[key], builtin[key], LOSS_RTOL, key, floor=0.0)
     # Within one test image in 2,000 (a float32 difference may tip one).
-    assert abs(ours["test_accuracy"] - builtin["test_accuracy"]) <= 0.0005 + 1e-9
+    assert (
+        abs(ours["test_accuracy"] - builtin["test_accuracy"]) <= 0.0005 + 1e-9
+    )
 
 
 @_needs("jax", "torch")
@@ -128,7 +146,9 @@ def test_keras_file_moves_between_backends(worker_results):
     reports = []
     for (_, backend, task), result in worker_results.items():
         if task == "exchange":
-            assert "error" not in result, f"{backend} exchange:\n{result['error']}"
+            assert "error" not in result, (
+                f"{backend} exchange:\n{result['error']}"
+            )
             reports += [(source, backend, r) for source, r in result.items()]
     directions = {(source, target) for source, target, _ in reports}
     assert directions == {
@@ -140,7 +160,11 @@ def test_keras_file_moves_between_backends(worker_results):
     }
     for source, target, r in reports:
         where = f"saved under {source}, loaded under {target}"
-        assert r["layers"][1] == r["layers"][3] == "bnlayers.batch_normalization.BatchNormalization", where
+        assert (
+            r["layers"][1]
+            == r["layers"][3]
+            == "bnlayers.batch_normalization.BatchNormalization"
+        ), where
         assert r["weights_equal"], where
         ref.check_error(r["infer_rel_err"], EXCHANGE_RTOL, "inference outputs")
         ref.check_error(r["train_rel_err"], EXCHANGE_RTOL, "training outputs")
@@ -162,5 +186,10 @@ def test_jax_data_parallel_statistics_are_global(worker_results):
     assert np.all(apart > 5.0)
     for run in ("bnlayers", "sharded_call", "builtin"):
         for quantity in ("moving_mean", "moving_variance", "outputs"):
-            ref.assert_close(result[run][quantity], expected[quantity], DATA_PARALLEL_RTOL,
-                             f"{quantity} ({run})", floor=0.0)
+            ref.assert_close(
+                result[run][quantity],
+                expected[quantity],
+                DATA_PARALLEL_RTOL,
+                f"{quantity} ({run})",
+                floor=0.0,
+            )

@@ -42,8 +42,15 @@ def _built(shape=(4, 5, 5, 3), **kwargs):
 
 
 def test_default_layer_is_eligible_for_every_single_axis():
-    for shape, axis in [((8, 4), -1), ((4, 6, 3), 1), ((4, 5, 5, 3), -1), ((4, 3, 5, 5), 1),
-                        ((2, 3, 4, 5, 6), 2), ((2, 3, 4, 5, 6), -1), ((6, 4), 0)]:
+    for shape, axis in [
+        ((8, 4), -1),
+        ((4, 6, 3), 1),
+        ((4, 5, 5, 3), -1),
+        ((4, 3, 5, 5), 1),
+        ((2, 3, 4, 5, 6), 2),
+        ((2, 3, 4, 5, 6), -1),
+        ((6, 4), 0),
+    ]:
         layer = bnlayers.BatchNormalization(axis=axis)
         assert bnlayers.fused_eligibility(layer, shape) is None, (shape, axis)
 
@@ -94,12 +101,20 @@ def test_dtype_and_epsilon_rules(implementation):
         assert bnlayers.fused_eligibility(_built(), x64) is None
         assert bnlayers.fused_eligibility(small_eps, (4, 5, 5, 3)) is None
     else:
-        assert "inputs of dtype float64" in bnlayers.fused_eligibility(_built(), x64)
+        assert "inputs of dtype float64" in bnlayers.fused_eligibility(
+            _built(), x64
+        )
         reason = bnlayers.fused_eligibility(small_eps, (4, 5, 5, 3))
         assert "epsilon=1e-05 is below 1.001e-05" in reason
-        assert bnlayers.fused_eligibility(_built(epsilon=1.001e-5), (4, 5, 5, 3)) is None
+        assert (
+            bnlayers.fused_eligibility(_built(epsilon=1.001e-5), (4, 5, 5, 3))
+            is None
+        )
     for dtype in ("float16", "bfloat16", "float32"):
-        assert bnlayers.fused_eligibility(_built(), tf.zeros((2, 3), dtype)) is None
+        assert (
+            bnlayers.fused_eligibility(_built(), tf.zeros((2, 3), dtype))
+            is None
+        )
 
 
 def test_unknown_dimension_besides_the_batch(implementation):
@@ -107,13 +122,18 @@ def test_unknown_dimension_besides_the_batch(implementation):
     layer = _built(shape=(None, None, 8))
     reason = bnlayers.fused_eligibility(layer, (None, None, 8))
     if implementation == "xla":
-        assert "input shape (None, None, 8) has an unknown dimension besides the batch" in reason
+        assert (
+            "input shape (None, None, 8) has an unknown dimension besides the batch"
+            in reason
+        )
     else:
         assert reason is None
     # Inside a function that XLA compiles as a whole, there is nothing to avoid.
     seen = []
 
-    @tf.function(jit_compile=True, input_signature=[tf.TensorSpec((None, None, 8))])
+    @tf.function(
+        jit_compile=True, input_signature=[tf.TensorSpec((None, None, 8))]
+    )
     def call(x):
         seen.append(bnlayers.fused_eligibility(layer, x))
         return layer(x, training=True)
@@ -125,8 +145,16 @@ def test_unknown_dimension_besides_the_batch(implementation):
 def test_eligibility_of_unbuilt_layer_and_specs():
     layer = bnlayers.BatchNormalization(axis=1)
     assert bnlayers.fused_eligibility(layer, (None, 3, 7)) is None
-    assert bnlayers.fused_eligibility(layer, tf.TensorSpec((None, 3, 7), tf.float32)) is None
-    assert bnlayers.fused_eligibility(layer, keras.KerasTensor((None, 3, 7))) is None
+    assert (
+        bnlayers.fused_eligibility(
+            layer, tf.TensorSpec((None, 3, 7), tf.float32)
+        )
+        is None
+    )
+    assert (
+        bnlayers.fused_eligibility(layer, keras.KerasTensor((None, 3, 7)))
+        is None
+    )
     assert not layer.built
 
 
@@ -156,7 +184,11 @@ def _train_step(layer):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=True)
-        return tape.gradient(y, [x] + [v.value for v in layer.trainable_weights], output_gradients=dy)
+        return tape.gradient(
+            y,
+            [x] + [v.value for v in layer.trainable_weights],
+            output_gradients=dy,
+        )
 
     return step
 
@@ -173,8 +205,12 @@ def test_auto_takes_fast_path_in_graphs(implementation):
     else:
         compiled = [
             f.signature.name
-            for f in _train_step(_built(fused=None)).get_concrete_function(x, x).graph.as_graph_def().library.function
-            if f.attr.get("_XlaMustCompile") is not None and f.attr["_XlaMustCompile"].b
+            for f in _train_step(_built(fused=None))
+            .get_concrete_function(x, x)
+            .graph.as_graph_def()
+            .library.function
+            if f.attr.get("_XlaMustCompile") is not None
+            and f.attr["_XlaMustCompile"].b
         ]
         assert any("forward" in name for name in compiled), compiled
         assert any("backward" in name for name in compiled), compiled
@@ -186,11 +222,15 @@ def test_auto_takes_fast_path_in_parity_grid(monkeypatch):
 
     calls = []
     real = _fused.fused_call
-    monkeypatch.setattr(_fused, "fused_call", lambda *a: calls.append(a[0].name) or real(*a))
+    monkeypatch.setattr(
+        _fused, "fused_call", lambda *a: calls.append(a[0].name) or real(*a)
+    )
     taken = 0
     for case in test_parity.CASES:
         reason = parity.fast_path_reason(case)
-        expected = not case.mask and not case.renorm and len(case.feature_axes) == 1
+        expected = (
+            not case.mask and not case.renorm and len(case.feature_axes) == 1
+        )
         if _fused.implementation() == "kernel":  # on a GPU
             expected = expected and case.epsilon >= _fused.KERNEL_MIN_EPSILON
             expected = expected and case.policy != "float64"
@@ -211,15 +251,22 @@ def test_jit_never_uses_the_kernel_op(monkeypatch):
     monkeypatch.setattr(_fused, "IMPLEMENTATION", "kernel")
     layer = _built(fused=True, momentum=0.0)
     step = tf.function(_train_step(layer).python_function, jit_compile=True)
-    x = tf.constant(np.random.default_rng(0).normal(1e4, 1.0, (4, 5, 5, 3)).astype("float32"))
+    x = tf.constant(
+        np.random.default_rng(0)
+        .normal(1e4, 1.0, (4, 5, 5, 3))
+        .astype("float32")
+    )
     assert "FusedBatchNormV3" not in _graph_ops(step, x, x)
     step(x, x)
     var = x.numpy().astype(np.float64).reshape(-1, 3).var(axis=0)
     # Measured 4.7e-6; a one-pass variance would be off by about 1.
-    ref.assert_close(layer.moving_variance.numpy(), var, 5e-5, "moving_variance", floor=0.0)
+    ref.assert_close(
+        layer.moving_variance.numpy(), var, 5e-5, "moving_variance", floor=0.0
+    )
 
 
 # ------------------------------------------------------------------ parity
+
 
 # Shapes and options the fast path takes: ranks 2 to 5 with the feature axis
 # first, in the middle and last, a batch of one, the affine options, momentum
@@ -244,13 +291,20 @@ FAST_CASES = [
     _case("momentum0-eps0.1", momentum=0.0, epsilon=0.1),
     _case("frozen", trainable=False),
     _case("mixed_float16", policy="mixed_float16"),
-    _case("mixed_bfloat16-axis1", shape=(4, 6, 7), axis=1, policy="mixed_bfloat16"),
+    _case(
+        "mixed_bfloat16-axis1", shape=(4, 6, 7), axis=1, policy="mixed_bfloat16"
+    ),
     _case("float16-layer", policy="float16"),
     _case("float64-layer", policy="float64"),
     _case("function", execution="function"),
     _case("function-rank2", shape=(16, 6), execution="function"),
-    _case("function-axis1-mixed_float16", shape=(4, 6, 7), axis=1, execution="function",
-          policy="mixed_float16"),
+    _case(
+        "function-axis1-mixed_float16",
+        shape=(4, 6, 7),
+        axis=1,
+        execution="function",
+        policy="mixed_float16",
+    ),
 ]
 
 
@@ -260,7 +314,9 @@ def _other_implementation():
 
 
 @pytest.mark.parametrize("case", [parity.param(c) for c in FAST_CASES])
-def test_fast_path_matches_reference_and_builtin(case, monkeypatch, float32_policy_after):
+def test_fast_path_matches_reference_and_builtin(
+    case, monkeypatch, float32_policy_after
+):
     """The fast path, forced (`fused=True`), through the parity harness.
 
     The implementation this machine takes by default (XLA on a CPU, the
@@ -273,7 +329,9 @@ def test_fast_path_matches_reference_and_builtin(case, monkeypatch, float32_poli
     implementation = _other_implementation()
     monkeypatch.setattr(_fused, "IMPLEMENTATION", implementation)
     if implementation == "kernel" and case.policy == "float64":
-        pytest.skip("the kernel takes no float64 (see test_dtype_and_epsilon_rules)")
+        pytest.skip(
+            "the kernel takes no float64 (see test_dtype_and_epsilon_rules)"
+        )
     parity.set_policy(case.policy)
     layer = parity.make_layer(bnlayers.BatchNormalization, case, fused=True)
     parity.check(case, layer, where=f"fused=True, {implementation}")
@@ -283,14 +341,22 @@ def test_fast_path_matches_reference_and_builtin(case, monkeypatch, float32_poli
 def test_moving_variance_is_the_biased_one(implementation, batch):
     """The kernel's Bessel correction is undone: with momentum 0 the moving
     variance is the batch's biased variance (0 for a batch of one)."""
-    x = np.random.default_rng(batch).normal(1.0, 2.0, (batch, 5)).astype("float32")
+    x = (
+        np.random.default_rng(batch)
+        .normal(1.0, 2.0, (batch, 5))
+        .astype("float32")
+    )
     layer = _built(shape=(batch, 5), momentum=0.0, fused=True)
     layer(x, training=True)
     x64 = x.astype(np.float64)
     # Measured 1.3e-7 and 1.4e-7 (a Bessel-corrected variance would be off
     # by 1 / (batch - 1) of itself).
-    ref.assert_close(layer.moving_mean.numpy(), x64.mean(axis=0), 2e-6, "moving_mean")
-    ref.assert_close(layer.moving_variance.numpy(), x64.var(axis=0), 2e-6, "moving_variance")
+    ref.assert_close(
+        layer.moving_mean.numpy(), x64.mean(axis=0), 2e-6, "moving_mean"
+    )
+    ref.assert_close(
+        layer.moving_variance.numpy(), x64.var(axis=0), 2e-6, "moving_variance"
+    )
 
 
 @pytest.mark.parametrize("execution", ["eager", "function", "jit"])
@@ -304,8 +370,16 @@ def test_variance_of_large_mean_data(implementation, execution):
     y = call(tf.constant(x)).numpy()
     _, mean, var = ref.batch_moments(x, [-1])
     # Measured 3.6e-6 and 2.1e-7.
-    ref.assert_close(layer.moving_variance.numpy(), var.ravel(), 5e-5, "moving_variance", floor=0.0)
-    ref.assert_close(layer.moving_mean.numpy(), mean.ravel(), 2e-6, "moving_mean", floor=0.0)
+    ref.assert_close(
+        layer.moving_variance.numpy(),
+        var.ravel(),
+        5e-5,
+        "moving_variance",
+        floor=0.0,
+    )
+    ref.assert_close(
+        layer.moving_mean.numpy(), mean.ravel(), 2e-6, "moving_mean", floor=0.0
+    )
     # The output inherits the rounding of the float32 mean (~1e-3 at 1e4;
     # measured 6.0e-4).
     ref.assert_close(y, (x - mean) / np.sqrt(var + 1e-3), 3e-3, "output")
@@ -330,7 +404,8 @@ def test_unknown_batch_size_in_a_function(implementation):
     """Traced once with a None batch dimension, run at two batch sizes."""
     layer = _built(shape=(None, 6, 3), momentum=0.0, fused=True)
     call = tf.function(
-        lambda x: layer(x, training=True), input_signature=[tf.TensorSpec((None, 6, 3))]
+        lambda x: layer(x, training=True),
+        input_signature=[tf.TensorSpec((None, 6, 3))],
     )
     rng = np.random.default_rng(4)
     for batch in (5, 2):
@@ -339,7 +414,9 @@ def test_unknown_batch_size_in_a_function(implementation):
         _, mean, var = ref.batch_moments(x, [-1])
         # Measured 9.1e-8 and 1.7e-7.
         ref.assert_close(y, (x - mean) / np.sqrt(var + 1e-3), 1e-6, "output")
-        ref.assert_close(layer.moving_variance.numpy(), var.ravel(), 2e-6, "moving_variance")
+        ref.assert_close(
+            layer.moving_variance.numpy(), var.ravel(), 2e-6, "moving_variance"
+        )
 
 
 def test_article_model_fits_alike_with_jit_and_without():
@@ -351,7 +428,11 @@ def test_article_model_fits_alike_with_jit_and_without():
     def model(bn, jit):
         keras.utils.set_random_seed(0)
         m = article_model(bn)
-        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=jit)
+        m.compile(
+            optimizer="adam",
+            loss="sparse_categorical_crossentropy",
+            jit_compile=jit,
+        )
         return m
 
     models = {
@@ -363,10 +444,15 @@ def test_article_model_fits_alike_with_jit_and_without():
     losses = {}
     for name, m in models.items():
         m.set_weights(initial)
-        losses[name] = [float(m.train_on_batch(x[i : i + 32], y[i : i + 32])) for i in range(0, 128, 32)]
+        losses[name] = [
+            float(m.train_on_batch(x[i : i + 32], y[i : i + 32]))
+            for i in range(0, 128, 32)
+        ]
     for name in ("fused", "fused-jit"):
         # Measured 1.8e-6.
-        ref.assert_close(losses[name], losses["builtin"], 2e-5, f"losses ({name})")
+        ref.assert_close(
+            losses[name], losses["builtin"], 2e-5, f"losses ({name})"
+        )
 
 
 # --------------------------------------------------------------- benchmark
@@ -374,23 +460,37 @@ def test_article_model_fits_alike_with_jit_and_without():
 
 def test_benchmark_quick_run(tmp_path):
     """The benchmark script runs end to end and writes what it says (no timing asserted)."""
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "examples" / "benchmark.py")
+    spec = importlib.util.spec_from_file_location(
+        "benchmark", REPO / "examples" / "benchmark.py"
+    )
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     out = tmp_path / "bench"
-    report = benchmark.main(["--quick", "--rounds", "1", "--epochs", "1", "--out", str(out)])
+    report = benchmark.main(
+        ["--quick", "--rounds", "1", "--epochs", "1", "--out", str(out)]
+    )
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["machine"]["tensorflow"] == tf.__version__
-    assert [(r["case"], r["step"]) for r in saved["layer"]] == [("tiny", "train"), ("tiny", "infer")]
+    assert [(r["case"], r["step"]) for r in saved["layer"]] == [
+        ("tiny", "train"),
+        ("tiny", "infer"),
+    ]
     for row in saved["layer"]:
         assert row["bnlayers_path"] == f"fused ({_fused.implementation()})"
         assert all(v > 0 for v in row["ms"].values())
         assert all(v > 0 for v in row["passes"].values())
-        assert row["ratio"] > 0 and row["ratio_cpu"] > 0 and row["ratio_reference"] > 0
+        assert (
+            row["ratio"] > 0
+            and row["ratio_cpu"] > 0
+            and row["ratio_reference"] > 0
+        )
     model = saved["model"]
     assert model["steps_per_epoch"] == 4 and model["epochs_timed"] == 1
-    assert all(v > 0 for v in model["seconds_per_epoch"].values()) and model["ratio"] > 0
+    assert (
+        all(v > 0 for v in model["seconds_per_epoch"].values())
+        and model["ratio"] > 0
+    )
     assert model["ratio_cpu"] > 0
     text = out.with_suffix(".md").read_text()
     assert "| (8, 6, 6, 4) tiny | -1 | train |" in text
@@ -400,7 +500,9 @@ def test_benchmark_quick_run(tmp_path):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 def test_second_order_gradients(implementation, training):
     """A gradient penalty differentiates the gradient: same as the reference path."""
-    x = tf.constant(np.random.default_rng(6).normal(size=(6, 5, 4)).astype("float32"))
+    x = tf.constant(
+        np.random.default_rng(6).normal(size=(6, 5, 4)).astype("float32")
+    )
     weights = [np.full(4, v, "float32") for v in (1.3, 0.2, 0.1, 1.7)]
     results = []
     for fused in (True, False):
@@ -412,6 +514,14 @@ def test_second_order_gradients(implementation, training):
                 inner.watch(x)
                 loss = tf.reduce_sum(layer(x, training=training) ** 3)
             penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
-        results.append([penalty.numpy()] + [g.numpy() for g in outer.gradient(penalty, [x, layer.gamma.value])])
+        results.append(
+            [penalty.numpy()]
+            + [
+                g.numpy()
+                for g in outer.gradient(penalty, [x, layer.gamma.value])
+            ]
+        )
     for a, e in zip(*results):
-        ref.assert_close(a, e, 5e-6, "penalty, its gradients")  # measured 5.4e-7
+        ref.assert_close(
+            a, e, 5e-6, "penalty, its gradients"
+        )  # measured 5.4e-7

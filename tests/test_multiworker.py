@@ -52,7 +52,8 @@ def _run_workers():
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "_multiworker_worker.py"), str(i)] + [str(p) for p in ports],
+            [sys.executable, str(HERE / "_multiworker_worker.py"), str(i)]
+            + [str(p) for p in ports],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -65,11 +66,15 @@ def _run_workers():
     try:
         for i, proc in enumerate(procs):
             try:
-                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                out, err = proc.communicate(
+                    timeout=max(1.0, deadline - time.monotonic())
+                )
             except subprocess.TimeoutExpired:
                 pytest.fail(f"worker {i} did not finish within {TIMEOUT_S} s")
             if proc.returncode != 0:
-                pytest.fail(f"worker {i} failed ({proc.returncode}):\n{err[-3000:]}")
+                pytest.fail(
+                    f"worker {i} failed ({proc.returncode}):\n{err[-3000:]}"
+                )
             outputs.append(json.loads(out.strip().splitlines()[-1]))
     finally:
         for proc in procs:
@@ -114,8 +119,20 @@ def test_two_workers_match_one_process_with_the_global_batch():
         ref.assert_close(a, b, RTOL, "weights")
     # The statistics did move away from where they started.
     start = worker.build_model().get_layer("bn")
-    assert np.min(np.abs(np.subtract(single["moving_mean"], start.moving_mean))) > 0.1
-    assert np.min(np.abs(np.subtract(single["moving_variance"], start.moving_variance))) > 0.01
+    assert (
+        np.min(np.abs(np.subtract(single["moving_mean"], start.moving_mean)))
+        > 0.1
+    )
+    assert (
+        np.min(
+            np.abs(
+                np.subtract(single["moving_variance"], start.moving_variance)
+            )
+        )
+        > 0.01
+    )
 
     for port in ports:
-        assert _port_is_free(port), f"port {port} still in use after the workers ended"
+        assert _port_is_free(port), (
+            f"port {port} still in use after the workers ended"
+        )

@@ -40,16 +40,25 @@ def _cases():
     }
     for shape, axes in axes_by_rank.items():
         for axis in axes:
-            cases.append(Case(f"rank{len(shape)}-axis{axis}", shape=shape, axis=axis))
+            cases.append(
+                Case(f"rank{len(shape)}-axis{axis}", shape=shape, axis=axis)
+            )
     # Several feature axes at once (a bnlayers extension: reference only).
     cases.append(Case("rank4-axis[1,3]", axis=(1, 3)))
     cases.append(Case("rank3-axis[-1,-2]", shape=(4, 3, 5), axis=(-1, -2)))
     # center / scale.
     for center, scale in ((True, False), (False, True), (False, False)):
-        cases.append(Case(f"center{center}-scale{scale}", center=center, scale=scale))
         cases.append(
-            Case(f"rank3-axis1-center{center}-scale{scale}", shape=(4, 3, 5), axis=1,
-                 center=center, scale=scale)
+            Case(f"center{center}-scale{scale}", center=center, scale=scale)
+        )
+        cases.append(
+            Case(
+                f"rank3-axis1-center{center}-scale{scale}",
+                shape=(4, 3, 5),
+                axis=1,
+                center=center,
+                scale=scale,
+            )
         )
     # Momenta (0 keeps the last batch, 1 never moves) and epsilons.
     for momentum in (0.0, 0.5, 0.99, 1.0):
@@ -60,7 +69,9 @@ def _cases():
     for batch in (1, 2):
         cases.append(Case(f"batch{batch}-rank2", shape=(batch, 5)))
         cases.append(Case(f"batch{batch}-rank4", shape=(batch, 3, 4, 3)))
-        cases.append(Case(f"batch{batch}-rank4-axis1", shape=(batch, 3, 4, 3), axis=1))
+        cases.append(
+            Case(f"batch{batch}-rank4-axis1", shape=(batch, 3, 4, 3), axis=1)
+        )
     # Masks (the built-in supports them at axis=-1 only).
     cases += [
         Case("mask-rank2", shape=(6, 5), mask=True),
@@ -78,50 +89,141 @@ def _cases():
         Case("renorm", renorm=True),
         Case("renorm-clip", renorm=True, renorm_clipping=clip),
         Case("renorm-clip-rmax", renorm=True, renorm_clipping=(("rmax", 1.2),)),
-        Case("renorm-clip-rank3-axis1", shape=(4, 3, 5), axis=1, renorm=True, renorm_clipping=clip),
-        Case("renorm-clip-nocenter", renorm=True, renorm_clipping=clip, center=False),
-        Case("renorm-clip-noscale", renorm=True, renorm_clipping=clip, scale=False),
-        Case("renorm-clip-mask", shape=(4, 6, 3), renorm=True, renorm_clipping=clip, mask=True),
-        Case("renorm-batch1", shape=(1, 3, 4, 3), renorm=True, renorm_clipping=clip),
+        Case(
+            "renorm-clip-rank3-axis1",
+            shape=(4, 3, 5),
+            axis=1,
+            renorm=True,
+            renorm_clipping=clip,
+        ),
+        Case(
+            "renorm-clip-nocenter",
+            renorm=True,
+            renorm_clipping=clip,
+            center=False,
+        ),
+        Case(
+            "renorm-clip-noscale",
+            renorm=True,
+            renorm_clipping=clip,
+            scale=False,
+        ),
+        Case(
+            "renorm-clip-mask",
+            shape=(4, 6, 3),
+            renorm=True,
+            renorm_clipping=clip,
+            mask=True,
+        ),
+        Case(
+            "renorm-batch1",
+            shape=(1, 3, 4, 3),
+            renorm=True,
+            renorm_clipping=clip,
+        ),
     ]
     # trainable=False: inference mode even with training=True, no updates.
     cases += [
         Case("frozen", trainable=False),
-        Case("frozen-renorm-mask", shape=(4, 6, 3), trainable=False, renorm=True, mask=True),
+        Case(
+            "frozen-renorm-mask",
+            shape=(4, 6, 3),
+            trainable=False,
+            renorm=True,
+            mask=True,
+        ),
     ]
     # Mixed precision and float64.
     for policy in ("mixed_float16", "mixed_bfloat16"):
         cases += [
             Case(f"{policy}", policy=policy),
-            Case(f"{policy}-rank3-axis1-mask", shape=(4, 3, 5), axis=1, mask=True, policy=policy),
-            Case(f"{policy}-rank2-mask", shape=(6, 5), mask=True, policy=policy),
-            Case(f"{policy}-renorm-clip", renorm=True, renorm_clipping=clip, policy=policy),
+            Case(
+                f"{policy}-rank3-axis1-mask",
+                shape=(4, 3, 5),
+                axis=1,
+                mask=True,
+                policy=policy,
+            ),
+            Case(
+                f"{policy}-rank2-mask", shape=(6, 5), mask=True, policy=policy
+            ),
+            Case(
+                f"{policy}-renorm-clip",
+                renorm=True,
+                renorm_clipping=clip,
+                policy=policy,
+            ),
         ]
     for policy in ("float16", "bfloat16"):
         cases += [
             Case(f"{policy}-layer", policy=policy),
-            Case(f"{policy}-layer-rank3-axis1-mask", shape=(4, 3, 5), axis=1, mask=True,
-                 policy=policy),
+            Case(
+                f"{policy}-layer-rank3-axis1-mask",
+                shape=(4, 3, 5),
+                axis=1,
+                mask=True,
+                policy=policy,
+            ),
         ]
     cases.append(Case("float64", policy="float64"))
-    cases.append(Case("float64-rank5-axis1-mask", shape=(3, 2, 3, 2, 3), axis=1, mask=True,
-                      policy="float64"))
+    cases.append(
+        Case(
+            "float64-rank5-axis1-mask",
+            shape=(3, 2, 3, 2, 3),
+            axis=1,
+            mask=True,
+            policy="float64",
+        )
+    )
     # Inside tf.function, and compiled with XLA, on a representative subset.
     for execution in ("function", "jit"):
         cases += [
             Case(f"{execution}", execution=execution),
-            Case(f"{execution}-rank3-axis1", shape=(4, 3, 5), axis=1, execution=execution),
-            Case(f"{execution}-rank5-axis-4-noscale", shape=(3, 2, 3, 2, 3), axis=-4,
-                 scale=False, execution=execution),
-            Case(f"{execution}-mask-rank3", shape=(4, 6, 3), mask=True, execution=execution),
-            Case(f"{execution}-batch1-rank2", shape=(1, 5), execution=execution),
-            Case(f"{execution}-renorm-clip", renorm=True, renorm_clipping=clip,
-                 execution=execution),
-            Case(f"{execution}-mixed_float16", policy="mixed_float16", execution=execution),
+            Case(
+                f"{execution}-rank3-axis1",
+                shape=(4, 3, 5),
+                axis=1,
+                execution=execution,
+            ),
+            Case(
+                f"{execution}-rank5-axis-4-noscale",
+                shape=(3, 2, 3, 2, 3),
+                axis=-4,
+                scale=False,
+                execution=execution,
+            ),
+            Case(
+                f"{execution}-mask-rank3",
+                shape=(4, 6, 3),
+                mask=True,
+                execution=execution,
+            ),
+            Case(
+                f"{execution}-batch1-rank2", shape=(1, 5), execution=execution
+            ),
+            Case(
+                f"{execution}-renorm-clip",
+                renorm=True,
+                renorm_clipping=clip,
+                execution=execution,
+            ),
+            Case(
+                f"{execution}-mixed_float16",
+                policy="mixed_float16",
+                execution=execution,
+            ),
             Case(f"{execution}-frozen", trainable=False, execution=execution),
         ]
-    cases.append(Case("jit-mixed_bfloat16-mask-axis1", shape=(4, 3, 5), axis=1, mask=True,
-                      policy="mixed_bfloat16", execution="jit"))
+    cases.append(
+        Case(
+            "jit-mixed_bfloat16-mask-axis1",
+            shape=(4, 3, 5),
+            axis=1,
+            mask=True,
+            policy="mixed_bfloat16",
+            execution="jit",
+        )
+    )
     names = [c.name for c in cases]
     assert len(names) == len(set(names)), "case names must be unique"
     return cases
@@ -140,11 +242,19 @@ def _grid():
     `fused=False` computation twice; test_fused.py checks that the automatic
     choice takes the fast path in exactly the eligible cases.
     """
-    modes = [(False, "reference"), (None, "auto")] if BACKEND == "tensorflow" else [(None, "auto")]
+    modes = (
+        [(False, "reference"), (None, "auto")]
+        if BACKEND == "tensorflow"
+        else [(None, "auto")]
+    )
     grid = []
     for case in CASES:
         for fused, name in modes:
-            if fused is None and len(modes) > 1 and parity.fast_path_reason(case) is not None:
+            if (
+                fused is None
+                and len(modes) > 1
+                and parity.fast_path_reason(case) is not None
+            ):
                 continue
             grid.append(parity.param(case, fused, id=f"{name}-{case.name}"))
     return grid
@@ -174,26 +284,45 @@ def test_fully_masked_batch(fused_mode, renorm):
     x = rng.normal(1.0, 2.0, shape).astype("float32")
     w = rng.standard_normal(shape).astype("float32")
     mask = np.zeros(shape[:-1], dtype="bool")
-    layer = bnlayers.BatchNormalization(momentum=0.5, renorm=renorm, fused=fused_mode)
+    layer = bnlayers.BatchNormalization(
+        momentum=0.5, renorm=renorm, fused=fused_mode
+    )
     layer.build(shape)
     before = [v.copy() for v in layer.get_weights()]
     y, grads = value_and_grads(
-        lambda t: layer(t, training=True, mask=mask), [x], w, layer.trainable_weights, [layer]
+        lambda t: layer(t, training=True, mask=mask),
+        [x],
+        w,
+        layer.trainable_weights,
+        [layer],
     )
     y = to_numpy(y)
     assert np.all(np.isfinite(y))
     for g in grads:
         assert np.all(np.isfinite(to_numpy(g)))
-    for name, b, a in zip(ref.weight_names(renorm=renorm), before, layer.get_weights()):
-        np.testing.assert_array_equal(a, b, err_msg=f"{name} moved on a fully masked batch")
+    for name, b, a in zip(
+        ref.weight_names(renorm=renorm), before, layer.get_weights()
+    ):
+        np.testing.assert_array_equal(
+            a, b, err_msg=f"{name} moved on a fully masked batch"
+        )
     state = dict(zip(ref.weight_names(renorm=renorm), before))
     y_ref, g_ref, _ = ref.step(
-        x, state, feature_axes=[-1], training=True, epsilon=1e-3, momentum=0.5,
-        renorm=renorm, mask=mask, upstream=w,
+        x,
+        state,
+        feature_axes=[-1],
+        training=True,
+        epsilon=1e-3,
+        momentum=0.5,
+        renorm=renorm,
+        mask=mask,
+        upstream=w,
     )
     # Measured 8.1e-8 and 6.6e-8.
     ref.assert_close(y, y_ref, 1e-6, "output")
-    ref.assert_close(grads[0], g_ref["x"], 1e-6, "grad x", floor=g_ref["x_scale"])
+    ref.assert_close(
+        grads[0], g_ref["x"], 1e-6, "grad x", floor=g_ref["x_scale"]
+    )
 
 
 def test_masked_positions_may_hold_nan_and_inf(fused_mode):
@@ -210,8 +339,13 @@ def test_masked_positions_may_hold_nan_and_inf(fused_mode):
     state = dict(zip(ref.weight_names(), layer.get_weights()))
     y = to_numpy(layer(x.astype("float32"), training=True, mask=mask))
     y_ref, _, new_state = ref.step(
-        x.astype("float32"), state, feature_axes=[-1], training=True, epsilon=1e-3,
-        momentum=0.5, mask=mask,
+        x.astype("float32"),
+        state,
+        feature_axes=[-1],
+        training=True,
+        epsilon=1e-3,
+        momentum=0.5,
+        mask=mask,
     )
     # Measured 1.3e-7 and 7.2e-8.
     ref.assert_close(y[mask], y_ref[mask], 2e-6, "output")
@@ -220,7 +354,9 @@ def test_masked_positions_may_hold_nan_and_inf(fused_mode):
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_large_values_under_mixed_precision(fused_mode, policy, float32_policy_after):
+def test_large_values_under_mixed_precision(
+    fused_mode, policy, float32_policy_after
+):
     """Sums and squares of float16-sized values overflow float16 (max 65504):
     statistics must be taken in float32."""
     parity.set_policy(policy)
@@ -233,20 +369,43 @@ def test_large_values_under_mixed_precision(fused_mode, policy, float32_policy_a
     assert keras.backend.standardize_dtype(y.dtype) == policy.split("_")[1]
     assert np.all(np.isfinite(to_numpy(y).astype("float32")))
     x_seen = parity.rounded(x, policy)
-    state = dict(zip(ref.weight_names(), [np.ones(2), np.zeros(2), np.zeros(2), np.ones(2)]))
+    state = dict(
+        zip(
+            ref.weight_names(),
+            [np.ones(2), np.zeros(2), np.zeros(2), np.ones(2)],
+        )
+    )
     y_ref, _, new_state = ref.step(
-        x_seen, state, feature_axes=[-1], training=True, epsilon=1e-3, momentum=0.0
+        x_seen,
+        state,
+        feature_axes=[-1],
+        training=True,
+        epsilon=1e-3,
+        momentum=0.0,
     )
     tol = TOLERANCES[policy]
     ref.assert_close(y, y_ref, tol["output"], f"output ({policy})")
-    ref.assert_close(y, y_builtin, BUILTIN_TOLERANCES[policy]["output"], f"output vs built-in ({policy})")
+    ref.assert_close(
+        y,
+        y_builtin,
+        BUILTIN_TOLERANCES[policy]["output"],
+        f"output vs built-in ({policy})",
+    )
     for name, value in zip(ref.weight_names(), ours.get_weights()):
-        ref.assert_close(value, new_state[name], tol["stats"], f"{name} ({policy})")
+        ref.assert_close(
+            value, new_state[name], tol["stats"], f"{name} ({policy})"
+        )
 
 
 @pytest.mark.parametrize(
     "execution",
-    ["eager", pytest.param("function", marks=pytest.mark.backends("tensorflow", reason="tf.function"))],
+    [
+        "eager",
+        pytest.param(
+            "function",
+            marks=pytest.mark.backends("tensorflow", reason="tf.function"),
+        ),
+    ],
 )
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_variance_of_large_mean_data(fused_mode, execution, masked):
@@ -266,11 +425,18 @@ def test_variance_of_large_mean_data(fused_mode, execution, masked):
         import tensorflow as tf
 
         call = tf.function(call)
-    y = to_numpy(call(ops.convert_to_tensor(x), None if mask is None else ops.convert_to_tensor(mask)))
+    y = to_numpy(
+        call(
+            ops.convert_to_tensor(x),
+            None if mask is None else ops.convert_to_tensor(mask),
+        )
+    )
     _, mean, var = ref.batch_moments(x, [-1], mask)
     moving_mean, moving_variance = layer.get_weights()[2:]
     # Measured 3.6e-6 and 2.1e-7.
-    ref.assert_close(moving_variance, var.ravel(), 5e-5, "moving_variance", floor=0.0)
+    ref.assert_close(
+        moving_variance, var.ravel(), 5e-5, "moving_variance", floor=0.0
+    )
     ref.assert_close(moving_mean, mean.ravel(), 2e-6, "moving_mean", floor=0.0)
     # The output inherits the error of the float32 mean itself: a sum of
     # values near 1e4 is a few units of 2**-10 ~ 1e-3 off (the built-in's
@@ -288,11 +454,20 @@ def test_training_none_means_inference(fused_mode):
     ours, builtin = _layer_pair(fused_mode)
     for layer in (ours, builtin):
         layer.build(shape)
-        layer.set_weights([rng.uniform(0.5, 1.5, 3).astype("float32") for _ in range(4)])
+        layer.set_weights(
+            [rng.uniform(0.5, 1.5, 3).astype("float32") for _ in range(4)]
+        )
     builtin.set_weights(ours.get_weights())
     before = ours.get_weights()
     y = ours(x)
-    np.testing.assert_array_equal(to_numpy(y), to_numpy(ours(x, training=False)))
+    np.testing.assert_array_equal(
+        to_numpy(y), to_numpy(ours(x, training=False))
+    )
     for a, b in zip(before, ours.get_weights()):
         np.testing.assert_array_equal(a, b)
-    ref.assert_close(y, builtin(x), BUILTIN_TOLERANCES["float32"]["output"], "output vs built-in")
+    ref.assert_close(
+        y,
+        builtin(x),
+        BUILTIN_TOLERANCES["float32"]["output"],
+        "output vs built-in",
+    )

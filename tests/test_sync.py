@@ -59,9 +59,13 @@ def measured():
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, err = proc.communicate()
-                pytest.fail(f"_mirrored_checks.py {r} timed out; stderr:\n{err[-3000:]}")
+                pytest.fail(
+                    f"_mirrored_checks.py {r} timed out; stderr:\n{err[-3000:]}"
+                )
             if proc.returncode != 0:
-                pytest.fail(f"_mirrored_checks.py {r} failed ({proc.returncode}):\n{err[-3000:]}")
+                pytest.fail(
+                    f"_mirrored_checks.py {r} failed ({proc.returncode}):\n{err[-3000:]}"
+                )
             results[r] = json.loads(out.strip().splitlines()[-1])
     finally:
         for proc in procs.values():
@@ -84,20 +88,45 @@ def test_strategy_has_the_requested_replicas(measured, replicas):
 @pytest.mark.parametrize("replicas", DEVICE_COUNTS)
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
 @pytest.mark.parametrize("offset", checks.OFFSETS)
-def test_synchronized_variance_is_exact_at_any_mean(measured, replicas, masked, offset):
-    (row,) = [r for r in measured[replicas]["exactness"] if r["offset"] == offset]
+def test_synchronized_variance_is_exact_at_any_mean(
+    measured, replicas, masked, offset
+):
+    (row,) = [
+        r for r in measured[replicas]["exactness"] if r["offset"] == offset
+    ]
     key = "bnlayers" + ("_masked" if masked else "")
-    ref.check_error(row[key + "_var_rel_err"], VARIANCE_RTOL, f"{key} variance, mean {offset:g}")
-    ref.check_error(row[key + "_out_rel_err"], OUTPUT_RTOL, f"{key} outputs, mean {offset:g}")
+    ref.check_error(
+        row[key + "_var_rel_err"],
+        VARIANCE_RTOL,
+        f"{key} variance, mean {offset:g}",
+    )
+    ref.check_error(
+        row[key + "_out_rel_err"],
+        OUTPUT_RTOL,
+        f"{key} outputs, mean {offset:g}",
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas", DEVICE_COUNTS)
-def test_synchronized_variance_agrees_with_builtin_on_ordinary_data(measured, replicas):
+def test_synchronized_variance_agrees_with_builtin_on_ordinary_data(
+    measured, replicas
+):
     """At mean 0 the built-in's E[x^2] - E[x]^2 is fine, and the two agree."""
     (row,) = [r for r in measured[replicas]["exactness"] if r["offset"] == 0.0]
-    ref.assert_close(row["bnlayers_var"], row["builtin_var"], 2 * VARIANCE_RTOL, "vs built-in")
-    ref.assert_close(row["bnlayers_var"], row["truth_var"], VARIANCE_RTOL, "vs float64", floor=0.0)
+    ref.assert_close(
+        row["bnlayers_var"],
+        row["builtin_var"],
+        2 * VARIANCE_RTOL,
+        "vs built-in",
+    )
+    ref.assert_close(
+        row["bnlayers_var"],
+        row["truth_var"],
+        VARIANCE_RTOL,
+        "vs float64",
+        floor=0.0,
+    )
 
 
 @pytest.mark.slow
@@ -106,31 +135,42 @@ def test_synchronized_statistics_in_mixed_precision(measured, replicas):
     """float16 inputs at mean 100: statistics in float32, outputs in float16."""
     result = measured[replicas]["mixed_precision"]
     assert result["bnlayers_dtype"] == "float16"
-    ref.check_error(result["bnlayers_var_rel_err"], VARIANCE_RTOL, "variance, mixed_float16")
+    ref.check_error(
+        result["bnlayers_var_rel_err"], VARIANCE_RTOL, "variance, mixed_float16"
+    )
     # A float16 output rounds by up to half a unit in its last place, 2**-11
     # of its magnitude, so by up to 2**-11 of the largest output: a bound
     # (measured: MEASURED), with 5% for the float32 error beneath it.
-    ref.check_error(result["bnlayers_out_rel_err"], 2**-11 * 1.05, "outputs, mixed_float16")
+    ref.check_error(
+        result["bnlayers_out_rel_err"], 2**-11 * 1.05, "outputs, mixed_float16"
+    )
 
 
 def _equivalence_ids():
     ids = []
     for replicas in DEVICE_COUNTS:
         for kind in ("even", "uneven"):
-            ids += [(replicas, f"{case}_{kind}") for case in checks.PLAN[replicas][kind]]
+            ids += [
+                (replicas, f"{case}_{kind}")
+                for case in checks.PLAN[replicas][kind]
+            ]
     return ids
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas,case", _equivalence_ids())
-def test_replicas_equal_one_device_with_the_global_batch(measured, replicas, case):
+def test_replicas_equal_one_device_with_the_global_batch(
+    measured, replicas, case
+):
     """Outputs, gradients (inputs, gamma, beta) and moving statistics."""
     diffs = measured[replicas]["equivalence"][case]
     for key, value in diffs.items():
         if key.endswith("_replicas_identical"):
             assert value is True, (key, diffs)
         else:
-            ref.check_error(value, EQUIVALENCE_TOL, f"{key} ({case.split('_')[-1]} batches)")
+            ref.check_error(
+                value, EQUIVALENCE_TOL, f"{key} ({case.split('_')[-1]} batches)"
+            )
 
 
 @pytest.mark.slow
@@ -158,23 +198,39 @@ def _train(layer, batches, masks):
             tape.watch(x)
             y = layer(x, training=True, mask=m)
             # Weights that differ per element, so the input gradient is not 0.
-            loss = tf.reduce_sum(y * tf.math.sin(tf.cumsum(tf.ones_like(y), axis=0)))
-        grads.append([g.numpy() for g in tape.gradient(loss, [x, layer.gamma, layer.beta])])
+            loss = tf.reduce_sum(
+                y * tf.math.sin(tf.cumsum(tf.ones_like(y), axis=0))
+            )
+        grads.append(
+            [
+                g.numpy()
+                for g in tape.gradient(loss, [x, layer.gamma, layer.beta])
+            ]
+        )
         outputs.append(y.numpy())
     return outputs, grads, [w.numpy() for w in layer.weights]
 
 
-@pytest.mark.parametrize("one_replica_strategy", [False, True], ids=["no_strategy", "one_replica"])
-def test_synchronized_without_replicas_is_exactly_unsynchronized(one_replica_strategy):
+@pytest.mark.parametrize(
+    "one_replica_strategy", [False, True], ids=["no_strategy", "one_replica"]
+)
+def test_synchronized_without_replicas_is_exactly_unsynchronized(
+    one_replica_strategy,
+):
     rng = np.random.default_rng(0)
-    batches = [(1e4 + rng.standard_normal((8, 3, 4))).astype("float32") for _ in range(3)]
+    batches = [
+        (1e4 + rng.standard_normal((8, 3, 4))).astype("float32")
+        for _ in range(3)
+    ]
     masks = [None, rng.random((8, 3)) > 0.3, None]
     results = []
     for synchronized in (False, True):
         if one_replica_strategy:
             strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
             with strategy.scope():
-                layer = bnlayers.BatchNormalization(synchronized=synchronized, momentum=0.5)
+                layer = bnlayers.BatchNormalization(
+                    synchronized=synchronized, momentum=0.5
+                )
                 layer.build((None, 3, 4))
 
             def step(layer=layer, strategy=strategy):
@@ -182,7 +238,9 @@ def test_synchronized_without_replicas_is_exactly_unsynchronized(one_replica_str
 
             results.append(step())
         else:
-            layer = bnlayers.BatchNormalization(synchronized=synchronized, momentum=0.5)
+            layer = bnlayers.BatchNormalization(
+                synchronized=synchronized, momentum=0.5
+            )
             results.append(_train(layer, batches, masks))
     unsynced, synced = results
     for a, b in zip(
@@ -201,4 +259,7 @@ def test_synchronized_config_round_trip():
     layer = bnlayers.BatchNormalization(synchronized=True)
     clone = bnlayers.BatchNormalization.from_config(layer.get_config())
     assert clone.synchronized is True
-    assert keras.layers.deserialize(keras.layers.serialize(layer)).synchronized is True
+    assert (
+        keras.layers.deserialize(keras.layers.serialize(layer)).synchronized
+        is True
+    )
