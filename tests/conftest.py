@@ -132,9 +132,10 @@ _FUSED_MODES = (
 
 @pytest.fixture(params=_FUSED_MODES[0], ids=_FUSED_MODES[1])
 def fused_mode(request):
-    """The `fused` argument for bnlayers layers: every parity test runs both
-    the reference keras.ops path (False) and the automatic choice (None),
-    which takes the fused TensorFlow kernel wherever it is eligible."""
+    """The `fused` argument for bnlayers layers: a test that takes it runs
+    both the reference keras.ops path (False) and the automatic choice
+    (None), which takes the fast path wherever it is eligible. (The parity
+    grid chooses per case instead: see test_parity._grid.)"""
     return request.param
 
 

@@ -24,7 +24,7 @@ import _multiworker_worker as worker
 import bn_reference as ref
 
 HERE = pathlib.Path(__file__).resolve().parent
-TIMEOUT_S = 120
+TIMEOUT_S = 600
 # Two workers sum their halves in another order than one process sums the
 # whole batch, and four SGD steps carry that on: a few float32 ulps.
 RTOL = 1e-5

@@ -24,7 +24,7 @@ import bnlayers
 
 HERE = pathlib.Path(__file__).resolve().parent
 DEVICE_COUNTS = (2, 4)
-SUBPROCESS_TIMEOUT_S = 240
+SUBPROCESS_TIMEOUT_S = 600
 
 # Errors are bn_reference.rel_err, measured in the worker processes.
 # The synchronized variance against the float64 truth: float32 rounding of
