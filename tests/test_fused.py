@@ -523,5 +523,5 @@ def test_second_order_gradients(implementation, training):
         )
     for a, e in zip(*results):
         ref.assert_close(
-            a, e, 5e-6, "penalty, its gradients"
-        )  # measured 5.4e-7
+            a, e, 1e-5, "penalty, its gradients"
+        )  # measured 1.1e-6
