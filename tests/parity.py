@@ -65,13 +65,13 @@ TOLERANCES = {  # bnlayers against the float64 reference
         "output": 4e-6,  # measured 3.9e-7
         "stats": 7e-6,  # 7.2e-7
         "grad_x": 5e-6,  # 5.0e-7
-        "grad_param": 2e-5,  # 2.3e-6
+        "grad_param": 2e-5,  # 2.6e-6
     },
     "mixed_float16": {
         "output": 1.5e-3,  # bound; measured 4.1e-4
         "stats": 2e-6,  # 1.9e-7
         "grad_x": 1.5e-3,  # bound; 4.2e-4
-        "grad_param": 4e-6,  # 3.9e-7
+        "grad_param": 5e-6,  # 4.6e-7
     },
     "mixed_bfloat16": {
         "output": 1.2e-2,  # bound; measured 3.5e-3
@@ -89,8 +89,8 @@ TOLERANCES = {  # bnlayers against the float64 reference
     "float64": {
         "output": 5e-15,  # measured 4.4e-16
         "stats": 2e-15,  # 2.0e-16
-        "grad_x": 4e-15,  # 3.5e-16
-        "grad_param": 1e-14,  # 9.7e-16
+        "grad_x": 6e-15,  # 5.6e-16
+        "grad_param": 1.3e-14,  # 1.3e-15
     },
 }
 
@@ -102,7 +102,7 @@ TOLERANCES = {  # bnlayers against the float64 reference
 BUILTIN_TOLERANCES = {
     "float32": {
         "output": 9e-5,  # measured 9.0e-6
-        "stats": 4e-6,  # 4.0e-7
+        "stats": 5e-6,  # 4.6e-7
         "grad_x": 3e-5,  # 3.1e-6
         "grad_param": 5e-5,  # 5.4e-6
     },
@@ -127,7 +127,7 @@ BUILTIN_TOLERANCES = {
     "float64": {
         "output": 5e-15,  # measured 4.4e-16
         "stats": 2e-15,  # 2.0e-16
-        "grad_x": 4e-15,  # 3.5e-16
+        "grad_x": 6e-15,  # 5.6e-16
         "grad_param": 2e-14,  # 2.0e-15
     },
 }

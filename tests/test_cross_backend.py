@@ -29,12 +29,14 @@ import pytest
 import bn_reference as ref
 
 WORKER = pathlib.Path(__file__).with_name("_backend_worker.py")
-TIMEOUT = 600
+TIMEOUT = 900
 # bn_reference.rel_err allowed, about ten times the largest measured.
-# bnlayers' and the built-in's losses after one epoch (measured: MEASURED).
-LOSS_RTOL = 1e-4
-# A model's outputs saved under one backend and loaded under another (measured: MEASURED).
-EXCHANGE_RTOL = 1e-5
+# bnlayers' and the built-in's losses after one epoch (measured: equal on
+# PyTorch, within 1e-6 on JAX).
+LOSS_RTOL = 1e-5
+# A model's outputs saved under one backend and loaded under another
+# (measured 2.5e-6).
+EXCHANGE_RTOL = 3e-5
 # Statistics and outputs under DataParallel against float64 (measured: MEASURED).
 DATA_PARALLEL_RTOL = 1e-5
 
@@ -122,7 +124,7 @@ def test_article_model_trains_as_with_the_builtin(worker_results, backend):
     layers from the same initial weights on the same batches.
 
     The two layers compute the same function, so the runs differ by float32
-    rounding only (measured: MEASURED_ARTICLE).
+    rounding only (see LOSS_RTOL).
     """
     result = _result(worker_results, backend, "article")
     assert result["backend"] == backend
@@ -142,7 +144,7 @@ def test_article_model_trains_as_with_the_builtin(worker_results, backend):
 def test_keras_file_moves_between_backends(worker_results):
     """Saved with renorm, ghost batches and an axis list under one backend,
     loaded under another: identical weights, outputs within float32 rounding
-    (the backends' convolutions sum in different orders; measured: MEASURED_EXCHANGE)."""
+    (the backends' convolutions sum in different orders; see EXCHANGE_RTOL)."""
     reports = []
     for (_, backend, task), result in worker_results.items():
         if task == "exchange":

@@ -26,8 +26,10 @@ import bn_reference as ref
 HERE = pathlib.Path(__file__).resolve().parent
 TIMEOUT_S = 600
 # Two workers sum their halves in another order than one process sums the
-# whole batch, and four SGD steps carry that on: a few float32 ulps.
-RTOL = 1e-5
+# whole batch, and four SGD steps carry that on: a few float32 ulps
+# (bn_reference.rel_err, measured 5.1e-6 on the weights, 1.6e-6 on the
+# moving variance).
+RTOL = 5e-5
 
 
 def _free_ports(n):

@@ -391,10 +391,9 @@ def test_large_values_under_mixed_precision(
         BUILTIN_TOLERANCES[policy]["output"],
         f"output vs built-in ({policy})",
     )
+    # Statistics of values near 2e4, in float32 (measured 1.9e-6).
     for name, value in zip(ref.weight_names(), ours.get_weights()):
-        ref.assert_close(
-            value, new_state[name], tol["stats"], f"{name} ({policy})"
-        )
+        ref.assert_close(value, new_state[name], 2e-5, f"{name} ({policy})")
 
 
 @pytest.mark.parametrize(
@@ -433,11 +432,11 @@ def test_variance_of_large_mean_data(fused_mode, execution, masked):
     )
     _, mean, var = ref.batch_moments(x, [-1], mask)
     moving_mean, moving_variance = layer.get_weights()[2:]
-    # Measured 3.6e-6 and 2.1e-7.
+    # Measured 1.3e-5 and 3.7e-7.
     ref.assert_close(
-        moving_variance, var.ravel(), 5e-5, "moving_variance", floor=0.0
+        moving_variance, var.ravel(), 1.5e-4, "moving_variance", floor=0.0
     )
-    ref.assert_close(moving_mean, mean.ravel(), 2e-6, "moving_mean", floor=0.0)
+    ref.assert_close(moving_mean, mean.ravel(), 4e-6, "moving_mean", floor=0.0)
     # The output inherits the error of the float32 mean itself: a sum of
     # values near 1e4 is a few units of 2**-10 ~ 1e-3 off (the built-in's
     # mean is off by the same), i.e. ~1e-3 of outputs of size ~3 (measured
