@@ -37,8 +37,8 @@ LOSS_RTOL = 1e-5
 # A model's outputs saved under one backend and loaded under another
 # (measured 2.5e-6).
 EXCHANGE_RTOL = 3e-5
-# Statistics and outputs under DataParallel against float64 (measured: MEASURED).
-DATA_PARALLEL_RTOL = 1e-5
+# Statistics and outputs under DataParallel against float64 (measured 2.5e-7).
+DATA_PARALLEL_RTOL = 3e-6
 
 pytestmark = [
     pytest.mark.slow,
