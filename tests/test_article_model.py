@@ -29,7 +29,8 @@ MNIST_NPZ = (
 )
 BATCH_SIZE = 64
 COMPARED_STEPS = 20
-LOSS_RTOL = 1e-3
+# bn_reference.rel_err of the first losses (measured 4.3e-6, TensorFlow 2.21 CPU).
+LOSS_RTOL = 5e-5
 ACCURACY_POINTS = 1.0
 
 
