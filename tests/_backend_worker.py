@@ -1,13 +1,15 @@
 """One backend's side of the cross-backend tests (tests/test_cross_backend.py).
 
-Run as a script under the backend in KERAS_BACKEND:
+Run as a script under the backend in KERAS_BACKEND, with the tasks to do in
+this one process (a start-up of Keras and a backend is seconds):
 
-    python tests/_backend_worker.py article OUT.json [TRAIN_SIZE]
-    python tests/_backend_worker.py exchange DIR OUT.json
-    python tests/_backend_worker.py data_parallel OUT.json     (JAX, 2 CPU devices)
+    python tests/_backend_worker.py DIR PREFIX TASK [TASK ...]
 
-Each writes its findings as JSON (or files for `load` to read); the test
-asserts on them.
+TASK is `article`, `exchange` (loads the `.keras` files other backends left
+in DIR, then leaves this backend's) or `data_parallel` (JAX with 2 CPU
+devices). Each writes its findings to DIR/PREFIX-TASK.json, or the
+traceback if it failed (under "error"); the test asserts on them. Errors
+are `bn_reference.rel_err`.
 """
 
 import os
@@ -20,19 +22,32 @@ import sys
 
 import keras
 import numpy as np
-from article import article_model
 
 import bnlayers
+from article import article_model
+from bn_reference import rel_err
 
 BACKEND = keras.backend.backend()
-DATA = pathlib.Path(__file__).resolve().parents[1] / "examples" / "data" / "mnist_10k.npz"
+DATA = (
+    pathlib.Path(__file__).resolve().parents[1]
+    / "examples"
+    / "data"
+    / "mnist_10k.npz"
+)
 
 
 def _mnist(train_size):
     with np.load(DATA) as data:
-        x_train = data["x_train"][:train_size].astype("float32")[..., None] / 255.0
+        x_train = (
+            data["x_train"][:train_size].astype("float32")[..., None] / 255.0
+        )
         x_test = data["x_test"].astype("float32")[..., None] / 255.0
-        return x_train, data["y_train"][:train_size].astype("int32"), x_test, data["y_test"].astype("int32")
+        return (
+            x_train,
+            data["y_train"][:train_size].astype("int32"),
+            x_test,
+            data["y_test"].astype("int32"),
+        )
 
 
 def _glorot_uniform(model, seed=0):
@@ -46,7 +61,9 @@ def _glorot_uniform(model, seed=0):
             if len(w.shape) > 2:  # a convolution: fans per receptive field
                 fan_out *= int(np.prod(w.shape[:-2]))
             limit = np.sqrt(6.0 / (fan_in + fan_out))
-            weights.append(rng.uniform(-limit, limit, w.shape).astype("float32"))
+            weights.append(
+                rng.uniform(-limit, limit, w.shape).astype("float32")
+            )
         else:
             weights.append(w.numpy())
     return weights
@@ -61,9 +78,17 @@ def article(out, train_size=2048):
     ours.set_weights(builtin.get_weights())
     result = {"backend": BACKEND, "train_size": len(x_train)}
     for name, model in (("builtin", builtin), ("bnlayers", ours)):
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        history = model.fit(x_train, y_train, batch_size=64, epochs=1, shuffle=False, verbose=0)
-        loss, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
+        model.compile(
+            optimizer="adam",
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        history = model.fit(
+            x_train, y_train, batch_size=64, epochs=1, shuffle=False, verbose=0
+        )
+        loss, accuracy = model.evaluate(
+            x_test, y_test, batch_size=500, verbose=0
+        )
         result[name] = {
             "train_loss": float(history.history["loss"][-1]),
             "test_loss": float(loss),
@@ -81,9 +106,13 @@ def _rich_model():
         [
             keras.layers.InputLayer(shape=(28, 28, 1)),
             keras.layers.Conv2D(8, (3, 3), activation="relu"),
-            bnlayers.BatchNormalization(renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0}),
+            bnlayers.BatchNormalization(
+                renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0}
+            ),
             keras.layers.MaxPooling2D((2, 2)),
-            bnlayers.BatchNormalization(axis=[1, 3], virtual_batch_size=4, momentum=0.5),
+            bnlayers.BatchNormalization(
+                axis=[1, 3], virtual_batch_size=4, momentum=0.5
+            ),
             keras.layers.Flatten(),
             keras.layers.Dense(10, activation="softmax"),
         ]
@@ -102,15 +131,30 @@ def save(directory):
     directory = pathlib.Path(directory)
     rng = np.random.default_rng(0)
     model = _rich_model()
-    model.set_weights([(w + rng.normal(0.0, 0.1, w.shape)).astype("float32") for w in model.get_weights()])
+    model.set_weights(
+        [
+            (w + rng.normal(0.0, 0.1, w.shape)).astype("float32")
+            for w in model.get_weights()
+        ]
+    )
     x = rng.random((12, 28, 28, 1)).astype("float32")
-    for _ in range(2):  # eager training calls move the moving and renorm statistics
+    for _ in range(
+        2
+    ):  # eager training calls move the moving and renorm statistics
         model(x, training=True)
     model.save(directory / f"{BACKEND}.keras")
     weights = np.concatenate([w.ravel() for w in model.get_weights()])
     infer = keras.ops.convert_to_numpy(model(x, training=False))
-    train = keras.ops.convert_to_numpy(model(x, training=True))  # moves the statistics again
-    np.savez(directory / f"{BACKEND}.npz", x=x, infer=infer, train=train, weights=weights)
+    train = keras.ops.convert_to_numpy(
+        model(x, training=True)
+    )  # moves the statistics again
+    np.savez(
+        directory / f"{BACKEND}.npz",
+        x=x,
+        infer=infer,
+        train=train,
+        weights=weights,
+    )
 
 
 def load(directory, out):
@@ -123,19 +167,24 @@ def load(directory, out):
         model = keras.saving.load_model(saved)  # no custom_objects
         with np.load(directory / f"{saved.stem}.npz") as expected:
             weights = np.concatenate([w.ravel() for w in model.get_weights()])
-            infer = keras.ops.convert_to_numpy(model(expected["x"], training=False))
-            train = keras.ops.convert_to_numpy(model(expected["x"], training=True))
+            infer = keras.ops.convert_to_numpy(
+                model(expected["x"], training=False)
+            )
+            train = keras.ops.convert_to_numpy(
+                model(expected["x"], training=True)
+            )
             result[saved.stem] = {
-                "layers": [type(layer).__module__ + "." + type(layer).__name__ for layer in model.layers],
-                "weights_equal": bool(np.array_equal(weights, expected["weights"])),
-                "infer_rel_err": _rel_err(infer, expected["infer"]),
-                "train_rel_err": _rel_err(train, expected["train"]),
+                "layers": [
+                    type(layer).__module__ + "." + type(layer).__name__
+                    for layer in model.layers
+                ],
+                "weights_equal": bool(
+                    np.array_equal(weights, expected["weights"])
+                ),
+                "infer_rel_err": rel_err(infer, expected["infer"]),
+                "train_rel_err": rel_err(train, expected["train"]),
             }
     pathlib.Path(out).write_text(json.dumps(result, indent=1))
-
-
-def _rel_err(actual, expected):
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
 def data_parallel(out):
@@ -144,11 +193,15 @@ def data_parallel(out):
     import jax
 
     devices = jax.devices("cpu")
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices)
+    )
     # The two halves of each batch (one per device) differ in mean and spread,
     # so per-device statistics would be visibly off.
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(0.0, 1.0, (8, 6, 3)), rng.normal(10.0, 3.0, (8, 6, 3))]).astype("float32")
+    x = np.concatenate(
+        [rng.normal(0.0, 1.0, (8, 6, 3)), rng.normal(10.0, 3.0, (8, 6, 3))]
+    ).astype("float32")
     y = rng.standard_normal((16, 6, 3)).astype("float32")
     result = {"devices": len(devices)}
     for name, bn in (
@@ -161,15 +214,21 @@ def data_parallel(out):
         result[name] = {
             "moving_mean": model.layers[0].moving_mean.numpy().tolist(),
             "moving_variance": model.layers[0].moving_variance.numpy().tolist(),
-            "outputs": keras.ops.convert_to_numpy(model(x, training=True)).tolist(),
+            "outputs": keras.ops.convert_to_numpy(
+                model(x, training=True)
+            ).tolist(),
         }
     # And a call on a batch laid out by the distribution, one half per device.
     distribution = keras.distribution.distribution()
-    sharded = keras.distribution.distribute_tensor(x, distribution.get_data_layout(x.shape))
+    sharded = keras.distribution.distribute_tensor(
+        x, distribution.get_data_layout(x.shape)
+    )
     layer = bnlayers.BatchNormalization(momentum=0.0)
     outputs = layer(sharded, training=True)
     result["sharded_call"] = {
-        "input_shards": [list(shard.data.shape) for shard in sharded.addressable_shards],
+        "input_shards": [
+            list(shard.data.shape) for shard in sharded.addressable_shards
+        ],
         "moving_mean": layer.moving_mean.numpy().tolist(),
         "moving_variance": layer.moving_variance.numpy().tolist(),
         "outputs": keras.ops.convert_to_numpy(outputs).tolist(),
@@ -180,11 +239,28 @@ def data_parallel(out):
         "moving_mean": mean.tolist(),
         "moving_variance": var.tolist(),
         "outputs": ((x64 - mean) / np.sqrt(var + 1e-3)).tolist(),
-        "per_device_means": [x64[:8].mean(axis=(0, 1)).tolist(), x64[8:].mean(axis=(0, 1)).tolist()],
+        "per_device_means": [
+            x64[:8].mean(axis=(0, 1)).tolist(),
+            x64[8:].mean(axis=(0, 1)).tolist(),
+        ],
     }
     pathlib.Path(out).write_text(json.dumps(result))
 
 
+def main(directory, prefix, *tasks):
+    import traceback
+
+    directory = pathlib.Path(directory)
+    for task in tasks:
+        out = directory / f"{prefix}-{task}.json"
+        try:
+            if task == "exchange":
+                exchange(directory, out)
+            else:
+                {"article": article, "data_parallel": data_parallel}[task](out)
+        except Exception:
+            out.write_text(json.dumps({"error": traceback.format_exc()}))
+
+
 if __name__ == "__main__":
-    task, *args = sys.argv[1:]
-    {"article": article, "exchange": exchange, "data_parallel": data_parallel}[task](*args)
+    main(*sys.argv[1:])

@@ -35,7 +35,9 @@ def dataset():
     options = tf.data.Options()
     # Shard by element: with the default (FILE) policy an in-memory dataset
     # would fall back to this anyway, with a warning.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
     return ds.with_options(options)
 
 
@@ -49,7 +51,9 @@ def build_model():
         [
             keras.layers.InputLayer(shape=(8,)),
             keras.layers.Dense(FEATURES, name="hidden"),
-            bnlayers.BatchNormalization(synchronized=True, momentum=0.5, name="bn"),
+            bnlayers.BatchNormalization(
+                synchronized=True, momentum=0.5, name="bn"
+            ),
             keras.layers.ReLU(),
             keras.layers.Dense(3, activation="softmax", name="classifier"),
         ]
@@ -90,7 +94,9 @@ def train(model, strategy=None):
     def replica_step(x, y):
         with tf.GradientTape() as tape:
             probabilities = model(x, training=True)
-            losses = keras.losses.sparse_categorical_crossentropy(y, probabilities)
+            losses = keras.losses.sparse_categorical_crossentropy(
+                y, probabilities
+            )
             # Summed here and over replicas: the mean over the global batch.
             loss = tf.reduce_sum(losses) / GLOBAL_BATCH
         grads = tape.gradient(loss, model.trainable_variables)

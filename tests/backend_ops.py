@@ -31,7 +31,9 @@ def has_x64():
     return bool(jax.config.jax_enable_x64)
 
 
-def value_and_grads(fn, inputs, upstream, variables=(), layers=(), args=(), jit=False):
+def value_and_grads(
+    fn, inputs, upstream, variables=(), layers=(), args=(), jit=False
+):
     """`fn(*inputs, *args)` and the gradients of `sum(cast(y, upstream.dtype) * upstream)`.
 
     Gradients are taken with respect to each of `inputs` (not `args`: masks
@@ -52,8 +54,12 @@ def value_and_grads(fn, inputs, upstream, variables=(), layers=(), args=(), jit=
     upstream = ops.convert_to_tensor(upstream)
     if BACKEND == "tensorflow":
         if jit:
-            raise ValueError("jit=True is for the JAX backend; use tf.function on TensorFlow")
-        return _tensorflow_value_and_grads(fn, inputs, args, upstream, variables)
+            raise ValueError(
+                "jit=True is for the JAX backend; use tf.function on TensorFlow"
+            )
+        return _tensorflow_value_and_grads(
+            fn, inputs, args, upstream, variables
+        )
     variables = list(variables)
     state = []
     for layer in layers:
@@ -61,13 +67,19 @@ def value_and_grads(fn, inputs, upstream, variables=(), layers=(), args=(), jit=
             if not any(v is w for w in variables + state):
                 state.append(v)
     if BACKEND == "jax":
-        y, grads, new_state = _jax_value_and_grads(fn, inputs, args, upstream, variables, state, jit)
+        y, grads, new_state = _jax_value_and_grads(
+            fn, inputs, args, upstream, variables, state, jit
+        )
     elif BACKEND == "torch":
         if jit:
             raise ValueError("jit=True is for the JAX backend")
-        y, grads, new_state = _torch_value_and_grads(fn, inputs, args, upstream, variables, state)
+        y, grads, new_state = _torch_value_and_grads(
+            fn, inputs, args, upstream, variables, state
+        )
     else:
-        raise NotImplementedError(f"no gradient helper for the {BACKEND!r} backend")
+        raise NotImplementedError(
+            f"no gradient helper for the {BACKEND!r} backend"
+        )
     for v, value in zip(state, new_state):
         v.assign(value)
     return y, grads
@@ -80,7 +92,11 @@ def train_step(layer, x, dy, mask=None):
     as after an ordinary call.
     """
     y, grads = value_and_grads(
-        lambda t: layer(t, training=True, mask=mask), [x], dy, [layer.gamma, layer.beta], [layer]
+        lambda t: layer(t, training=True, mask=mask),
+        [x],
+        dy,
+        [layer.gamma, layer.beta],
+        [layer],
     )
     dx, dgamma, dbeta = grads
     return to_numpy(y), to_numpy(dx), to_numpy(dgamma), to_numpy(dbeta)
@@ -111,7 +127,9 @@ def _jax_value_and_grads(fn, inputs, args, upstream, variables, state, jit):
     import jax
 
     def loss_fn(input_values, variable_values, state_values, args, upstream):
-        mapping = list(zip(variables, variable_values)) + list(zip(state, state_values))
+        mapping = list(zip(variables, variable_values)) + list(
+            zip(state, state_values)
+        )
         with keras.StatelessScope(state_mapping=mapping) as scope:
             y = fn(*input_values, *args)
         new_state = [scope.get_current_value(v) for v in state]
@@ -119,7 +137,11 @@ def _jax_value_and_grads(fn, inputs, args, upstream, variables, state, jit):
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     if jit:
-        key = (id(fn), tuple(id(v) for v in variables), tuple(id(v) for v in state))
+        key = (
+            id(fn),
+            tuple(id(v) for v in variables),
+            tuple(id(v) for v in state),
+        )
         if key not in _JAX_JITTED:
             # Holding fn keeps its id from being reused while the entry lives.
             _JAX_JITTED[key] = (fn, jax.jit(grad_fn))
@@ -127,7 +149,11 @@ def _jax_value_and_grads(fn, inputs, args, upstream, variables, state, jit):
     inputs = [ops.convert_to_tensor(x) for x in inputs]
     args = [None if a is None else ops.convert_to_tensor(a) for a in args]
     (_, (y, new_state)), (input_grads, variable_grads) = grad_fn(
-        inputs, [v.value for v in variables], [v.value for v in state], args, upstream
+        inputs,
+        [v.value for v in variables],
+        [v.value for v in state],
+        args,
+        upstream,
     )
     return y, list(input_grads) + list(variable_grads), new_state
 
@@ -135,12 +161,18 @@ def _jax_value_and_grads(fn, inputs, args, upstream, variables, state, jit):
 def _torch_value_and_grads(fn, inputs, args, upstream, variables, state):
     import torch
 
-    inputs = [ops.convert_to_tensor(x).detach().requires_grad_(True) for x in inputs]
+    inputs = [
+        ops.convert_to_tensor(x).detach().requires_grad_(True) for x in inputs
+    ]
     values = [v.value.detach().clone().requires_grad_(True) for v in variables]
-    mapping = list(zip(variables, values)) + [(v, v.value.detach()) for v in state]
+    mapping = list(zip(variables, values)) + [
+        (v, v.value.detach()) for v in state
+    ]
     with keras.StatelessScope(state_mapping=mapping) as scope:
         y = fn(*inputs, *args)
     new_state = [scope.get_current_value(v) for v in state]
-    grads = torch.autograd.grad(_loss(y, upstream), inputs + values, allow_unused=True)
+    grads = torch.autograd.grad(
+        _loss(y, upstream), inputs + values, allow_unused=True
+    )
     new_state = [None if s is None else s.detach() for s in new_state]
     return y.detach(), list(grads), new_state

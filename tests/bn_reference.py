@@ -1,10 +1,13 @@
-"""A float64 NumPy reference of batch normalization, the yardstick of the tests.
+"""The tests' float64 NumPy reference of batch normalization, and their one error measure.
 
 Written from the formulas (Ioffe & Szegedy, 2015; Ioffe, 2017 for renorm),
 independently of both bnlayers and Keras, so that a mistake the two layers
 happen to share still shows up. Forward pass, moving-average updates and the
 analytic backward pass (gradients with respect to the inputs, gamma and beta
-for a given upstream gradient) are all computed in float64.
+for a given upstream gradient, i.e. of the loss `sum(upstream * y)`) are all
+computed in float64: `step` is one call of the layer, `batch_norm` and
+`ghost_batch_norm` are the training-mode normalization with the batch's
+statistics (whole, or per virtual batch), both through `step`.
 
 Conventions (those of the Keras layer): `feature_axes` are the axes that
 keep separate statistics; the variance is the biased one; a mask has the
@@ -12,7 +15,16 @@ input's shape without the last axis (Keras' rule; with several feature
 axes, also the input's shape without those) and excludes positions from the
 statistics only (every position is still normalized); a feature with no
 unmasked position keeps its moving statistics.
+
+Every comparison in the tests is stated in one measure, `rel_err`: the
+largest absolute difference over a tensor, divided by the largest magnitude
+of the expected tensor (or by `floor`, if that is larger). `assert_close`
+and `check_error` assert it against a tolerance and record the largest
+value seen per quantity, which conftest.py prints at the end of a run: the
+figures the tolerances' comments quote come from that summary.
 """
+
+import os
 
 import numpy as np
 
@@ -70,7 +82,10 @@ def batch_moments(x, feature_axes, mask=None):
     count = keep.sum(axis=reduction, keepdims=True).astype(np.float64)
     safe = np.maximum(count, 1.0)
     mean = np.where(keep, x, 0.0).sum(axis=reduction, keepdims=True) / safe
-    var = np.where(keep, (x - mean) ** 2, 0.0).sum(axis=reduction, keepdims=True) / safe
+    var = (
+        np.where(keep, (x - mean) ** 2, 0.0).sum(axis=reduction, keepdims=True)
+        / safe
+    )
     return count, mean, var
 
 
@@ -112,7 +127,9 @@ def step(
 
     g = per_feature("gamma") if scale else 1.0
     b = per_feature("beta") if center else 0.0
-    new_state = {k: np.asarray(v, dtype=np.float64).copy() for k, v in state.items()}
+    new_state = {
+        k: np.asarray(v, dtype=np.float64).copy() for k, v in state.items()
+    }
     keep = _keep(x, mask, features)
 
     if not (training and trainable):
@@ -125,7 +142,9 @@ def step(
 
     r, d = 1.0, 0.0
     if count is not None and renorm:
-        renorm_stddev = np.maximum(per_feature("renorm_stddev"), np.sqrt(epsilon))
+        renorm_stddev = np.maximum(
+            per_feature("renorm_stddev"), np.sqrt(epsilon)
+        )
         r = sigma / renorm_stddev
         d = (mean - per_feature("renorm_mean")) / renorm_stddev
         clipping = renorm_clipping or {}
@@ -140,7 +159,9 @@ def step(
     grads = None
     if upstream is not None:
         dy = np.asarray(upstream, dtype=np.float64)
-        dxhat = dy * g * r  # r and d are constants for the gradient (renorm paper)
+        dxhat = (
+            dy * g * r
+        )  # r and d are constants for the gradient (renorm paper)
         if count is None:
             dx = dxhat / sigma
         else:
@@ -156,10 +177,15 @@ def step(
         # nearly cancel (a batch of 2, whose normalized values hardly
         # depend on the inputs) dx is tiny next to them, and rounding in
         # any implementation is of their size, not of dx's.
-        grads = {"x": dx, "x_scale": float(np.max(np.abs(dxhat / sigma), initial=0.0))}
+        grads = {
+            "x": dx,
+            "x_scale": float(np.max(np.abs(dxhat / sigma), initial=0.0)),
+        }
         shape = [x.shape[a] for a in features]
         if scale:
-            grads["gamma"] = (dy * (r * xhat + d)).sum(axis=reduction).reshape(shape)
+            grads["gamma"] = (
+                (dy * (r * xhat + d)).sum(axis=reduction).reshape(shape)
+            )
         if center:
             grads["beta"] = dy.sum(axis=reduction).reshape(shape)
 
@@ -171,7 +197,9 @@ def step(
 
         def update(name, value, m):
             old = new_state[name]
-            new_state[name] = np.where(counted, old * m + value * (1.0 - m), old)
+            new_state[name] = np.where(
+                counted, old * m + value * (1.0 - m), old
+            )
 
         if renorm:
             stddev = np.sqrt(var_f + epsilon)
@@ -190,6 +218,105 @@ def step(
     return y, grads, new_state
 
 
+def feature_axes_of(axis, ndim):
+    """The layer's `axis` argument (an int or a list) as sorted non-negative axes."""
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return sorted(a % ndim for a in axes)
+
+
+def batch_norm(x, feature_axes, gamma, beta, epsilon, mask=None, dy=None):
+    """Training-mode batch normalization of `x` with its own statistics.
+
+    Args:
+        x: inputs (any float dtype; computed in float64).
+        feature_axes: the feature axes (any order, negative allowed).
+        gamma, beta: per-feature arrays of the feature axes' shape.
+        mask: optional boolean array, the shape of `x` without the feature
+            axes; False leaves a position out of the statistics.
+        dy: optional upstream gradient, the shape of `x`.
+
+    Returns:
+        dict with `y`, `count`, `mean`, `var` (per feature, the feature
+        axes' shape) and, with `dy`, `dx`, `dgamma`, `dbeta`.
+    """
+    x = np.asarray(x, np.float64)
+    features, reduction = _axes(x.ndim, feature_axes)
+    shape = [x.shape[a] for a in features]
+    state = {
+        "gamma": gamma,
+        "beta": beta,
+        "moving_mean": np.zeros(shape),
+        "moving_variance": np.ones(shape),
+    }
+    y, grads, _ = step(
+        x,
+        state,
+        feature_axes=features,
+        training=True,
+        epsilon=epsilon,
+        momentum=0.0,
+        mask=mask,
+        upstream=dy,
+    )
+    count, mean, var = (
+        np.reshape(t, shape) for t in batch_moments(x, features, mask)
+    )
+    out = {"y": y, "count": count, "mean": mean, "var": var}
+    if grads is not None:
+        out.update(dx=grads["x"], dgamma=grads["gamma"], dbeta=grads["beta"])
+    return out
+
+
+def ghost_batch_norm(
+    x,
+    virtual_batch_size,
+    feature_axes,
+    gamma,
+    beta,
+    epsilon,
+    mask=None,
+    dy=None,
+):
+    """Each run of `virtual_batch_size` examples normalized on its own.
+
+    The last group is smaller when the batch is not a multiple. Returns the
+    same keys as `batch_norm`, with `mean` the count-weighted mean of the
+    group means and `var` the pooled within-group variance (what the moving
+    statistics are updated with).
+    """
+    groups = []
+    for start in range(0, len(x), virtual_batch_size):
+        part = slice(start, start + virtual_batch_size)
+        groups.append(
+            batch_norm(
+                x[part],
+                feature_axes,
+                gamma,
+                beta,
+                epsilon,
+                None if mask is None else mask[part],
+                None if dy is None else dy[part],
+            )
+        )
+    count = sum(g["count"] for g in groups)
+    n = np.maximum(count, 1)
+    out = {
+        "y": np.concatenate([g["y"] for g in groups]),
+        "count": count,
+        "mean": sum(g["count"] * g["mean"] for g in groups) / n,
+        "var": sum(g["count"] * g["var"] for g in groups) / n,
+    }
+    if dy is not None:
+        out["dx"] = np.concatenate([g["dx"] for g in groups])
+        out["dgamma"] = sum(g["dgamma"] for g in groups)
+        out["dbeta"] = sum(g["dbeta"] for g in groups)
+    return out
+
+
+def moving_update(moving, value, momentum):
+    return moving * momentum + value * (1.0 - momentum)
+
+
 def as_float64(x):
     """A float64 NumPy array from NumPy values or a tensor of any Keras backend
     (NumPy cannot read a PyTorch tensor that requires grad on its own)."""
@@ -200,29 +327,65 @@ def as_float64(x):
     return np.asarray(x, dtype=np.float64)
 
 
-def rel_err(actual, expected, floor=1e-3):
-    """Largest absolute difference, relative to the largest expected magnitude.
+# ------------------------------------------------------------ the error measure
 
-    The denominator is `max(max|expected|, floor)`, so one
-    number describes a whole tensor; this is the error measure the tests
-    state their tolerances in.
+
+def rel_err(actual, expected, floor=1e-3):
+    """max |actual - expected| / max(max |expected|, floor): the tests' one error measure.
+
+    One number for a whole tensor, relative to its largest expected value:
+    float rounding is relative to the magnitudes that enter a computation,
+    and those are the tensor's largest, not each element (an output near
+    zero is a difference of values of ordinary size, so an element-wise
+    relative error would be unbounded there). `floor` keeps a tensor that
+    is all but zero from turning rounding noise into a large ratio; pass
+    the size of the terms a quantity is the difference of where that is
+    known (the input gradient, see `step`), or 0 for none.
     """
     actual = as_float64(actual)
     expected = as_float64(expected)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     if actual.size == 0:
         return 0.0
+    diff = float(np.max(np.abs(actual - expected)))
     scale = max(float(np.max(np.abs(expected))), floor)
-    return float(np.max(np.abs(actual - expected))) / scale
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / scale
 
 
-# Largest error seen per (compared against, policy, quantity), filled by the
-# parity tests and printed at the end of the run (see conftest.py).
+# Largest error seen per key, filled by `record` and printed at the end of
+# the run (see conftest.py): the measured figures behind the tolerances.
 MAX_ERRORS = {}
 CASES_RUN = set()
 
 
 def record(against, policy, quantity, err, case=""):
+    """Keep `err` if it is the largest yet for (against, policy, quantity)."""
     key = (against, policy, quantity)
     if key not in MAX_ERRORS or err > MAX_ERRORS[key][0]:
         MAX_ERRORS[key] = (err, case)
+
+
+def check_error(err, tol, what):
+    """Record an error measured with `rel_err` (here or in a worker process)
+    under the running test, and assert it is within `tol`."""
+    # PYTEST_CURRENT_TEST is "tests/test_x.py::test_y[params] (call)".
+    module, _, test = (
+        os.environ.get("PYTEST_CURRENT_TEST", "")
+        .rpartition(" ")[0]
+        .partition("::")
+    )
+    record(
+        module.rsplit("/", 1)[-1],
+        test.split("[")[0],
+        what,
+        err,
+        test.partition("[")[2][:-1],
+    )
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+def assert_close(actual, expected, tol, what, floor=1e-3):
+    """`rel_err(actual, expected, floor) <= tol`, recorded (see `check_error`)."""
+    check_error(rel_err(actual, expected, floor), tol, what)

@@ -23,6 +23,7 @@ import pathlib
 
 import numpy as np
 import pytest
+
 from backend_ops import BACKEND
 from backend_ops import has_x64
 
@@ -43,7 +44,8 @@ TENSORFLOW_ONLY_MODULES = {
     "test_multiworker.py": "MultiWorkerMirroredStrategy",
     "test_article_model.py": "trains under TensorFlow's op determinism (test_cross_backend.py "
     "trains the article's model on every backend)",
-    "test_example.py": "examples/mnist_cnn.py is written for TensorFlow (tf.distribute, op determinism)",
+    "test_example.py": "examples/mnist_cnn.py is written for TensorFlow "
+    "(tf.distribute, op determinism)",
 }
 
 
@@ -68,13 +70,17 @@ def pytest_configure(config):
         "skipped with the reason under the others",
     )
     config.addinivalue_line(
-        "markers", "needs_x64: uses float64 or int64 tensors (skipped on JAX without jax_enable_x64)"
+        "markers",
+        "needs_x64: uses float64 or int64 tensors (skipped on JAX without jax_enable_x64)",
     )
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if BACKEND != "tensorflow" and item.path.name in TENSORFLOW_ONLY_MODULES:
+        if (
+            BACKEND != "tensorflow"
+            and item.path.name in TENSORFLOW_ONLY_MODULES
+        ):
             item.add_marker(
                 pytest.mark.skip(
                     reason=f"needs the tensorflow backend, not {BACKEND}: "
@@ -83,7 +89,11 @@ def pytest_collection_modifyitems(config, items):
             )
             continue
         if item.get_closest_marker("needs_x64") and not has_x64():
-            item.add_marker(pytest.mark.skip(reason="JAX has no float64/int64 without jax_enable_x64"))
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="JAX has no float64/int64 without jax_enable_x64"
+                )
+            )
         for marker in item.iter_markers("backends"):
             if BACKEND not in marker.args:
                 reason = marker.kwargs.get("reason", "")
@@ -102,20 +112,30 @@ def mnist_subset():
     with np.load(MNIST_NPZ) as data:
         x_train = data["x_train"].astype("float32")[..., None] / 255.0
         x_test = data["x_test"].astype("float32")[..., None] / 255.0
-        return x_train, data["y_train"].astype("int64"), x_test, data["y_test"].astype("int64")
+        return (
+            x_train,
+            data["y_train"].astype("int64"),
+            x_test,
+            data["y_test"].astype("int64"),
+        )
 
 
 # Off TensorFlow there is no fused kernel and the automatic choice is the
 # reference path, so running both would only repeat every test
 # (tests/test_backends.py checks that the two are identical there).
-_FUSED_MODES = ([False, None], ["reference", "auto"]) if BACKEND == "tensorflow" else ([None], ["auto"])
+_FUSED_MODES = (
+    ([False, None], ["reference", "auto"])
+    if BACKEND == "tensorflow"
+    else ([None], ["auto"])
+)
 
 
 @pytest.fixture(params=_FUSED_MODES[0], ids=_FUSED_MODES[1])
 def fused_mode(request):
-    """The `fused` argument for bnlayers layers: every parity test runs both
-    the reference keras.ops path (False) and the automatic choice (None),
-    which takes the fused TensorFlow kernel wherever it is eligible."""
+    """The `fused` argument for bnlayers layers: a test that takes it runs
+    both the reference keras.ops path (False) and the automatic choice
+    (None), which takes the fast path wherever it is eligible. (The parity
+    grid chooses per case instead: see test_parity._grid.)"""
     return request.param
 
 
@@ -129,13 +149,21 @@ def float32_policy_after():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print the largest parity errors seen, when parity tests ran."""
+    """Print the largest error seen per quantity (`bn_reference.rel_err`): the
+    measured figures the tolerances' comments quote."""
     import sys
 
     reference = sys.modules.get("bn_reference")
     if reference is None or not reference.MAX_ERRORS:
         return
     tr = terminalreporter
-    tr.write_sep("-", f"parity: {len(reference.CASES_RUN)} cases, largest relative errors")
-    for (against, policy, quantity), (err, case) in sorted(reference.MAX_ERRORS.items()):
-        tr.write_line(f"vs {against:18s} {policy:14s} {quantity:21s} {err:.2e}  {case}")
+    parity_cases = len(reference.CASES_RUN)
+    tr.write_sep(
+        "-", f"largest relative errors ({parity_cases} parity cases run)"
+    )
+    for (group, condition, quantity), (err, case) in sorted(
+        reference.MAX_ERRORS.items()
+    ):
+        tr.write_line(
+            f"{group:22s} {condition:36s} {quantity:34s} {err:.2e}  {case}"
+        )

@@ -3,8 +3,8 @@
 The model is built once with the built-in layer and once with bnlayers (both
 code paths), all starting from the same weights, and trained on the same
 batches of the bundled MNIST subset with deterministic ops. Per-step losses
-over the first 20 steps must agree within 1e-3 relative, and the test
-accuracies after one epoch within 1 point.
+over the first 20 steps must agree within `LOSS_RTOL` (`bn_reference.rel_err`),
+and the test accuracies after one epoch within 1 point.
 
 `tf.config.experimental.enable_op_determinism()` is process-global (and makes
 some ops raise), so the training runs in a subprocess: this file run as a
@@ -19,11 +19,18 @@ import pathlib
 import subprocess
 import sys
 
+import bn_reference as ref
 
-MNIST_NPZ = pathlib.Path(__file__).resolve().parents[1] / "examples" / "data" / "mnist_10k.npz"
+MNIST_NPZ = (
+    pathlib.Path(__file__).resolve().parents[1]
+    / "examples"
+    / "data"
+    / "mnist_10k.npz"
+)
 BATCH_SIZE = 64
 COMPARED_STEPS = 20
-LOSS_RTOL = 1e-3
+# bn_reference.rel_err of the first losses (measured 4.3e-6, TensorFlow 2.21 CPU).
+LOSS_RTOL = 5e-5
 ACCURACY_POINTS = 1.0
 
 
@@ -33,9 +40,9 @@ def _train_all():
     import keras
     import numpy as np
     import tensorflow as tf
-    from article import article_model
 
     import bnlayers
+    from article import article_model
 
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(0)
@@ -47,12 +54,18 @@ def _train_all():
 
     def compiled(batch_normalization):
         model = article_model(batch_normalization)
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer="adam",
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
         return model
 
     models = {
         "builtin": compiled(keras.layers.BatchNormalization()),
-        "bnlayers-reference": compiled(bnlayers.BatchNormalization(fused=False)),
+        "bnlayers-reference": compiled(
+            bnlayers.BatchNormalization(fused=False)
+        ),
         "bnlayers-auto": compiled(bnlayers.BatchNormalization()),
     }
     initial = models["builtin"].get_weights()
@@ -60,11 +73,16 @@ def _train_all():
         model.set_weights(initial)
 
     order = np.random.default_rng(0).permutation(len(x_train))
-    batches = [order[i : i + BATCH_SIZE] for i in range(0, len(order), BATCH_SIZE)]
+    batches = [
+        order[i : i + BATCH_SIZE] for i in range(0, len(order), BATCH_SIZE)
+    ]
     results = {}
     for name, model in models.items():
         # train_on_batch resets the metrics first: it returns this batch's loss.
-        losses = [float(model.train_on_batch(x_train[b], y_train[b])[0]) for b in batches]
+        losses = [
+            float(model.train_on_batch(x_train[b], y_train[b])[0])
+            for b in batches
+        ]
         _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
         results[name] = {"losses": losses, "test_accuracy": float(accuracy)}
     return results
@@ -73,7 +91,11 @@ def _train_all():
 def test_article_model_trains_alike():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
-        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, __file__],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -84,16 +106,23 @@ def test_article_model_trains_alike():
     assert builtin["losses"][COMPARED_STEPS - 1] < builtin["losses"][0]
     assert builtin["test_accuracy"] > 0.8
     for name, ours in results.items():
-        for step, (a, b) in enumerate(zip(ours["losses"][:COMPARED_STEPS], builtin["losses"])):
-            assert abs(a - b) <= LOSS_RTOL * abs(b), f"{name}, step {step + 1}: loss {a} vs {b}"
+        ref.assert_close(
+            ours["losses"][:COMPARED_STEPS],
+            builtin["losses"][:COMPARED_STEPS],
+            LOSS_RTOL,
+            f"losses of the first {COMPARED_STEPS} steps ({name})",
+            floor=0.0,
+        )
         gap = 100.0 * abs(ours["test_accuracy"] - builtin["test_accuracy"])
-        assert gap <= ACCURACY_POINTS, f"{name}: test accuracy {ours['test_accuracy']} vs {builtin['test_accuracy']}"
+        assert gap <= ACCURACY_POINTS, (
+            f"{name}: test accuracy {ours['test_accuracy']} vs {builtin['test_accuracy']}"
+        )
 
 
 if __name__ == "__main__":
     figures = _train_all()
     base = figures["builtin"]["losses"][:COMPARED_STEPS]
-    for name, entry in figures.items():
+    for entry in figures.values():
         ours = entry["losses"][:COMPARED_STEPS]
-        entry["max_rel_loss_diff_first_20"] = max(abs(a - b) / abs(b) for a, b in zip(ours, base))
+        entry["losses_rel_err_first_steps"] = ref.rel_err(ours, base, floor=0.0)
     print(json.dumps(figures))

@@ -15,17 +15,24 @@ from backend_ops import BACKEND
 from backend_ops import to_numpy
 from backend_ops import value_and_grads
 
-OTHER_BACKENDS = pytest.mark.backends("jax", "torch", reason="what TensorFlow has and they lack")
+OTHER_BACKENDS = pytest.mark.backends(
+    "jax", "torch", reason="what TensorFlow has and they lack"
+)
 
 
 def _data(shape=(8, 5, 3), seed=0):
     rng = np.random.default_rng(seed)
-    return rng.normal(2.0, 3.0, shape).astype("float32"), rng.standard_normal(shape).astype("float32")
+    return rng.normal(2.0, 3.0, shape).astype("float32"), rng.standard_normal(
+        shape
+    ).astype("float32")
 
 
 @OTHER_BACKENDS
 def test_synchronized_is_refused_with_the_backend_named():
-    with pytest.raises(ValueError, match=rf"`synchronized=True` needs the TensorFlow backend.*'{BACKEND}'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"`synchronized=True` needs the TensorFlow backend.*'{BACKEND}'",
+    ):
         bnlayers.BatchNormalization(synchronized=True)
     # The default stays usable, and so is an explicit False (configs saved
     # on TensorFlow carry it).
@@ -41,7 +48,9 @@ def test_synchronized_is_accepted_on_tensorflow():
 def test_fused_true_is_refused_with_the_reason():
     x, _ = _data()
     layer = bnlayers.BatchNormalization(fused=True)
-    with pytest.raises(ValueError, match=rf"`fused=True`.*the Keras backend is '{BACKEND}'"):
+    with pytest.raises(
+        ValueError, match=rf"`fused=True`.*the Keras backend is '{BACKEND}'"
+    ):
         layer(x, training=True)
 
 
@@ -53,12 +62,18 @@ def test_automatic_choice_is_the_reference_path(renorm):
     x, dy = _data()
     results = []
     for fused in (None, False):
-        layer = bnlayers.BatchNormalization(momentum=0.5, renorm=renorm, fused=fused)
+        layer = bnlayers.BatchNormalization(
+            momentum=0.5, renorm=renorm, fused=fused
+        )
         layer.build(x.shape)
         steps = []
         for _ in range(2):
             y, grads = value_and_grads(
-                lambda t: layer(t, training=True), [x], dy, [layer.gamma, layer.beta], [layer]
+                lambda t, layer=layer: layer(t, training=True),
+                [x],
+                dy,
+                [layer.gamma, layer.beta],
+                [layer],
             )
             steps += [to_numpy(y)] + [to_numpy(g) for g in grads]
         steps += layer.get_weights() + [to_numpy(layer(x, training=False))]
@@ -73,7 +88,11 @@ def test_benchmark_runs_on_this_backend():
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "benchmark_backends.py"
+    path = (
+        pathlib.Path(__file__).resolve().parents[1]
+        / "examples"
+        / "benchmark_backends.py"
+    )
     spec = importlib.util.spec_from_file_location("benchmark_backends", path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
@@ -86,5 +105,9 @@ def test_benchmark_runs_on_this_backend():
         "article model: predict_on_batch",
     ]
     for row in report["rows"]:
-        assert row["bnlayers_ms"] > 0 and row["builtin_ms"] > 0 and row["ratio"] > 0
+        assert (
+            row["bnlayers_ms"] > 0
+            and row["builtin_ms"] > 0
+            and row["ratio"] > 0
+        )
     assert f"**{BACKEND}**" in benchmark.markdown([report])

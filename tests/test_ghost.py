@@ -1,4 +1,4 @@
-"""Ghost batch normalization (`virtual_batch_size`) against a float64 reference and the built-in."""
+"""Ghost batch normalization (`virtual_batch_size`) against float64 and the built-in."""
 
 import os
 
@@ -7,40 +7,60 @@ import numpy as np
 import pytest
 from keras import ops
 
-import _bn_reference as ref
+import bn_reference as ref
 import bnlayers
 from backend_ops import to_numpy
 from backend_ops import train_step
 
 EPSILON = 1e-3
 MOMENTUM = 0.5
-# float32 against float64: rounding of sums over at most a few hundred
-# elements, a few 1e-7 of the largest value (measured); 1e-5 leaves margin.
-RTOL = 1e-5
+# bn_reference.rel_err allowed, about ten times the largest measured on
+# TensorFlow, JAX and PyTorch. float32 against float64: rounding of sums over
+# at most a few hundred elements (measured 4.7e-7).
+RTOL = 5e-6
+# Against the built-in layer, whose gamma gradient sums in another order
+# (measured 2.6e-6).
+BUILTIN_RTOL = 3e-5
 
 
 def _layer(shape, virtual_batch_size, axis=-1, seed=0, **kwargs):
     """A built ghost layer with random gamma, beta and moving statistics."""
     layer = bnlayers.BatchNormalization(
-        axis=axis, momentum=MOMENTUM, epsilon=EPSILON, virtual_batch_size=virtual_batch_size, **kwargs
+        axis=axis,
+        momentum=MOMENTUM,
+        epsilon=EPSILON,
+        virtual_batch_size=virtual_batch_size,
+        **kwargs,
     )
     layer.build((None,) + shape)
     rng = np.random.default_rng(seed)
-    layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in layer.weights])
+    layer.set_weights(
+        [
+            rng.uniform(0.5, 1.5, w.shape).astype("float32")
+            for w in layer.weights
+        ]
+    )
     return layer
 
 
 def _check_against_reference(layer, batches, virtual_batch_size, mask_fn=None):
     """Several training steps, each checked against `ghost_batch_norm`."""
     rng = np.random.default_rng(1)
-    feature_axes = layer._feature_axes
+    feature_axes = ref.feature_axes_of(layer.axis, batches[0].ndim)
     moving_mean = layer.moving_mean.numpy().astype("float64")
     moving_var = layer.moving_variance.numpy().astype("float64")
     for x in batches:
         mask = None if mask_fn is None else mask_fn(x)
         dy = rng.standard_normal(x.shape).astype("float32")
         expected = ref.ghost_batch_norm(
-            x, virtual_batch_size, feature_axes, layer.gamma.numpy(), layer.beta.numpy(), EPSILON, mask, dy
+            x,
+            virtual_batch_size,
+            feature_axes,
+            layer.gamma.numpy(),
+            layer.beta.numpy(),
+            EPSILON,
+            mask,
+            dy,
         )
         y, dx, dgamma, dbeta = train_step(layer, x, dy, mask)
         ref.assert_close(y, expected["y"], RTOL, "outputs")
@@ -48,10 +68,22 @@ def _check_against_reference(layer, batches, virtual_batch_size, mask_fn=None):
         ref.assert_close(dgamma, expected["dgamma"], RTOL, "gradient wrt gamma")
         ref.assert_close(dbeta, expected["dbeta"], RTOL, "gradient wrt beta")
         counted = expected["count"] > 0
-        moving_mean = np.where(counted, ref.moving_update(moving_mean, expected["mean"], MOMENTUM), moving_mean)
-        moving_var = np.where(counted, ref.moving_update(moving_var, expected["var"], MOMENTUM), moving_var)
-        ref.assert_close(layer.moving_mean.numpy(), moving_mean, RTOL, "moving mean")
-        ref.assert_close(layer.moving_variance.numpy(), moving_var, RTOL, "moving variance")
+        moving_mean = np.where(
+            counted,
+            ref.moving_update(moving_mean, expected["mean"], MOMENTUM),
+            moving_mean,
+        )
+        moving_var = np.where(
+            counted,
+            ref.moving_update(moving_var, expected["var"], MOMENTUM),
+            moving_var,
+        )
+        ref.assert_close(
+            layer.moving_mean.numpy(), moving_mean, RTOL, "moving mean"
+        )
+        ref.assert_close(
+            layer.moving_variance.numpy(), moving_var, RTOL, "moving variance"
+        )
 
 
 CASES = {
@@ -71,7 +103,10 @@ def test_matches_float64_reference(case):
     sizes, shape, virtual_batch_size, axis = CASES[case]
     rng = np.random.default_rng(2)
     layer = _layer(shape, virtual_batch_size, axis)
-    batches = [(3.0 + 2.0 * rng.standard_normal((n,) + shape)).astype("float32") for n in sizes]
+    batches = [
+        (3.0 + 2.0 * rng.standard_normal((n,) + shape)).astype("float32")
+        for n in sizes
+    ]
     _check_against_reference(layer, batches, virtual_batch_size)
 
 
@@ -83,7 +118,10 @@ def test_masked_matches_float64_reference():
     """
     rng = np.random.default_rng(3)
     layer = _layer((5, 3), 4)
-    batches = [(1.0 + rng.standard_normal((n, 5, 3))).astype("float32") for n in (12, 10)]
+    batches = [
+        (1.0 + rng.standard_normal((n, 5, 3))).astype("float32")
+        for n in (12, 10)
+    ]
 
     def mask_fn(x):
         mask = rng.random(x.shape[:2]) > 0.3
@@ -109,18 +147,22 @@ def test_fully_masked_batch_leaves_moving_statistics_alone():
 def test_parity_with_builtin_when_virtual_batch_is_the_batch():
     rng = np.random.default_rng(4)
     ours = _layer((4, 4, 3), 8)
-    builtin = keras.layers.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON)
+    builtin = keras.layers.BatchNormalization(
+        momentum=MOMENTUM, epsilon=EPSILON
+    )
     builtin.build((None, 4, 4, 3))
     builtin.set_weights(ours.get_weights())
     for _ in range(3):
         x = (2.0 + rng.standard_normal((8, 4, 4, 3))).astype("float32")
         dy = rng.standard_normal(x.shape).astype("float32")
         for got, want, what in zip(
-            train_step(ours, x, dy), train_step(builtin, x, dy), ("outputs", "dx", "dgamma", "dbeta")
+            train_step(ours, x, dy),
+            train_step(builtin, x, dy),
+            ("outputs", "dx", "dgamma", "dbeta"),
         ):
-            ref.assert_close(got, want, RTOL, what)
+            ref.assert_close(got, want, BUILTIN_RTOL, what)
     for got, want in zip(ours.get_weights(), builtin.get_weights()):
-        ref.assert_close(got, want, RTOL, "weights")
+        ref.assert_close(got, want, BUILTIN_RTOL, "weights")
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7, 16])
@@ -136,11 +178,15 @@ def test_inference_ignores_virtual_batches(batch):
     gamma, beta, mean, var = (w.astype("float64") for w in ours.get_weights())
     expected = gamma * (x - mean) / np.sqrt(var + EPSILON) + beta
     for training in (False, None):
-        ref.assert_close(ours(x, training=training), expected, RTOL, "inference outputs")
-    ref.assert_close(ours(x), builtin(x), RTOL, "against the built-in")
+        ref.assert_close(
+            ours(x, training=training), expected, RTOL, "inference outputs"
+        )
+    ref.assert_close(ours(x), builtin(x), BUILTIN_RTOL, "against the built-in")
 
 
-@pytest.mark.backends("tensorflow", reason="a tf.function trace with a None batch dimension")
+@pytest.mark.backends(
+    "tensorflow", reason="a tf.function trace with a None batch dimension"
+)
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 def test_unknown_batch_dimension_in_tf_function(jit_compile):
     import tensorflow as tf
@@ -169,7 +215,9 @@ def test_mixed_precision(policy):
     keras.mixed_precision.set_global_policy(policy)
     try:
         layer = bnlayers.BatchNormalization(virtual_batch_size=4, momentum=0.0)
-        x = ops.cast((50.0 + rng.standard_normal((10, 6))).astype("float32"), policy[6:])
+        x = ops.cast(
+            (50.0 + rng.standard_normal((10, 6))).astype("float32"), policy[6:]
+        )
         y = layer(x, training=True)
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -177,15 +225,21 @@ def test_mixed_precision(policy):
     assert layer.moving_mean.dtype == "float32"
     # float32 holds every float16/bfloat16 value exactly.
     x64 = to_numpy(ops.cast(x, "float32")).astype("float64")
-    expected = ref.ghost_batch_norm(x64, 4, [1], np.ones(6), np.zeros(6), EPSILON)
+    expected = ref.ghost_batch_norm(
+        x64, 4, [1], np.ones(6), np.zeros(6), EPSILON
+    )
     # Outputs are rounded to the compute dtype: half a unit in the last place
     # for |y| < 4 is 2**-10 (float16) or 2**-7 (bfloat16).
     half_ulp = 2.0**-10 if policy == "mixed_float16" else 2.0**-7
     y64 = to_numpy(ops.cast(y, "float32")).astype("float64")
     np.testing.assert_allclose(y64, expected["y"], rtol=0, atol=half_ulp)
     # The statistics never went through the low-precision dtype.
-    ref.assert_close(layer.moving_mean.numpy(), expected["mean"], RTOL, "moving mean")
-    ref.assert_close(layer.moving_variance.numpy(), expected["var"], RTOL, "moving variance")
+    ref.assert_close(
+        layer.moving_mean.numpy(), expected["mean"], RTOL, "moving mean"
+    )
+    ref.assert_close(
+        layer.moving_variance.numpy(), expected["var"], RTOL, "moving variance"
+    )
 
 
 def _ghost_model(seed=0):
@@ -193,7 +247,9 @@ def _ghost_model(seed=0):
     return keras.Sequential(
         [
             keras.layers.InputLayer(shape=(3, 4)),
-            bnlayers.BatchNormalization(virtual_batch_size=4, momentum=MOMENTUM, name="ghost"),
+            bnlayers.BatchNormalization(
+                virtual_batch_size=4, momentum=MOMENTUM, name="ghost"
+            ),
             keras.layers.Flatten(),
             keras.layers.Dense(2),
         ]
@@ -214,16 +270,20 @@ def test_fit_with_a_short_last_batch():
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     mean, var = np.zeros(4), np.ones(4)
     for start in range(0, 22, 8):
-        expected = ref.ghost_batch_norm(x[start : start + 8], 4, [2], np.ones(4), np.zeros(4), EPSILON)
+        expected = ref.ghost_batch_norm(
+            x[start : start + 8], 4, [2], np.ones(4), np.zeros(4), EPSILON
+        )
         mean = ref.moving_update(mean, expected["mean"], MOMENTUM)
         var = ref.moving_update(var, expected["var"], MOMENTUM)
     layer = model.get_layer("ghost")
     ref.assert_close(layer.moving_mean.numpy(), mean, RTOL, "moving mean")
-    ref.assert_close(layer.moving_variance.numpy(), var, RTOL, "moving variance")
+    ref.assert_close(
+        layer.moving_variance.numpy(), var, RTOL, "moving variance"
+    )
 
 
 def test_keras_file_round_trip(tmp_path):
-    """Saved with ghost batches, reloaded with no custom_objects (keras issue 16713)."""
+    """Saved with ghost batches, reloaded with no custom_objects."""
     rng = np.random.default_rng(9)
     x = rng.standard_normal((10, 3, 4)).astype("float32")
     model = _ghost_model()
@@ -236,9 +296,13 @@ def test_keras_file_round_trip(tmp_path):
     assert layer.virtual_batch_size == 4
     for a, b in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(model.predict(x[:7], verbose=0), loaded.predict(x[:7], verbose=0))
+    np.testing.assert_array_equal(
+        model.predict(x[:7], verbose=0), loaded.predict(x[:7], verbose=0)
+    )
     # Still ghost batches in training after the reload, short last one included.
-    np.testing.assert_array_equal(to_numpy(model(x, training=True)), to_numpy(loaded(x, training=True)))
+    np.testing.assert_array_equal(
+        to_numpy(model(x, training=True)), to_numpy(loaded(x, training=True))
+    )
 
 
 def test_config_round_trip():
@@ -250,12 +314,16 @@ def test_config_round_trip():
     clone = keras.layers.deserialize(keras.layers.serialize(layer))
     assert isinstance(clone, bnlayers.BatchNormalization)
     assert clone.get_config() == config
-    assert bnlayers.BatchNormalization().get_config()["virtual_batch_size"] is None
+    assert (
+        bnlayers.BatchNormalization().get_config()["virtual_batch_size"] is None
+    )
 
 
 @pytest.mark.parametrize("value", [0, -4, 2.5, True, "4"])
 def test_bad_virtual_batch_size_is_rejected(value):
-    with pytest.raises(ValueError, match=r"virtual_batch_size.*Received: virtual_batch_size="):
+    with pytest.raises(
+        ValueError, match=r"virtual_batch_size.*Received: virtual_batch_size="
+    ):
         bnlayers.BatchNormalization(virtual_batch_size=value)
 
 
@@ -263,4 +331,6 @@ def test_virtual_batch_size_rejects_incompatible_options():
     with pytest.raises(ValueError, match="renorm"):
         bnlayers.BatchNormalization(virtual_batch_size=4, renorm=True)
     with pytest.raises(ValueError, match="axis"):
-        bnlayers.BatchNormalization(virtual_batch_size=4, axis=[0, 2]).build((8, 3, 4))
+        bnlayers.BatchNormalization(virtual_batch_size=4, axis=[0, 2]).build(
+            (8, 3, 4)
+        )

@@ -19,20 +19,23 @@ import pytest
 import tensorflow as tf
 
 import _mirrored_checks as checks
+import bn_reference as ref
 import bnlayers
 
 HERE = pathlib.Path(__file__).resolve().parent
 DEVICE_COUNTS = (2, 4)
-SUBPROCESS_TIMEOUT_S = 240
+SUBPROCESS_TIMEOUT_S = 600
 
-# The issue asks for a relative error <= 1e-4 of the float64 truth; float32
-# rounding of the sums gives ~5e-7 (measured), so the tests hold 1e-5.
-VARIANCE_RTOL = 1e-5
-# Normalized outputs are O(1): float32 rounding is ~1e-6.
-OUTPUT_ATOL = 1e-5
+# bn_reference.rel_err, measured in the worker processes, allowed about ten
+# times the largest measured (2 and 4 CPU replicas, TensorFlow 2.21).
+# The synchronized variance against the float64 truth, at means 0 to 1e6:
+# float32 rounding of the sums (measured 3.4e-7).
+VARIANCE_RTOL = 4e-6
+# Normalized outputs against the float64 truth (measured 2.2e-7).
+OUTPUT_RTOL = 3e-6
 # Replicas sum in another order than one device: a few float32 ulps of the
-# largest value (1.4e-6 measured, for gamma's gradient, a sum over 96 terms).
-EQUIVALENCE_TOL = 1e-5
+# largest value (measured 1.4e-6, the outputs of a short last batch).
+EQUIVALENCE_TOL = 1.5e-5
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +60,13 @@ def measured():
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, err = proc.communicate()
-                pytest.fail(f"_mirrored_checks.py {r} timed out; stderr:\n{err[-3000:]}")
+                pytest.fail(
+                    f"_mirrored_checks.py {r} timed out; stderr:\n{err[-3000:]}"
+                )
             if proc.returncode != 0:
-                pytest.fail(f"_mirrored_checks.py {r} failed ({proc.returncode}):\n{err[-3000:]}")
+                pytest.fail(
+                    f"_mirrored_checks.py {r} failed ({proc.returncode}):\n{err[-3000:]}"
+                )
             results[r] = json.loads(out.strip().splitlines()[-1])
     finally:
         for proc in procs.values():
@@ -82,20 +89,45 @@ def test_strategy_has_the_requested_replicas(measured, replicas):
 @pytest.mark.parametrize("replicas", DEVICE_COUNTS)
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
 @pytest.mark.parametrize("offset", checks.OFFSETS)
-def test_synchronized_variance_is_exact_at_any_mean(measured, replicas, masked, offset):
-    (row,) = [r for r in measured[replicas]["exactness"] if r["offset"] == offset]
+def test_synchronized_variance_is_exact_at_any_mean(
+    measured, replicas, masked, offset
+):
+    (row,) = [
+        r for r in measured[replicas]["exactness"] if r["offset"] == offset
+    ]
     key = "bnlayers" + ("_masked" if masked else "")
-    assert row[key + "_var_rel_err"] <= VARIANCE_RTOL, row
-    assert row[key + "_out_max_abs_err"] <= OUTPUT_ATOL, row
+    ref.check_error(
+        row[key + "_var_rel_err"],
+        VARIANCE_RTOL,
+        f"{key} variance, mean {offset:g}",
+    )
+    ref.check_error(
+        row[key + "_out_rel_err"],
+        OUTPUT_RTOL,
+        f"{key} outputs, mean {offset:g}",
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas", DEVICE_COUNTS)
-def test_synchronized_variance_agrees_with_builtin_on_ordinary_data(measured, replicas):
+def test_synchronized_variance_agrees_with_builtin_on_ordinary_data(
+    measured, replicas
+):
     """At mean 0 the built-in's E[x^2] - E[x]^2 is fine, and the two agree."""
     (row,) = [r for r in measured[replicas]["exactness"] if r["offset"] == 0.0]
-    np.testing.assert_allclose(row["bnlayers_var"], row["builtin_var"], rtol=2 * VARIANCE_RTOL)
-    np.testing.assert_allclose(row["bnlayers_var"], row["truth_var"], rtol=VARIANCE_RTOL)
+    ref.assert_close(
+        row["bnlayers_var"],
+        row["builtin_var"],
+        2 * VARIANCE_RTOL,
+        "vs built-in",
+    )
+    ref.assert_close(
+        row["bnlayers_var"],
+        row["truth_var"],
+        VARIANCE_RTOL,
+        "vs float64",
+        floor=0.0,
+    )
 
 
 @pytest.mark.slow
@@ -104,30 +136,42 @@ def test_synchronized_statistics_in_mixed_precision(measured, replicas):
     """float16 inputs at mean 100: statistics in float32, outputs in float16."""
     result = measured[replicas]["mixed_precision"]
     assert result["bnlayers_dtype"] == "float16"
-    assert result["bnlayers_var_rel_err"] <= VARIANCE_RTOL, result
-    # float16 outputs below 4 in magnitude round by up to half a unit in the
-    # last place, 2**-10 = 9.8e-4.
-    assert result["bnlayers_out_max_abs_err"] <= 2**-10 * 1.05, result
+    ref.check_error(
+        result["bnlayers_var_rel_err"], VARIANCE_RTOL, "variance, mixed_float16"
+    )
+    # A float16 output rounds by up to half a unit in its last place, 2**-11
+    # of its magnitude, so by up to 2**-11 of the largest output: a bound
+    # (measured 3.2e-4), with 5% for the float32 error beneath it.
+    ref.check_error(
+        result["bnlayers_out_rel_err"], 2**-11 * 1.05, "outputs, mixed_float16"
+    )
 
 
 def _equivalence_ids():
     ids = []
     for replicas in DEVICE_COUNTS:
         for kind in ("even", "uneven"):
-            ids += [(replicas, f"{case}_{kind}") for case in checks.PLAN[replicas][kind]]
+            ids += [
+                (replicas, f"{case}_{kind}")
+                for case in checks.PLAN[replicas][kind]
+            ]
     return ids
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas,case", _equivalence_ids())
-def test_replicas_equal_one_device_with_the_global_batch(measured, replicas, case):
+def test_replicas_equal_one_device_with_the_global_batch(
+    measured, replicas, case
+):
     """Outputs, gradients (inputs, gamma, beta) and moving statistics."""
     diffs = measured[replicas]["equivalence"][case]
     for key, value in diffs.items():
         if key.endswith("_replicas_identical"):
             assert value is True, (key, diffs)
         else:
-            assert value <= EQUIVALENCE_TOL, (key, diffs)
+            ref.check_error(
+                value, EQUIVALENCE_TOL, f"{key} ({case.split('_')[-1]} batches)"
+            )
 
 
 @pytest.mark.slow
@@ -141,7 +185,7 @@ def test_distributed_dataset_with_a_short_last_batch(measured, replicas):
     if replicas == 4:
         assert 0 in sizes[-1]
     for key in ("outputs", "moving_mean", "moving_variance"):
-        assert result[key] <= EQUIVALENCE_TOL, result
+        ref.check_error(result[key], EQUIVALENCE_TOL, key)
 
 
 # ----------------------------------------------------- without a strategy
@@ -155,23 +199,39 @@ def _train(layer, batches, masks):
             tape.watch(x)
             y = layer(x, training=True, mask=m)
             # Weights that differ per element, so the input gradient is not 0.
-            loss = tf.reduce_sum(y * tf.math.sin(tf.cumsum(tf.ones_like(y), axis=0)))
-        grads.append([g.numpy() for g in tape.gradient(loss, [x, layer.gamma, layer.beta])])
+            loss = tf.reduce_sum(
+                y * tf.math.sin(tf.cumsum(tf.ones_like(y), axis=0))
+            )
+        grads.append(
+            [
+                g.numpy()
+                for g in tape.gradient(loss, [x, layer.gamma, layer.beta])
+            ]
+        )
         outputs.append(y.numpy())
     return outputs, grads, [w.numpy() for w in layer.weights]
 
 
-@pytest.mark.parametrize("one_replica_strategy", [False, True], ids=["no_strategy", "one_replica"])
-def test_synchronized_without_replicas_is_exactly_unsynchronized(one_replica_strategy):
+@pytest.mark.parametrize(
+    "one_replica_strategy", [False, True], ids=["no_strategy", "one_replica"]
+)
+def test_synchronized_without_replicas_is_exactly_unsynchronized(
+    one_replica_strategy,
+):
     rng = np.random.default_rng(0)
-    batches = [(1e4 + rng.standard_normal((8, 3, 4))).astype("float32") for _ in range(3)]
+    batches = [
+        (1e4 + rng.standard_normal((8, 3, 4))).astype("float32")
+        for _ in range(3)
+    ]
     masks = [None, rng.random((8, 3)) > 0.3, None]
     results = []
     for synchronized in (False, True):
         if one_replica_strategy:
             strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
             with strategy.scope():
-                layer = bnlayers.BatchNormalization(synchronized=synchronized, momentum=0.5)
+                layer = bnlayers.BatchNormalization(
+                    synchronized=synchronized, momentum=0.5
+                )
                 layer.build((None, 3, 4))
 
             def step(layer=layer, strategy=strategy):
@@ -179,7 +239,9 @@ def test_synchronized_without_replicas_is_exactly_unsynchronized(one_replica_str
 
             results.append(step())
         else:
-            layer = bnlayers.BatchNormalization(synchronized=synchronized, momentum=0.5)
+            layer = bnlayers.BatchNormalization(
+                synchronized=synchronized, momentum=0.5
+            )
             results.append(_train(layer, batches, masks))
     unsynced, synced = results
     for a, b in zip(
@@ -198,4 +260,7 @@ def test_synchronized_config_round_trip():
     layer = bnlayers.BatchNormalization(synchronized=True)
     clone = bnlayers.BatchNormalization.from_config(layer.get_config())
     assert clone.synchronized is True
-    assert keras.layers.deserialize(keras.layers.serialize(layer)).synchronized is True
+    assert (
+        keras.layers.deserialize(keras.layers.serialize(layer)).synchronized
+        is True
+    )
