@@ -255,28 +255,29 @@ def load_keras_dataset(dataset):
 
 # Each timed block repeats a call until it lasts this long, so that timer
 # resolution and per-call jitter stay small next to it.
-MIN_BLOCK_SECONDS = 0.02
+MIN_BLOCK_SECONDS = 0.05
 
 
-def interleaved(contenders, rounds, min_block=MIN_BLOCK_SECONDS):
+def interleaved(contenders, rounds, min_block=MIN_BLOCK_SECONDS, warmup=2):
     """Per-call seconds of each contender in each round, as (wall, cpu) dicts of lists.
 
     `contenders` maps a name to a no-argument callable that runs one call to
-    completion. Each is warmed up (tracing, compiling, first-call costs) and
-    given a block of calls lasting at least `min_block`; every round then
-    times one block of each, starting with a different contender each round,
-    so that a load change on a shared machine hits all of them alike. CPU
-    time is this process's: it hardly depends on what else runs on the
+    completion. Each is called `warmup` times (tracing, compiling, first-call
+    costs), then given a block of calls lasting at least `min_block` (one
+    call when `min_block` is 0, for calls that are long already); every
+    round times one block of each, starting with a different contender each
+    round, so that a load change on a shared machine hits all of them alike.
+    CPU time is this process's: it hardly depends on what else runs on the
     machine, a check on the wall-time figures.
     """
     if rounds < 1:
         raise ValueError(f"`rounds` must be at least 1. Received: rounds={rounds}")
     repeats = {}
     for name, fn in contenders.items():
-        fn()
-        fn()
+        for _ in range(warmup):
+            fn()
         n = 1
-        while True:
+        while min_block > 0:
             start = time.perf_counter()
             for _ in range(n):
                 fn()

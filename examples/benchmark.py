@@ -44,11 +44,13 @@ import pathlib
 import platform
 import statistics
 import sys
-import time
 
 import numpy as np
 
-DATA = pathlib.Path(__file__).resolve().parent / "data" / "mnist_10k.npz"
+# The shared module beside this file, also when this file is loaded by path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import article_model, cpu_name, interleaved, load_average, load_bundled  # noqa: E402
+from _common import median_ratio  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,27 +80,13 @@ GOALS = (
 MAX_PASSES_ARTICLE = 5.0
 MODEL_GOAL = 0.85
 
-# Each timed block of calls lasts at least this long, so that timer
-# resolution and per-call jitter stay small next to it.
-MIN_BLOCK_SECONDS = 0.02
-
-
 def machine():
     import keras
     import tensorflow as tf
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "gpus": gpus,
         "tensorflow": tf.__version__,
@@ -106,47 +94,6 @@ def machine():
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-
-
-def load_average():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every OS
-        return None
-
-
-def interleaved(contenders, rounds, min_block=MIN_BLOCK_SECONDS):
-    """Per-call seconds of each contender in each round: (wall, process CPU).
-
-    `contenders` maps a name to a no-argument callable. After a warm-up
-    (tracing, first-call costs), each callable gets a number of calls per
-    timed block large enough for the block to last `min_block`; every round
-    times one block of each, starting with a different contender each round.
-    """
-    names = list(contenders)
-    reps = {}
-    for name, fn in contenders.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        once = max(time.perf_counter() - start, 1e-6)
-        reps[name] = max(1, int(min_block / once))
-    times = {name: [] for name in names}
-    cpu = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn, n = contenders[name], reps[name]
-            start, start_cpu = time.perf_counter(), time.process_time()
-            for _ in range(n):
-                fn()
-            times[name].append((time.perf_counter() - start) / n)
-            cpu[name].append((time.process_time() - start_cpu) / n)
-    return times, cpu
-
-
-def median_ratio(numerator, denominator):
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 # ------------------------------------------------------------------ layer
@@ -238,37 +185,6 @@ def bench_layer(case, rounds):
 # ------------------------------------------------------------------ model
 
 
-def article_model(bn):
-    import keras
-
-    return keras.Sequential(
-        [
-            keras.layers.InputLayer(shape=(28, 28, 1)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            bn,
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-
-
-def EpochTimer():
-    """A Keras callback timing one epoch, from its first batch to its last
-    (what Keras' progress bar reports; fit's set-up is left out)."""
-    import keras
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start, self.start_cpu = time.perf_counter(), time.process_time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds = time.perf_counter() - self.start
-            self.cpu_seconds = time.process_time() - self.start_cpu
-
-    return Timer()
-
-
 def bench_model(epochs, train_size):
     """Seconds per epoch of fit, each layer, epochs interleaved after a warm-up."""
     import keras
@@ -276,25 +192,23 @@ def bench_model(epochs, train_size):
     import bnlayers
     from bnlayers import _fused
 
-    with np.load(DATA) as data:
-        x = data["x_train"][:train_size].astype("float32")[..., None] / 255.0
-        y = data["y_train"][:train_size].astype("int64")
+    x, y, _, _ = load_bundled()
+    x, y = x[:train_size], y[:train_size]
     keras.utils.set_random_seed(0)
     models = {"keras": article_model(keras.layers.BatchNormalization())}
     models["bnlayers"] = article_model(bnlayers.BatchNormalization())
     models["bnlayers"].set_weights(models["keras"].get_weights())
     for model in models.values():
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        model.fit(x, y, epochs=1, batch_size=64, verbose=0)  # warm-up: tracing, first calls
-    seconds = {name: [] for name in models}
-    cpu = {name: [] for name in models}
-    names = list(models)
-    for e in range(epochs):
-        for name in names if e % 2 == 0 else names[::-1]:
-            timer = EpochTimer()
-            models[name].fit(x, y, epochs=1, batch_size=64, verbose=0, callbacks=[timer])
-            seconds[name].append(timer.seconds)
-            cpu[name].append(timer.cpu_seconds)
+        model.compile(
+            optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
+    # One epoch of fit per call, so no blocks of calls; one warm-up epoch
+    # (tracing, first calls).
+    epoch = {
+        name: (lambda m=model: m.fit(x, y, epochs=1, batch_size=64, verbose=0))
+        for name, model in models.items()
+    }
+    seconds, cpu = interleaved(epoch, epochs, min_block=0, warmup=1)
     bn = models["bnlayers"].layers[1]
     return {
         "train_images": int(len(x)),
@@ -304,7 +218,7 @@ def bench_model(epochs, train_size):
         "bnlayers_path": f"fused ({_fused.implementation()})"
         if bnlayers.fused_eligibility(bn, (64, 26, 26, 32)) is None
         else "reference",
-        "seconds_per_epoch": {name: statistics.median(s) for name, s in seconds.items()},
+        "seconds_per_epoch": {name: statistics.median(t) for name, t in seconds.items()},
         "ratio": median_ratio(seconds["bnlayers"], seconds["keras"]),
         "ratio_cpu": median_ratio(cpu["bnlayers"], cpu["keras"]),
     }

@@ -47,9 +47,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
+
+# The shared module beside this file, also when this file is loaded by path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import accelerator, article_model, interleaved, load_average  # noqa: E402
+from _common import median_ratio  # noqa: E402
 
 SHAPES = {
     "article": ((64, 26, 26, 32), "the article's model's BN input (after Conv2D 32)"),
@@ -58,46 +62,6 @@ SHAPES = {
 }
 QUICK_SHAPES = {"tiny": ((8, 6, 6, 4), "smoke test")}
 BACKENDS = ("tensorflow", "jax", "torch")
-# Each timed block repeats a call until it lasts this long, so that timer
-# resolution and per-call jitter stay small next to it.
-MIN_BLOCK_SECONDS = 0.05
-
-
-def interleaved(contenders, rounds, min_block=MIN_BLOCK_SECONDS):
-    """Per-call seconds of each contender, one sample per round.
-
-    `contenders` maps a name to a function running one call to completion.
-    Each is warmed up (compiled) and calibrated to a block of calls lasting
-    about `min_block`; the rounds then alternate the order.
-    """
-    repeats = {}
-    for name, fn in contenders.items():
-        fn()
-        fn()
-        n, elapsed = 1, 0.0
-        while True:
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_block or n >= 1 << 16:
-                break
-            n *= 2
-        repeats[name] = n
-    samples = {name: [] for name in contenders}
-    names = list(contenders)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            fn, n = contenders[name], repeats[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - start) / n)
-    return samples
-
-
-def median_ratio(numerator, denominator):
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 # ------------------------------------------------------- backend steps
@@ -195,19 +159,8 @@ def layer_steps(layer, shape, seed=0):
 # ------------------------------------------------------------ benchmark
 
 
-def article_model(bn):
-    import keras
-
-    model = keras.Sequential(
-        [
-            keras.layers.InputLayer(shape=(28, 28, 1)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            bn,
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
+def compiled_article_model(bn):
+    model = article_model(bn)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     return model
 
@@ -221,15 +174,18 @@ def run(rounds, quick):
     backend = keras.backend.backend()
     rows = []
 
-    def record(what, shape, samples):
-        ours, builtin = samples["bnlayers"], samples["built-in"]
+    def record(what, shape, timings):
+        (wall, cpu), pair = timings, ("bnlayers", "built-in")
         rows.append(
             {
                 "what": what,
                 "shape": list(shape),
-                "bnlayers_ms": 1e3 * statistics.median(ours),
-                "builtin_ms": 1e3 * statistics.median(builtin),
-                "ratio": median_ratio(ours, builtin),
+                "bnlayers_ms": 1e3 * statistics.median(wall["bnlayers"]),
+                "builtin_ms": 1e3 * statistics.median(wall["built-in"]),
+                "ratio": median_ratio(*(wall[name] for name in pair)),
+                # This process's CPU time: a check on the wall-time ratio on a
+                # shared machine (on a GPU it counts the host's work only).
+                "ratio_cpu": median_ratio(*(cpu[name] for name in pair)),
             }
         )
 
@@ -243,8 +199,8 @@ def run(rounds, quick):
     rng = np.random.default_rng(1)
     x = rng.random((batch, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, batch)
-    ours = article_model(bnlayers.BatchNormalization())
-    builtin = article_model(keras.layers.BatchNormalization())
+    ours = compiled_article_model(bnlayers.BatchNormalization())
+    builtin = compiled_article_model(keras.layers.BatchNormalization())
     builtin.set_weights(ours.get_weights())
     models = {"bnlayers": ours, "built-in": builtin}
     record(
@@ -263,40 +219,11 @@ def run(rounds, quick):
     return {
         "backend": backend,
         "versions": versions,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {_load()}, {accelerator(backend)}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {(load_average() or ['?'])[0]}, "
+        f"{accelerator(backend)}",
         "rounds": rounds,
         "rows": rows,
     }
-
-
-def accelerator(backend):
-    """The GPU the backend computes on, or "no GPU"."""
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            details = tf.config.experimental.get_device_details(gpus[0])
-            return details.get("device_name", gpus[0].name)
-    elif backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        if device.platform == "gpu":
-            return device.device_kind
-    elif backend == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    return "no GPU"
-
-
-def _load():
-    try:
-        return "%.1f" % os.getloadavg()[0]
-    except OSError:  # pragma: no cover - not on every platform
-        return "?"
 
 
 def markdown(reports):
@@ -306,14 +233,14 @@ def markdown(reports):
         lines += [
             f"**{report['backend']}** ({versions}; {report['machine']}; {report['rounds']} rounds)",
             "",
-            "| | shape | bnlayers (ms) | built-in (ms) | ratio |",
-            "|---|---|---|---|---|",
+            "| | shape | bnlayers (ms) | built-in (ms) | ratio | ratio (CPU time) |",
+            "|---|---|---|---|---|---|",
         ]
         for row in report["rows"]:
             shape = "x".join(str(d) for d in row["shape"])
             lines.append(
                 f"| {row['what']} | {shape} | {row['bnlayers_ms']:.3f} | {row['builtin_ms']:.3f} "
-                f"| {row['ratio']:.2f} |"
+                f"| {row['ratio']:.2f} | {row['ratio_cpu']:.2f} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -19,8 +19,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse
-import pathlib
 import statistics
+import sys
 import time
 
 import keras
@@ -28,7 +28,9 @@ import numpy as np
 
 import bnlayers
 
-DATA = pathlib.Path(__file__).resolve().parent / "data" / "mnist_10k.npz"
+# The shared module beside this file, also when this file is loaded by path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import article_model, interleaved, load_bundled  # noqa: E402
 
 
 def randomize_batchnorm(model, seed):
@@ -116,17 +118,13 @@ def fold_speed(rounds):
         original = models["keras BN"]
         models["folded"] = bnlayers.fold_batchnorm(original)
         diff, rel = agreement(original, models["folded"], x)
-        wall = {name: [] for name in models}
-        cpu = {name: [] for name in models}
-        for m in models.values():  # warm-up: tracing and first-call costs
-            m.predict(x, batch_size=64, verbose=0)
+        # One predict() over all of x per call, long enough to need no blocks of calls.
+        predict = {
+            name: (lambda m=model: m.predict(x, batch_size=64, verbose=0))
+            for name, model in models.items()
+        }
+        wall, cpu = interleaved(predict, rounds, min_block=0, warmup=1)
         names = list(models)
-        for r in range(rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
-                start, start_cpu = time.perf_counter(), time.process_time()
-                models[name].predict(x, batch_size=64, verbose=0)
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
         print(f"fold  {title}; predict {n} images, batch 64, {rounds} interleaved rounds")
         print(f"      agreement: max |diff| {diff:.2e} ({rel:.2e} of max |output|)")
         folded_wall = statistics.median(wall["folded"])
@@ -142,23 +140,10 @@ def fold_speed(rounds):
 
 
 def recalibration_figures():
-    with np.load(DATA) as data:
-        x_train = data["x_train"].astype("float32")[..., None] / 255.0
-        y_train = data["y_train"].astype("int64")
-        x_test = data["x_test"].astype("float32")[..., None] / 255.0
-        y_test = data["y_test"].astype("int64")
+    x_train, y_train, x_test, y_test = load_bundled()
     for bn in (keras.layers.BatchNormalization, bnlayers.BatchNormalization):
         keras.utils.set_random_seed(1)
-        model = keras.Sequential(
-            [
-                keras.layers.InputLayer(shape=(28, 28, 1)),
-                keras.layers.Conv2D(32, (3, 3), activation="relu"),
-                bn(),
-                keras.layers.MaxPooling2D((2, 2)),
-                keras.layers.Flatten(),
-                keras.layers.Dense(10, activation="softmax"),
-            ]
-        )
+        model = article_model(bn())
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         model.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
         loss0, acc0 = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
