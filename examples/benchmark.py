@@ -49,8 +49,14 @@ import numpy as np
 
 # The shared module beside this file, also when this file is loaded by path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import article_model, cpu_name, interleaved, load_average, load_bundled  # noqa: E402
-from _common import median_ratio  # noqa: E402
+from _common import (  # noqa: E402
+    article_model,
+    cpu_name,
+    interleaved,
+    load_average,
+    load_bundled,
+    median_ratio,  # noqa: E402
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,7 @@ GOALS = (
 )
 MAX_PASSES_ARTICLE = 5.0
 MODEL_GOAL = 0.85
+
 
 def machine():
     import keras
@@ -322,13 +329,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["layer", "model"], help="run one part only")
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="a tiny shape and a small model run: checks that the script works, in seconds",
     )
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per shape (default 21; --quick 3)")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds per shape (default 21; --quick 3)"
+    )
     parser.add_argument("--epochs", type=int, help="timed epochs per model (default 5; --quick 1)")
     parser.add_argument(
-        "--cases", nargs="+", metavar="NAME",
+        "--cases",
+        nargs="+",
+        metavar="NAME",
         help=f"layer cases to run, among {[c.name for c in CASES + QUICK_CASES]}",
     )
     parser.add_argument("--out", help="write PREFIX.md and PREFIX.json")
@@ -336,7 +348,9 @@ def main(argv=None):
     rounds = args.rounds or (3 if args.quick else 21)
     epochs = args.epochs or (1 if args.quick else 5)
     if rounds < 1 or epochs < 1:
-        parser.error(f"--rounds and --epochs must be >= 1. Received: rounds={rounds}, epochs={epochs}")
+        parser.error(
+            f"--rounds and --epochs must be >= 1. Received: rounds={rounds}, epochs={epochs}"
+        )
     cases = QUICK_CASES if args.quick else CASES
     if args.cases:
         known = {c.name: c for c in CASES + QUICK_CASES}
@@ -369,7 +383,9 @@ def main(argv=None):
     report["load_after"] = load_average()
     # The goals are about the full-size cases; a quick run checks the script only.
     report["goals"] = [] if args.quick else goals(report["layer"], report["model"])
-    report["command"] = " ".join(["python", "examples/benchmark.py"] + list(sys.argv[1:] if argv is None else argv))
+    report["command"] = " ".join(
+        ["python", "examples/benchmark.py"] + list(sys.argv[1:] if argv is None else argv)
+    )
     text = markdown(report)
     print()
     print(text)

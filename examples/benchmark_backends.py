@@ -52,8 +52,13 @@ import numpy as np
 
 # The shared module beside this file, also when this file is loaded by path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import accelerator, article_model, interleaved, load_average  # noqa: E402
-from _common import median_ratio  # noqa: E402
+from _common import (  # noqa: E402
+    accelerator,
+    article_model,
+    interleaved,
+    load_average,
+    median_ratio,  # noqa: E402
+)
 
 SHAPES = {
     "article": ((64, 26, 26, 32), "the article's model's BN input (after Conv2D 32)"),
@@ -192,8 +197,16 @@ def run(rounds, quick):
     for name, (shape, _) in (QUICK_SHAPES if quick else SHAPES).items():
         ours_train, ours_infer = layer_steps(bnlayers.BatchNormalization(), shape)
         builtin_train, builtin_infer = layer_steps(keras.layers.BatchNormalization(), shape)
-        record(f"{name}: training step", shape, interleaved({"bnlayers": ours_train, "built-in": builtin_train}, rounds))
-        record(f"{name}: inference step", shape, interleaved({"bnlayers": ours_infer, "built-in": builtin_infer}, rounds))
+        record(
+            f"{name}: training step",
+            shape,
+            interleaved({"bnlayers": ours_train, "built-in": builtin_train}, rounds),
+        )
+        record(
+            f"{name}: inference step",
+            shape,
+            interleaved({"bnlayers": ours_infer, "built-in": builtin_infer}, rounds),
+        )
 
     batch = 8 if quick else 64
     rng = np.random.default_rng(1)
@@ -248,7 +261,9 @@ def markdown(reports):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--all", action="store_true", help="each installed backend, one process each")
+    parser.add_argument(
+        "--all", action="store_true", help="each installed backend, one process each"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15; --quick 3)")
     parser.add_argument("--out", help="write PREFIX.md and PREFIX.json")

@@ -107,7 +107,9 @@ def fold_speed(rounds):
         ("MobileNetV2 96x96, alpha 0.5 (52 Conv/DepthwiseConv -> BN)", mobilenet, 128),
     ]
     for title, build, n in cases:
-        x = np.random.default_rng(1).normal(size=(n,) + build(keras.layers.BatchNormalization).input_shape[1:])
+        x = np.random.default_rng(1).normal(
+            size=(n,) + build(keras.layers.BatchNormalization).input_shape[1:]
+        )
         x = x.astype("float32")
         models = {}
         for bn in (keras.layers.BatchNormalization, bnlayers.BatchNormalization):
@@ -144,7 +146,9 @@ def recalibration_figures():
     for bn in (keras.layers.BatchNormalization, bnlayers.BatchNormalization):
         keras.utils.set_random_seed(1)
         model = article_model(bn())
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
         model.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
         loss0, acc0 = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
         folded = bnlayers.fold_batchnorm(model)
@@ -154,15 +158,21 @@ def recalibration_figures():
         seconds = time.perf_counter() - start
         loss1, acc1 = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
         name = f"{bn.__module__.split('.')[0]}.BatchNormalization"
-        print(f"recalibrate  article model with {name}, 1 epoch (125 steps of 64) on 8,000 digits:")
-        print(f"      test loss {loss0:.3f} -> {loss1:.3f}, accuracy {acc0:.2%} -> {acc1:.2%} ({seconds:.1f} s)")
+        print(
+            f"recalibrate  article model with {name}, 1 epoch (125 steps of 64) on 8,000 digits:"
+        )
+        print(
+            f"      test loss {loss0:.3f} -> {loss1:.3f}, accuracy {acc0:.2%} -> {acc1:.2%} ({seconds:.1f} s)"
+        )
         print(f"fold  this model (BN after ReLU -> ChannelAffine): softmax max |diff| {diff:.2e}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["swap", "fold", "recalibrate"])
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
+    parser.add_argument(
+        "--rounds", type=int, default=15, help="interleaved timing rounds (default 15)"
+    )
     args = parser.parse_args()
     if args.only in (None, "swap"):
         swap_figures()
