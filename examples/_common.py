@@ -80,7 +80,9 @@ def _images(source, name, x):
     if x.dtype.kind in "ui":
         low, high = int(x.min()), int(x.max())
         if low < 0 or high > 255:
-            raise UsageError(f"{source}: {name} holds values {low}..{high}; expected 0..255")
+            raise UsageError(
+                f"{source}: {name} holds values {low}..{high}; expected 0..255"
+            )
         scale = 255.0
     elif x.dtype.kind == "f":
         if not np.isfinite(x).all():
@@ -93,7 +95,9 @@ def _images(source, name, x):
         # Floats are grey levels 0..255 unless they already lie in [0, 1].
         scale = 255.0 if high > 1.0 else 1.0
     else:
-        raise UsageError(f"{source}: {name} has dtype {x.dtype}; expected integer or float pixels")
+        raise UsageError(
+            f"{source}: {name} has dtype {x.dtype}; expected integer or float pixels"
+        )
     return (x.astype("float32") / np.float32(scale))[..., None]
 
 
@@ -104,13 +108,21 @@ def _labels(source, name, y, count):
         raise UsageError(
             f"{source}: {name} has shape {y.shape}; expected ({count},), one label per image"
         )
-    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+    if (
+        y.dtype.kind == "f"
+        and np.isfinite(y).all()
+        and (y == np.round(y)).all()
+    ):
         y = y.astype("int64")
     if y.dtype.kind not in "ui":
-        raise UsageError(f"{source}: {name} has dtype {y.dtype}; expected integer class labels")
+        raise UsageError(
+            f"{source}: {name} has dtype {y.dtype}; expected integer class labels"
+        )
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= NUM_CLASSES:
-        raise UsageError(f"{source}: {name} holds labels {low}..{high}; expected 0..9")
+        raise UsageError(
+            f"{source}: {name} holds labels {low}..{high}; expected 0..9"
+        )
     return y.astype("int64")
 
 
@@ -123,9 +135,13 @@ def check_arrays(source, arrays):
             f"{', '.join(KERAS_KEYS)}"
         )
     x_train = _images(source, "x_train", np.asarray(arrays["x_train"]))
-    y_train = _labels(source, "y_train", np.asarray(arrays["y_train"]), len(x_train))
+    y_train = _labels(
+        source, "y_train", np.asarray(arrays["y_train"]), len(x_train)
+    )
     x_test = _images(source, "x_test", np.asarray(arrays["x_test"]))
-    y_test = _labels(source, "y_test", np.asarray(arrays["y_test"]), len(x_test))
+    y_test = _labels(
+        source, "y_test", np.asarray(arrays["y_test"]), len(x_test)
+    )
     return x_train, y_train, x_test, y_test
 
 
@@ -145,8 +161,12 @@ def read_npz(path, source=None):
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in KERAS_KEYS if key in npz.files}
-    except Exception as error:  # a damaged archive or member, or an object array
-        raise UsageError(f"{source} is not a readable .npz archive ({error})") from None
+    except (
+        Exception
+    ) as error:  # a damaged archive or member, or an object array
+        raise UsageError(
+            f"{source} is not a readable .npz archive ({error})"
+        ) from None
     return check_arrays(source, arrays)
 
 
@@ -174,7 +194,9 @@ def read_idx(path, dims):
         raise UsageError(f"{path}: cannot read it ({error})") from None
     header = 4 + 4 * dims
     if len(raw) < header or struct.unpack(">i", raw[:4])[0] != IDX_MAGIC[dims]:
-        raise UsageError(f"{path}: not an IDX file of {dims}-dimensional unsigned bytes")
+        raise UsageError(
+            f"{path}: not an IDX file of {dims}-dimensional unsigned bytes"
+        )
     shape = struct.unpack(f">{dims}i", raw[4:header])
     if len(raw) - header != int(np.prod(shape)):
         raise UsageError(
@@ -190,8 +212,12 @@ def read_idx_dir(directory):
         raise UsageError(f"--data-dir {directory}: no such directory")
     arrays = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        arrays[f"x_{split}"] = read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"), 3)
-        arrays[f"y_{split}"] = read_idx(_idx_file(directory, f"{prefix}-labels-idx1-ubyte"), 1)
+        arrays[f"x_{split}"] = read_idx(
+            _idx_file(directory, f"{prefix}-images-idx3-ubyte"), 3
+        )
+        arrays[f"y_{split}"] = read_idx(
+            _idx_file(directory, f"{prefix}-labels-idx1-ubyte"), 1
+        )
     return check_arrays(f"--data-dir {directory}", arrays)
 
 
@@ -202,7 +228,9 @@ def writable(directory, option):
         (directory / ".write-test").write_text("")
         (directory / ".write-test").unlink()
     except OSError as error:
-        raise UsageError(f"{option} {directory}: cannot write there ({error.strerror})") from None
+        raise UsageError(
+            f"{option} {directory}: cannot write there ({error.strerror})"
+        ) from None
 
 
 def download_advice(dataset, reason):
@@ -224,30 +252,45 @@ def check_download(dataset):
 
     # Where keras.utils.get_file keeps downloads: $KERAS_HOME or ~/.keras,
     # or /tmp/.keras when that is not writable.
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    home = os.environ.get("KERAS_HOME") or os.path.join(
+        os.path.expanduser("~"), ".keras"
+    )
     homes = [pathlib.Path(home), pathlib.Path("/tmp/.keras")]
-    missing = [f for f in KERAS_FILES[dataset] if not any((h / f).is_file() for h in homes)]
+    missing = [
+        f
+        for f in KERAS_FILES[dataset]
+        if not any((h / f).is_file() for h in homes)
+    ]
     if not missing:
         return
     url = KERAS_ORIGIN + pathlib.PurePosixPath(missing[0]).name
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=20).close()
+        urllib.request.urlopen(
+            urllib.request.Request(url, method="HEAD"), timeout=20
+        ).close()
     except (urllib.error.URLError, OSError, ValueError) as error:
-        raise DataUnavailable(download_advice(dataset, getattr(error, "reason", error))) from None
+        raise DataUnavailable(
+            download_advice(dataset, getattr(error, "reason", error))
+        ) from None
 
 
 def load_keras_dataset(dataset):
     """Full MNIST or Fashion-MNIST through keras.datasets (downloads once), checked."""
     import keras
 
-    loader = {"mnist": keras.datasets.mnist, "fashion_mnist": keras.datasets.fashion_mnist}[
-        dataset
-    ]
+    loader = {
+        "mnist": keras.datasets.mnist,
+        "fashion_mnist": keras.datasets.fashion_mnist,
+    }[dataset]
     try:
         (x_train, y_train), (x_test, y_test) = loader.load_data()
-    except Exception as error:  # get_file wraps every network failure in a bare Exception
+    except (
+        Exception
+    ) as error:  # get_file wraps every network failure in a bare Exception
         raise DataUnavailable(download_advice(dataset, error)) from None
-    arrays = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    arrays = dict(
+        x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test
+    )
     return check_arrays(f"keras.datasets.{dataset}", arrays)
 
 
@@ -271,7 +314,9 @@ def interleaved(contenders, rounds, min_block=MIN_BLOCK_SECONDS, warmup=2):
     machine, a check on the wall-time figures.
     """
     if rounds < 1:
-        raise ValueError(f"`rounds` must be at least 1. Received: rounds={rounds}")
+        raise ValueError(
+            f"`rounds` must be at least 1. Received: rounds={rounds}"
+        )
     repeats = {}
     for name, fn in contenders.items():
         for _ in range(warmup):
@@ -302,7 +347,9 @@ def interleaved(contenders, rounds, min_block=MIN_BLOCK_SECONDS, warmup=2):
 
 def median_ratio(numerator, denominator):
     """The median of the per-round ratios: what a ratio of interleaved timings means."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+    return statistics.median(
+        a / b for a, b in zip(numerator, denominator, strict=True)
+    )
 
 
 def cpu_name():
@@ -353,7 +400,10 @@ def versions():
     import keras
 
     backend = keras.backend.backend()
-    return {"keras": keras.__version__, backend: importlib.import_module(backend).__version__}
+    return {
+        "keras": keras.__version__,
+        backend: importlib.import_module(backend).__version__,
+    }
 
 
 def machine_line():

@@ -14,12 +14,22 @@ import shutil
 import statistics
 import time
 
-import _common
 import numpy as np
+
+import _common
 
 RUNS = ("bnlayers", "keras")
 # The arguments that decide what a run computes: a backup is resumed only under the same ones.
-RESUME_KEYS = ("bn", "dataset", "data", "data_dir", "epochs", "batch_size", "limit", "seed")
+RESUME_KEYS = (
+    "bn",
+    "dataset",
+    "data",
+    "data_dir",
+    "epochs",
+    "batch_size",
+    "limit",
+    "seed",
+)
 RESUME_KEYS += ("replicas",)
 EVAL_BATCH_SIZE = 256
 FOLD_TIMING_ROUNDS = 5
@@ -42,7 +52,13 @@ def make_training_parts(keras):
 
         def __init__(self, x, y, batch_size, seed):
             super().__init__()
-            self.x, self.y, self.batch_size, self.seed, self.epoch = x, y, batch_size, seed, 0
+            self.x, self.y, self.batch_size, self.seed, self.epoch = (
+                x,
+                y,
+                batch_size,
+                seed,
+                0,
+            )
 
         def __len__(self):
             return -(-len(self.x) // self.batch_size)
@@ -50,8 +66,13 @@ def make_training_parts(keras):
         def __getitem__(self, index):
             if getattr(self, "_order_epoch", None) != self.epoch:
                 rng = np.random.default_rng([self.seed, self.epoch])
-                self._order_epoch, self._order = self.epoch, rng.permutation(len(self.x))
-            rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+                self._order_epoch, self._order = (
+                    self.epoch,
+                    rng.permutation(len(self.x)),
+                )
+            rows = self._order[
+                index * self.batch_size : (index + 1) * self.batch_size
+            ]
             return self.x[rows], self.y[rows]
 
     class EpochLog(keras.callbacks.Callback):
@@ -68,7 +89,9 @@ def make_training_parts(keras):
                 path,
                 say,
             )
-            self.entries = json.loads(path.read_text()) if path and path.is_file() else []
+            self.entries = (
+                json.loads(path.read_text()) if path and path.is_file() else []
+            )
             self.first_epoch = None
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -76,34 +99,103 @@ def make_training_parts(keras):
                 self.first_epoch = epoch
                 self.entries = [e for e in self.entries if e["epoch"] <= epoch]
                 if epoch > 0:
-                    self.say(f"{self.name}: resumed from the backup after epoch {epoch}")
-            elif self.path is not None:  # BackupAndRestore saved at the end of the last epoch
+                    self.say(
+                        f"{self.name}: resumed from the backup after epoch {epoch}"
+                    )
+            elif (
+                self.path is not None
+            ):  # BackupAndRestore saved at the end of the last epoch
                 self.say(f"{self.name}: backed up after epoch {epoch}")
             self.dataset.epoch = epoch
             self.started, self.trained = time.perf_counter(), None
 
         def on_test_begin(self, logs=None):
-            if self.trained is None:  # validation runs inside the epoch; time training only
+            if (
+                self.trained is None
+            ):  # validation runs inside the epoch; time training only
                 self.trained = time.perf_counter() - self.started
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = (
-                self.trained if self.trained is not None else time.perf_counter() - self.started
+                self.trained
+                if self.trained is not None
+                else time.perf_counter() - self.started
             )
             entry = {"epoch": epoch + 1, "seconds": seconds}
-            self.entries.append(entry | {k: float(v) for k, v in (logs or {}).items()})
+            self.entries.append(
+                entry | {k: float(v) for k, v in (logs or {}).items()}
+            )
             if self.path is not None:
-                self.path.with_suffix(".tmp").write_text(json.dumps(self.entries))
+                self.path.with_suffix(".tmp").write_text(
+                    json.dumps(self.entries)
+                )
                 os.replace(self.path.with_suffix(".tmp"), self.path)
 
         def on_train_end(self, logs=None):
             if self.first_epoch is None:
-                self.entries = [e for e in self.entries if e["epoch"] <= self.epochs]
-                self.say(f"{self.name}: all {self.epochs} epochs restored from the backup")
+                self.entries = [
+                    e for e in self.entries if e["epoch"] <= self.epochs
+                ]
+                self.say(
+                    f"{self.name}: all {self.epochs} epochs restored from the backup"
+                )
             elif self.path is not None:
                 self.say(f"{self.name}: backed up after epoch {self.epochs}")
 
     return EpochBatches, EpochLog
+
+
+# ------------------------------------------------------------------ models
+
+
+def describe_data(args):
+    """(label, source) of the data, for the output and history.json."""
+    labels = {
+        "bundled": "MNIST (bundled subset)",
+        "mnist": "MNIST",
+        "fashion_mnist": "Fashion-MNIST",
+    }
+    label = labels[args.dataset] if args.dataset is not None else args.data.name
+    if args.data is not None:
+        return label, str(args.data)
+    if args.data_dir is not None:
+        return label, f"IDX files in {args.data_dir}"
+    if args.dataset == "bundled":
+        return label, str(_common.BUNDLED.relative_to(_common.HERE.parent))
+    return label, f"keras.datasets.{args.dataset}"
+
+
+def build_models(keras, bnlayers, names, replicas):
+    """The article's model compiled with each BN layer of `names`, same initial weights;
+    synchronized over `replicas` logical CPUs under MirroredStrategy when more than one."""
+    import tensorflow as tf
+
+    synchronized = replicas > 1
+    classes = {
+        "bnlayers": bnlayers.BatchNormalization,
+        "keras": keras.layers.BatchNormalization,
+    }
+    if synchronized:
+        devices = [f"/cpu:{index}" for index in range(replicas)]
+        reduce = tf.distribute.ReductionToOneDevice()
+        strategy = tf.distribute.MirroredStrategy(
+            devices, cross_device_ops=reduce
+        )
+    else:
+        strategy = tf.distribute.get_strategy()
+    models = {}
+    with strategy.scope():
+        for name in names:
+            bn = classes[name](synchronized=synchronized)
+            models[name] = _common.article_model(bn)
+            models[name].compile(
+                optimizer="adam",
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+            )
+    for model in models.values():
+        model.set_weights(models[names[0]].get_weights())
+    return models
 
 
 # ------------------------------------------------------------------ backups
@@ -111,8 +203,14 @@ def make_training_parts(keras):
 
 def prepare_checkpoint_dir(args):
     """True when the directory holds the backup of a run with these arguments (resume it)."""
-    directory, marker = args.checkpoint_dir, args.checkpoint_dir / "arguments.json"
-    wanted = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()}
+    directory, marker = (
+        args.checkpoint_dir,
+        args.checkpoint_dir / "arguments.json",
+    )
+    wanted = {
+        k: str(v) if isinstance(v, pathlib.Path) else v
+        for k, v in vars(args).items()
+    }
     wanted = {key: wanted[key] for key in RESUME_KEYS}
     if marker.is_file():
         try:
@@ -121,17 +219,22 @@ def prepare_checkpoint_dir(args):
             raise _common.UsageError(
                 f"--checkpoint-dir {directory}: unreadable {marker.name} ({error})"
             ) from None
-        differing = [key for key in RESUME_KEYS if stored.get(key) != wanted[key]]
+        differing = [
+            key for key in RESUME_KEYS if stored.get(key) != wanted[key]
+        ]
         if differing:
             there = ", ".join(
-                f"{k} {stored.get(k)!r} there, {wanted[k]!r} here" for k in differing
+                f"{k} {stored.get(k)!r} there, {wanted[k]!r} here"
+                for k in differing
             )
             raise _common.UsageError(
                 f"--checkpoint-dir {directory} holds the backup of a run with other arguments "
                 f"({there}); start it again with those, or use another directory"
             )
         return True
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+    if directory.exists() and (
+        not directory.is_dir() or any(directory.iterdir())
+    ):
         raise _common.UsageError(
             f"--checkpoint-dir {directory} exists and is not a backup of this script; "
             "give an empty or new directory"
@@ -167,7 +270,10 @@ def save_and_check(keras, models, results, out, x_test, say):
         model.save(path)
         difference = float(
             np.max(
-                np.abs(_predict(model, x_test) - _predict(keras.models.load_model(path), x_test))
+                np.abs(
+                    _predict(model, x_test)
+                    - _predict(keras.models.load_model(path), x_test)
+                )
             )
         )
         if not difference <= RELOAD_ATOL:
@@ -175,7 +281,10 @@ def save_and_check(keras, models, results, out, x_test, say):
                 f"{path} reloaded predicts differently from the trained model "
                 f"(max abs difference {difference:.3g} > {RELOAD_ATOL:g})"
             )
-        results[name] |= {"model_file": path.name, "reload_max_abs_difference": difference}
+        results[name] |= {
+            "model_file": path.name,
+            "reload_max_abs_difference": difference,
+        }
         say(
             f"{name}: saved {path}, reloaded it: same predictions (max abs difference "
             f"{difference:.1e})"
@@ -193,10 +302,14 @@ def fold_report(bnlayers, models, results, x_test, say):
                 started = time.perf_counter()
                 _predict(timed, x_test)
                 times[kind].append(time.perf_counter() - started)
-        original_s, folded_s = (statistics.median(times[k]) for k in ("original", "folded"))
+        original_s, folded_s = (
+            statistics.median(times[k]) for k in ("original", "folded")
+        )
         fold = results[name]["fold"] = {
             "max_abs_difference": float(np.max(np.abs(original - fast))),
-            "same_class_fraction": float(np.mean(original.argmax(-1) == fast.argmax(-1))),
+            "same_class_fraction": float(
+                np.mean(original.argmax(-1) == fast.argmax(-1))
+            ),
             "predict_seconds_original": original_s,
             "predict_seconds_folded": folded_s,
             "speedup": original_s / folded_s,
@@ -208,10 +321,14 @@ def fold_report(bnlayers, models, results, x_test, say):
         )
 
 
-def recalibrate_report(bnlayers, models, results, args, x_train, x_test, y_test, say):
+def recalibrate_report(
+    bnlayers, models, results, args, x_train, x_test, y_test, say
+):
     for name, model in models.items():
         bnlayers.recalibrate(model, x_train, batch_size=args.batch_size)
-        loss, accuracy = model.evaluate(x_test, y_test, batch_size=EVAL_BATCH_SIZE, verbose=0)
+        loss, accuracy = model.evaluate(
+            x_test, y_test, batch_size=EVAL_BATCH_SIZE, verbose=0
+        )
         results[name]["recalibrated"] = {
             "test_loss": float(loss),
             "test_accuracy": float(accuracy),
@@ -231,9 +348,10 @@ def curve_gaps(results):
         candidates = [
             {"gap": abs(a[key] - b[key]), "curve": curve, "epoch": a["epoch"]}
             for curve, key in (("train", kind), ("test", f"val_{kind}"))
-            for a, b in zip(first, second)
+            for a, b in zip(first, second, strict=True)
         ]
-        gaps[kind] = max(candidates, key=lambda c: c["gap"])  # the first of equal gaps
+        # max() keeps the first of equal gaps: the earliest epoch, train first.
+        gaps[kind] = max(candidates, key=lambda c: c["gap"])
     return gaps
 
 
@@ -247,21 +365,34 @@ def plot(results, args, label, path):
     # pale, the built-in thin on top of it, so that both stay visible.
     styles = {
         "bnlayers": dict(color="tab:blue", linewidth=5, alpha=0.4),
-        "keras": dict(color="tab:orange", linewidth=1.5, marker="o", markersize=3),
+        "keras": dict(
+            color="tab:orange", linewidth=1.5, marker="o", markersize=3
+        ),
     }
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for axis, kind in zip(axes, ("loss", "accuracy")):
+    for axis, kind in zip(axes, ("loss", "accuracy"), strict=True):
         for name, result in results.items():
             epochs = [entry["epoch"] for entry in result["history"]]
-            for curve, key, style in (("train", kind, "--"), ("test", f"val_{kind}", "-")):
+            for curve, key, style in (
+                ("train", kind, "--"),
+                ("test", f"val_{kind}", "-"),
+            ):
                 values = [entry[key] for entry in result["history"]]
-                axis.plot(epochs, values, style, label=f"{name}, {curve}", **styles[name])
+                axis.plot(
+                    epochs,
+                    values,
+                    style,
+                    label=f"{name}, {curve}",
+                    **styles[name],
+                )
         axis.set(title=kind, xlabel="epoch")
         axis.grid(alpha=0.3)
         axis.xaxis.get_major_locator().set_params(integer=True)
     axes[1].legend(loc="lower right")
     replicas = f", {args.replicas} replicas" if args.replicas > 1 else ""
-    figure.suptitle(f"The article's model on {label}, batch size {args.batch_size}{replicas}")
+    figure.suptitle(
+        f"The article's model on {label}, batch size {args.batch_size}{replicas}"
+    )
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
@@ -270,7 +401,9 @@ def table(results, gaps):
     """The side-by-side summary: one column per run, and their difference when there are two."""
     names, pair = list(results), len(results) == 2
     runs = [results[n] for n in names]
-    per_epoch = [statistics.median(e["seconds"] for e in run["history"]) for run in runs]
+    per_epoch = [
+        statistics.median(e["seconds"] for e in run["history"]) for run in runs
+    ]
     rows = [
         ["test accuracy", *(f"{run['test_accuracy']:.4f}" for run in runs)],
         ["test loss", *(f"{run['test_loss']:.4f}" for run in runs)],
@@ -278,7 +411,9 @@ def table(results, gaps):
     ]
     if pair:
         a, b = runs
-        rows[0].append(f"{100 * (a['test_accuracy'] - b['test_accuracy']):+.2f} points")
+        rows[0].append(
+            f"{100 * (a['test_accuracy'] - b['test_accuracy']):+.2f} points"
+        )
         rows[1].append(f"{a['test_loss'] - b['test_loss']:+.1e}")
         # One run after the other: their times compare only on an idle machine,
         # so no ratio here (benchmarks interleave their rounds instead).
@@ -286,27 +421,48 @@ def table(results, gaps):
     extra = [
         ("fold", "folded: max abs difference", "max_abs_difference", "{:.1e}"),
         ("fold", "folded: predict speedup", "speedup", "{:.2f}x"),
-        ("recalibrated", "recalibrated: test accuracy", "test_accuracy", "{:.4f}"),
+        (
+            "recalibrated",
+            "recalibrated: test accuracy",
+            "test_accuracy",
+            "{:.4f}",
+        ),
         ("recalibrated", "recalibrated: test loss", "test_loss", "{:.4f}"),
     ]
     for part, title, key, form in extra:
         if all(part in run for run in runs):
-            rows.append([title, *(form.format(run[part][key]) for run in runs)] + [""] * pair)
+            rows.append(
+                [title, *(form.format(run[part][key]) for run in runs)]
+                + [""] * pair
+            )
     for kind in ("accuracy", "loss") if pair else ():
         gap = gaps[kind]
-        value = f"{100 * gap['gap']:.2f} points" if kind == "accuracy" else f"{gap['gap']:.1e}"
+        value = (
+            f"{100 * gap['gap']:.2f} points"
+            if kind == "accuracy"
+            else f"{gap['gap']:.1e}"
+        )
         where = f"{value} ({gap['curve']}, epoch {gap['epoch']})"
         rows.append([f"largest curve gap, {kind}", "", "", where])
     header = ["", *names] + (["difference"] if pair else [])
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    widths = [
+        max(len(row[i]) for row in [header, *rows]) for i in range(len(header))
+    ]
 
     def line(row):
         cells = [
-            c.ljust(widths[i]) if i in (0, 3) else c.rjust(widths[i]) for i, c in enumerate(row)
+            c.ljust(widths[i]) if i in (0, 3) else c.rjust(widths[i])
+            for i, c in enumerate(row)
         ]
         return "  ".join(cells).rstrip()
 
-    return "\n".join([line(header), "  ".join("-" * width for width in widths), *map(line, rows)])
+    return "\n".join(
+        [
+            line(header),
+            "  ".join("-" * width for width in widths),
+            *map(line, rows),
+        ]
+    )
 
 
 def write_history(results, gaps, args, label, source, sizes, path):
@@ -314,7 +470,8 @@ def write_history(results, gaps, args, label, source, sizes, path):
         "model": "the article's: Conv2D(32, 3x3, relu), BatchNormalization, MaxPooling2D, "
         "Flatten, Dense(10, softmax); adam",
         "arguments": {
-            k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()
+            k: str(v) if isinstance(v, pathlib.Path) else v
+            for k, v in vars(args).items()
         },
         "data": {"name": label, "source": source, "train_examples": sizes[0]}
         | {"test_examples": sizes[1]},

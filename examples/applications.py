@@ -100,7 +100,9 @@ def count_batchnorm(model):
     import bnlayers
 
     layers = batchnorm_layers(model)
-    ours = sum(isinstance(layer, bnlayers.BatchNormalization) for layer in layers)
+    ours = sum(
+        isinstance(layer, bnlayers.BatchNormalization) for layer in layers
+    )
     return {"keras": len(layers) - ours, "bnlayers": ours}
 
 
@@ -124,7 +126,11 @@ def randomize_batchnorm(model, seed):
 def dropout_layers(model):
     import keras
 
-    return [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    return [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Dropout)
+    ]
 
 
 def loss_and_gradients(model, x, y):
@@ -148,7 +154,9 @@ def loss_and_gradients(model, x, y):
         non_trainable = [v.value for v in model.non_trainable_variables]
 
         def compute(trainable):
-            logits, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+            logits, _ = model.stateless_call(
+                trainable, non_trainable, x, training=True
+            )
             return loss_fn(y, logits)
 
         loss, grads = jax.value_and_grad(compute)(trainable)
@@ -160,7 +168,9 @@ def loss_and_gradients(model, x, y):
         loss = loss_fn(y, model(x, training=True))
         grads = torch.autograd.grad(loss, params)
         return float(loss), [g.detach().cpu().numpy() for g in grads]
-    raise ValueError(f"Unsupported Keras backend. Received: backend={backend!r}")
+    raise ValueError(
+        f"Unsupported Keras backend. Received: backend={backend!r}"
+    )
 
 
 def relative_differences(ours, reference):
@@ -168,7 +178,8 @@ def relative_differences(ours, reference):
     floored at GRADIENT_FLOOR times the largest |gradient| of the model."""
     largest = max(float(np.max(np.abs(g))) for g in reference)
     return [
-        float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), GRADIENT_FLOOR * largest)
+        float(np.max(np.abs(a - b)))
+        / max(float(np.max(np.abs(b))), GRADIENT_FLOOR * largest)
         for a, b in zip(ours, reference, strict=True)
     ]
 
@@ -205,7 +216,9 @@ def check(name, size=64, batch=16, seed=0, **options):
         )
     else:
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        losses = [float(loss_fn(y, m(x32, training=True))) for m in (builtin, swapped)]
+        losses = [
+            float(loss_fn(y, m(x32, training=True))) for m in (builtin, swapped)
+        ]
         result["loss32"] = abs(losses[1] - losses[0]) / abs(losses[0])
         result["loss32_value"] = losses[0]
 
@@ -216,14 +229,18 @@ def check(name, size=64, batch=16, seed=0, **options):
         builtin = build(name, size, seed, **options)
         swapped = bnlayers.swap_batchnorm(builtin, to="bnlayers")
         for layer in dropout_layers(builtin) + dropout_layers(swapped):
-            layer.rate = 0.0  # no random masks: the same function in both models
+            layer.rate = (
+                0.0  # no random masks: the same function in both models
+            )
         loss_k, grads_k = loss_and_gradients(builtin, x, y)
         loss_b, grads_b = loss_and_gradients(swapped, x, y)
     finally:
         keras.config.set_floatx(floatx)
         keras.config.set_dtype_policy(policy)
     if any(g.dtype != np.float64 for g in grads_k + grads_b):
-        raise RuntimeError(f"{name}: a float64 model gave gradients of another dtype")
+        raise RuntimeError(
+            f"{name}: a float64 model gave gradients of another dtype"
+        )
     result["loss64"] = abs(loss_b - loss_k)
     result["weights"] = len(grads_k)
     result["grad64_rel"] = max(relative_differences(grads_b, grads_k))
@@ -234,8 +251,14 @@ def failures(result):
     """The checks of `result` outside their bounds, as sentences."""
     found = []
     before, after = result["bn_before"], result["bn_after"]
-    if before["bnlayers"] or after["keras"] or after["bnlayers"] != before["keras"]:
-        found.append(f"BN layers not all swapped: {before} before, {after} after")
+    if (
+        before["bnlayers"]
+        or after["keras"]
+        or after["bnlayers"] != before["keras"]
+    ):
+        found.append(
+            f"BN layers not all swapped: {before} before, {after} after"
+        )
     if before["keras"] == 0:
         found.append("no BN layer in the model")
     for key in ("prediction_rel", "loss32", "grad64_rel"):
@@ -246,7 +269,11 @@ def failures(result):
 
 
 def row(result):
-    loss32 = "skipped (dropout)" if result["loss32"] is None else f"{result['loss32']:.1e}"
+    loss32 = (
+        "skipped (dropout)"
+        if result["loss32"] is None
+        else f"{result['loss32']:.1e}"
+    )
     return (
         f"| {result['model']} | {result['bn_after']['bnlayers']}/{result['bn_before']['keras']} "
         f"| {result['prediction_abs']:.1e} ({result['prediction_rel']:.1e}) | {loss32} "
@@ -263,15 +290,33 @@ HEADER = (
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="NAME",
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=list(MODELS),
+        metavar="NAME",
         help=f"architectures to check (default: all of {', '.join(MODELS)})",
-    )  # fmt: skip
-    parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
-    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="input height and width (default 64)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=16, help="batch size (default 16)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of weights and data (default 0)",
+    )
     args = parser.parse_args(argv)
     if args.size < 32 or args.batch < 2:
-        parser.error(f"--size must be >= 32 and --batch >= 2. Received: {args.size}, {args.batch}")
+        parser.error(
+            f"--size must be >= 32 and --batch >= 2. Received: {args.size}, {args.batch}"
+        )
 
     import time
 
@@ -283,9 +328,14 @@ def main(argv=None):
     for name in args.models:
         started = time.perf_counter()
         result = check(name, args.size, args.batch, args.seed)
-        print(row(result) + f"  <!-- {time.perf_counter() - started:.0f} s -->", flush=True)
+        print(
+            row(result) + f"  <!-- {time.perf_counter() - started:.0f} s -->",
+            flush=True,
+        )
         if result["loss32"] is None:
-            print(f"<!-- {name}: first float32 loss skipped: {result['loss32_skipped']} -->")
+            print(
+                f"<!-- {name}: first float32 loss skipped: {result['loss32_skipped']} -->"
+            )
         failed += [f"{name}: {problem}" for problem in failures(result)]
     for problem in failed:
         print(f"applications.py: check failed: {problem}", file=sys.stderr)

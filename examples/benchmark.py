@@ -49,14 +49,12 @@ import numpy as np
 
 # The shared module beside this file, also when this file is loaded by path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    article_model,
-    cpu_name,
-    interleaved,
-    load_average,
-    load_bundled,
-    median_ratio,  # noqa: E402
-)
+from _common import article_model  # noqa: E402
+from _common import cpu_name  # noqa: E402
+from _common import interleaved  # noqa: E402
+from _common import load_average  # noqa: E402
+from _common import load_bundled  # noqa: E402
+from _common import median_ratio  # noqa: E402  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +69,39 @@ CASES = (
     Case("article", (64, 26, 26, 32), -1, "the article's model's BN input"),
     Case("resnet", (32, 56, 56, 64), -1, "a ResNet stage"),
     Case("dense", (256, 128), -1, "after a Dense layer"),
-    Case("channels_first", (32, 64, 28, 28), 1, "after a channels_first Conv2D"),
+    Case(
+        "channels_first", (32, 64, 28, 28), 1, "after a channels_first Conv2D"
+    ),
     Case("conv3d", (8, 16, 16, 16, 32), -1, "after a Conv3D (rank 5)"),
 )
 QUICK_CASES = (Case("tiny", (8, 6, 6, 4), -1, "smoke test"),)
 
 # Goals of the fast path (issue 4), checked against the figures.
 GOALS = (
-    ("training step <= 0.45x the built-in at the article's shape", "article", "train", 0.45),
-    ("training step <= 0.45x the built-in at the ResNet-stage shape", "resnet", "train", 0.45),
-    ("inference step <= 0.45x the built-in at the article's shape", "article", "infer", 0.45),
-    ("inference step <= 0.45x the built-in at the ResNet-stage shape", "resnet", "infer", 0.45),
+    (
+        "training step <= 0.45x the built-in at the article's shape",
+        "article",
+        "train",
+        0.45,
+    ),
+    (
+        "training step <= 0.45x the built-in at the ResNet-stage shape",
+        "resnet",
+        "train",
+        0.45,
+    ),
+    (
+        "inference step <= 0.45x the built-in at the article's shape",
+        "article",
+        "infer",
+        0.45,
+    ),
+    (
+        "inference step <= 0.45x the built-in at the ResNet-stage shape",
+        "resnet",
+        "infer",
+        0.45,
+    ),
 )
 MAX_PASSES_ARTICLE = 5.0
 MODEL_GOAL = 0.85
@@ -140,7 +160,9 @@ def bench_layer(case, rounds):
     layers = {
         "keras": keras.layers.BatchNormalization(axis=case.axis),
         "bnlayers": bnlayers.BatchNormalization(axis=case.axis),
-        "bnlayers_reference": bnlayers.BatchNormalization(axis=case.axis, fused=False),
+        "bnlayers_reference": bnlayers.BatchNormalization(
+            axis=case.axis, fused=False
+        ),
     }
     contenders = {}
     x = None
@@ -151,7 +173,9 @@ def bench_layer(case, rounds):
     double = tf.function(lambda t: t * 2.0)
     contenders["pass"] = lambda: double(x)
     reason = bnlayers.fused_eligibility(layers["bnlayers"], x)
-    path = f"fused ({_fused.implementation()})" if reason is None else "reference"
+    path = (
+        f"fused ({_fused.implementation()})" if reason is None else "reference"
+    )
 
     times, cpu = interleaved(contenders, rounds)
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -169,13 +193,18 @@ def bench_layer(case, rounds):
                 "ms": {
                     "keras": median[f"keras/{step}"] * 1e3,
                     "bnlayers": median[f"bnlayers/{step}"] * 1e3,
-                    "bnlayers_reference": median[f"bnlayers_reference/{step}"] * 1e3,
+                    "bnlayers_reference": median[f"bnlayers_reference/{step}"]
+                    * 1e3,
                     "pass": median["pass"] * 1e3,
                 },
-                "ratio": median_ratio(times[f"bnlayers/{step}"], times[f"keras/{step}"]),
+                "ratio": median_ratio(
+                    times[f"bnlayers/{step}"], times[f"keras/{step}"]
+                ),
                 # This process's CPU time hardly depends on what else runs
                 # on the machine: a check on the wall-time ratio.
-                "ratio_cpu": median_ratio(cpu[f"bnlayers/{step}"], cpu[f"keras/{step}"]),
+                "ratio_cpu": median_ratio(
+                    cpu[f"bnlayers/{step}"], cpu[f"keras/{step}"]
+                ),
                 "ratio_reference": median_ratio(
                     times[f"bnlayers_reference/{step}"], times[f"keras/{step}"]
                 ),
@@ -207,7 +236,9 @@ def bench_model(epochs, train_size):
     models["bnlayers"].set_weights(models["keras"].get_weights())
     for model in models.values():
         model.compile(
-            optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+            optimizer="adam",
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
         )
     # One epoch of fit per call, so no blocks of calls; one warm-up epoch
     # (tracing, first calls).
@@ -225,7 +256,9 @@ def bench_model(epochs, train_size):
         "bnlayers_path": f"fused ({_fused.implementation()})"
         if bnlayers.fused_eligibility(bn, (64, 26, 26, 32)) is None
         else "reference",
-        "seconds_per_epoch": {name: statistics.median(t) for name, t in seconds.items()},
+        "seconds_per_epoch": {
+            name: statistics.median(t) for name, t in seconds.items()
+        },
         "ratio": median_ratio(seconds["bnlayers"], seconds["keras"]),
         "ratio_cpu": median_ratio(cpu["bnlayers"], cpu["keras"]),
     }
@@ -241,7 +274,11 @@ def goals(layer_rows, model):
         row = by.get((case, step))
         if row is not None:
             results.append(
-                {"goal": text, "figure": f"{row['ratio']:.2f}x", "met": row["ratio"] <= limit}
+                {
+                    "goal": text,
+                    "figure": f"{row['ratio']:.2f}x",
+                    "met": row["ratio"] <= limit,
+                }
             )
     if layer_rows:
         worst = max(layer_rows, key=lambda r: r["ratio"])
@@ -257,7 +294,8 @@ def goals(layer_rows, model):
         passes = row["passes"]["bnlayers"]
         results.append(
             {
-                "goal": f"training step within {MAX_PASSES_ARTICLE:g} elementwise passes at the article's shape",
+                "goal": f"training step within {MAX_PASSES_ARTICLE:g} elementwise "
+                "passes at the article's shape",
                 "figure": f"{passes:.1f} passes",
                 "met": passes <= MAX_PASSES_ARTICLE,
             }
@@ -320,23 +358,33 @@ def markdown(report):
     if report["goals"]:
         lines += ["| goal | figure | met |", "|---|---|---|"]
         for g in report["goals"]:
-            lines.append(f"| {g['goal']} | {g['figure']} | {'yes' if g['met'] else 'no'} |")
+            lines.append(
+                f"| {g['goal']} | {g['figure']} | {'yes' if g['met'] else 'no'} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["layer", "model"], help="run one part only")
+    parser.add_argument(
+        "--only", choices=["layer", "model"], help="run one part only"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
         help="a tiny shape and a small model run: checks that the script works, in seconds",
     )
     parser.add_argument(
-        "--rounds", type=int, help="interleaved rounds per shape (default 21; --quick 3)"
+        "--rounds",
+        type=int,
+        help="interleaved rounds per shape (default 21; --quick 3)",
     )
-    parser.add_argument("--epochs", type=int, help="timed epochs per model (default 5; --quick 1)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="timed epochs per model (default 5; --quick 1)",
+    )
     parser.add_argument(
         "--cases",
         nargs="+",
@@ -356,35 +404,50 @@ def main(argv=None):
         known = {c.name: c for c in CASES + QUICK_CASES}
         unknown = [n for n in args.cases if n not in known]
         if unknown:
-            parser.error(f"unknown case(s) {unknown}; the cases are {list(known)}")
+            parser.error(
+                f"unknown case(s) {unknown}; the cases are {list(known)}"
+            )
         cases = tuple(known[n] for n in args.cases)
 
-    report = {"machine": machine(), "load_before": load_average(), "layer": [], "model": None}
+    report = {
+        "machine": machine(),
+        "load_before": load_average(),
+        "layer": [],
+        "model": None,
+    }
     if args.only in (None, "layer"):
         for case in cases:
             rows = bench_layer(case, rounds)
             report["layer"] += rows
             for r in rows:
                 print(
-                    f"{r['case']:>14} {str(tuple(r['shape'])):>20} axis {r['axis']:>2} {r['step']:>5}: "
+                    f"{r['case']:>14} {str(tuple(r['shape'])):>20} axis {r['axis']:>2} "
+                    f"{r['step']:>5}: "
                     f"keras {r['ms']['keras']:8.2f} ms ({r['passes']['keras']:4.1f} passes)  "
-                    f"bnlayers {r['ms']['bnlayers']:8.2f} ms ({r['passes']['bnlayers']:4.1f} passes)  "
+                    f"bnlayers {r['ms']['bnlayers']:8.2f} ms "
+                    f"({r['passes']['bnlayers']:4.1f} passes)  "
                     f"ratio {r['ratio']:.2f}  [reference path {r['ratio_reference']:.2f}]",
                     flush=True,
                 )
     if args.only in (None, "model"):
-        report["model"] = bench_model(epochs, train_size=256 if args.quick else 8000)
+        report["model"] = bench_model(
+            epochs, train_size=256 if args.quick else 8000
+        )
         s = report["model"]["seconds_per_epoch"]
         print(
-            f"article model: keras {s['keras']:.2f} s/epoch, bnlayers {s['bnlayers']:.2f} s/epoch, "
+            f"article model: keras {s['keras']:.2f} s/epoch, "
+            f"bnlayers {s['bnlayers']:.2f} s/epoch, "
             f"ratio {report['model']['ratio']:.2f}",
             flush=True,
         )
     report["load_after"] = load_average()
     # The goals are about the full-size cases; a quick run checks the script only.
-    report["goals"] = [] if args.quick else goals(report["layer"], report["model"])
+    report["goals"] = (
+        [] if args.quick else goals(report["layer"], report["model"])
+    )
     report["command"] = " ".join(
-        ["python", "examples/benchmark.py"] + list(sys.argv[1:] if argv is None else argv)
+        ["python", "examples/benchmark.py"]
+        + list(sys.argv[1:] if argv is None else argv)
     )
     text = markdown(report)
     print()
@@ -393,7 +456,9 @@ def main(argv=None):
         prefix = pathlib.Path(args.out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prefix.with_suffix(".md").write_text(text)
-        prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        prefix.with_suffix(".json").write_text(
+            json.dumps(report, indent=2) + "\n"
+        )
     return report
 
 

@@ -52,16 +52,17 @@ import numpy as np
 
 # The shared module beside this file, also when this file is loaded by path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    accelerator,
-    article_model,
-    interleaved,
-    load_average,
-    median_ratio,  # noqa: E402
-)
+from _common import accelerator  # noqa: E402
+from _common import article_model  # noqa: E402
+from _common import interleaved  # noqa: E402
+from _common import load_average  # noqa: E402
+from _common import median_ratio  # noqa: E402  # noqa: E402
 
 SHAPES = {
-    "article": ((64, 26, 26, 32), "the article's model's BN input (after Conv2D 32)"),
+    "article": (
+        (64, 26, 26, 32),
+        "the article's model's BN input (after Conv2D 32)",
+    ),
     "resnet": ((32, 56, 56, 64), "a ResNet stage"),
     "dense": ((256, 128), "after a Dense layer"),
 }
@@ -103,19 +104,23 @@ def _jax_steps(layer, x, dy):
     non_trainable = [v.value for v in layer.non_trainable_variables]
 
     def loss(trainable, x, non_trainable):
-        y, new_non_trainable = layer.stateless_call(trainable, non_trainable, x, training=True)
+        y, new_non_trainable = layer.stateless_call(
+            trainable, non_trainable, x, training=True
+        )
         return jnp.sum(y * dy), new_non_trainable
 
     @jax.jit
     def train(trainable, non_trainable, x):
-        (_, new_non_trainable), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            trainable, x, non_trainable
-        )
+        (_, new_non_trainable), grads = jax.value_and_grad(
+            loss, argnums=(0, 1), has_aux=True
+        )(trainable, x, non_trainable)
         return grads, new_non_trainable
 
     @jax.jit
     def infer(trainable, non_trainable, x):
-        return layer.stateless_call(trainable, non_trainable, x, training=False)[0]
+        return layer.stateless_call(
+            trainable, non_trainable, x, training=False
+        )[0]
 
     return (
         lambda: jax.block_until_ready(train(trainable, non_trainable, x)),
@@ -157,7 +162,11 @@ def layer_steps(layer, shape, seed=0):
     x = rng.normal(0.5, 2.0, shape).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
     layer.build(shape)
-    make = {"tensorflow": _tensorflow_steps, "jax": _jax_steps, "torch": _torch_steps}
+    make = {
+        "tensorflow": _tensorflow_steps,
+        "jax": _jax_steps,
+        "torch": _torch_steps,
+    }
     return make[keras.backend.backend()](layer, x, dy)
 
 
@@ -195,17 +204,25 @@ def run(rounds, quick):
         )
 
     for name, (shape, _) in (QUICK_SHAPES if quick else SHAPES).items():
-        ours_train, ours_infer = layer_steps(bnlayers.BatchNormalization(), shape)
-        builtin_train, builtin_infer = layer_steps(keras.layers.BatchNormalization(), shape)
+        ours_train, ours_infer = layer_steps(
+            bnlayers.BatchNormalization(), shape
+        )
+        builtin_train, builtin_infer = layer_steps(
+            keras.layers.BatchNormalization(), shape
+        )
         record(
             f"{name}: training step",
             shape,
-            interleaved({"bnlayers": ours_train, "built-in": builtin_train}, rounds),
+            interleaved(
+                {"bnlayers": ours_train, "built-in": builtin_train}, rounds
+            ),
         )
         record(
             f"{name}: inference step",
             shape,
-            interleaved({"bnlayers": ours_infer, "built-in": builtin_infer}, rounds),
+            interleaved(
+                {"bnlayers": ours_infer, "built-in": builtin_infer}, rounds
+            ),
         )
 
     batch = 8 if quick else 64
@@ -219,20 +236,32 @@ def run(rounds, quick):
     record(
         "article model: train_on_batch",
         x.shape,
-        interleaved({k: (lambda m=m: m.train_on_batch(x, y)) for k, m in models.items()}, rounds),
+        interleaved(
+            {
+                k: (lambda m=m: m.train_on_batch(x, y))
+                for k, m in models.items()
+            },
+            rounds,
+        ),
     )
     record(
         "article model: predict_on_batch",
         x.shape,
-        interleaved({k: (lambda m=m: m.predict_on_batch(x)) for k, m in models.items()}, rounds),
+        interleaved(
+            {k: (lambda m=m: m.predict_on_batch(x)) for k, m in models.items()},
+            rounds,
+        ),
     )
     versions = {"keras": keras.__version__}
-    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[
+        backend
+    ]
     versions[module] = importlib.import_module(module).__version__
     return {
         "backend": backend,
         "versions": versions,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {(load_average() or ['?'])[0]}, "
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load {(load_average() or ['?'])[0]}, "
         f"{accelerator(backend)}",
         "rounds": rounds,
         "rows": rows,
@@ -244,7 +273,8 @@ def markdown(reports):
     for report in reports:
         versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
         lines += [
-            f"**{report['backend']}** ({versions}; {report['machine']}; {report['rounds']} rounds)",
+            f"**{report['backend']}** ({versions}; {report['machine']}; "
+            f"{report['rounds']} rounds)",
             "",
             "| | shape | bnlayers (ms) | built-in (ms) | ratio | ratio (CPU time) |",
             "|---|---|---|---|---|---|",
@@ -262,16 +292,27 @@ def markdown(reports):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--all", action="store_true", help="each installed backend, one process each"
+        "--all",
+        action="store_true",
+        help="each installed backend, one process each",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15; --quick 3)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes, 3 rounds: a smoke test",
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds (default 15; --quick 3)"
+    )
     parser.add_argument("--out", help="write PREFIX.md and PREFIX.json")
-    parser.add_argument("--json", help=argparse.SUPPRESS)  # a child of --all reports here
+    # A child of --all reports here.
+    parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 15)
     if rounds < 1:
-        parser.error(f"--rounds must be at least 1. Received: --rounds={rounds}")
+        parser.error(
+            f"--rounds must be at least 1. Received: --rounds={rounds}"
+        )
 
     if args.all:
         reports = []
@@ -281,10 +322,21 @@ def main(argv=None):
                     print(f"{backend}: not installed, skipped", file=sys.stderr)
                     continue
                 out = pathlib.Path(tmp) / f"{backend}.json"
-                command = [sys.executable, __file__, "--rounds", str(rounds), "--json", str(out)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--rounds",
+                    str(rounds),
+                    "--json",
+                    str(out),
+                ]
                 if args.quick:
                     command.append("--quick")
-                subprocess.run(command, env=dict(os.environ, KERAS_BACKEND=backend), check=True)
+                subprocess.run(
+                    command,
+                    env=dict(os.environ, KERAS_BACKEND=backend),
+                    check=True,
+                )
                 reports.append(json.loads(out.read_text()))
     else:
         reports = [run(rounds, args.quick)]
@@ -296,7 +348,9 @@ def main(argv=None):
     print(text)
     if args.out:
         pathlib.Path(args.out + ".md").write_text(text)
-        pathlib.Path(args.out + ".json").write_text(json.dumps(reports, indent=1))
+        pathlib.Path(args.out + ".json").write_text(
+            json.dumps(reports, indent=1)
+        )
     return 0
 
 

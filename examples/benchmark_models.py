@@ -37,7 +37,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from _common import interleaved, load_average, machine_line, median_ratio  # noqa: E402
+
+from _common import interleaved  # noqa: E402
+from _common import load_average  # noqa: E402
+from _common import machine_line  # noqa: E402
+from _common import median_ratio  # noqa: E402
 
 MODELS = ("ResNet50", "DenseNet121", "MobileNetV3Small", "EfficientNetB0")
 QUICK = {"models": ("MobileNetV3Small",), "size": 32, "batch": 2, "rounds": 1}
@@ -53,7 +57,10 @@ def model_pair(name, size, seed=0):
     builtin = getattr(keras.applications, name)(
         weights=None, input_shape=(size, size, 3), classes=10
     )
-    pair = {"bnlayers": bnlayers.swap_batchnorm(builtin, to="bnlayers"), "built-in": builtin}
+    pair = {
+        "bnlayers": bnlayers.swap_batchnorm(builtin, to="bnlayers"),
+        "built-in": builtin,
+    }
     for model in pair.values():
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     return pair
@@ -66,8 +73,12 @@ def bench(name, size, batch, rounds, seed=0):
     y = rng.integers(0, 10, batch)
     pair = model_pair(name, size, seed)
     steps = {
-        "train_on_batch": {k: (lambda m=m: m.train_on_batch(x, y)) for k, m in pair.items()},
-        "predict_on_batch": {k: (lambda m=m: m.predict_on_batch(x)) for k, m in pair.items()},
+        "train_on_batch": {
+            k: (lambda m=m: m.train_on_batch(x, y)) for k, m in pair.items()
+        },
+        "predict_on_batch": {
+            k: (lambda m=m: m.predict_on_batch(x)) for k, m in pair.items()
+        },
     }
     rows = []
     for step, contenders in steps.items():
@@ -107,19 +118,33 @@ def markdown(report):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", nargs="+", choices=MODELS, metavar="NAME",
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        metavar="NAME",
         help=f"architectures to time (default: all of {', '.join(MODELS)})",
-    )  # fmt: skip
-    parser.add_argument("--size", type=int, help="input height and width (default 64)")
-    parser.add_argument("--batch", type=int, help="batch size (default 16)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15)")
+    )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--size", type=int, help="input height and width (default 64)"
+    )
+    parser.add_argument("--batch", type=int, help="batch size (default 16)")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds (default 15)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
         help="MobileNetV3Small at 32x32, batch 2, 1 round: checks that the script works",
-    )  # fmt: skip
-    parser.add_argument("--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.json")
+    )
+    parser.add_argument(
+        "--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.json"
+    )
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else {"models": MODELS, "size": 64, "batch": 16, "rounds": 15}
+    defaults = (
+        QUICK
+        if args.quick
+        else {"models": MODELS, "size": 64, "batch": 16, "rounds": 15}
+    )
     models = args.models or defaults["models"]
     size, batch = args.size or defaults["size"], args.batch or defaults["batch"]
     rounds = args.rounds or defaults["rounds"]
@@ -129,7 +154,11 @@ def main(argv=None):
             f"Received: size={size}, batch={batch}, rounds={rounds}"
         )
 
-    command = ["python", "examples/benchmark_models.py", *(sys.argv[1:] if argv is None else argv)]
+    command = [
+        "python",
+        "examples/benchmark_models.py",
+        *(sys.argv[1:] if argv is None else argv),
+    ]
     report = {"load_before": load_average(), "rounds": rounds, "rows": []}
     report["command"] = " ".join(command)
     for name in models:
@@ -150,7 +179,9 @@ def main(argv=None):
         prefix = pathlib.Path(args.out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prefix.with_suffix(".md").write_text(text)
-        prefix.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        prefix.with_suffix(".json").write_text(
+            json.dumps(report, indent=1) + "\n"
+        )
     return report
 
 

@@ -37,13 +37,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
 import _mnist  # noqa: E402
-from _common import DataUnavailable, UsageError  # noqa: E402
+from _common import DataUnavailable  # noqa: E402
+from _common import UsageError  # noqa: E402
 
 LAYER_NAMES = {
     "bnlayers": "bnlayers.BatchNormalization",
     "keras": "keras.layers.BatchNormalization",
 }
-MAX_SEED = 2**32 - 1  # NumPy's seeds, which keras.utils.set_random_seed sets too
+# NumPy's seeds, which keras.utils.set_random_seed sets too.
+MAX_SEED = 2**32 - 1
 
 
 # ------------------------------------------------------------------ arguments
@@ -51,7 +53,8 @@ MAX_SEED = 2**32 - 1  # NumPy's seeds, which keras.utils.set_random_seed sets to
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise UsageError(f"{message} (see --help)")  # one line instead of argparse's usage block
+        # One line instead of argparse's usage block.
+        raise UsageError(f"{message} (see --help)")
 
 
 def _integer(low, high, text):
@@ -60,7 +63,11 @@ def _integer(low, high, text):
     except ValueError:
         value = None
     if value is None or value < low or (high is not None and value > high):
-        wanted = "a positive integer" if high is None else f"an integer from {low} to {high}"
+        wanted = (
+            "a positive integer"
+            if high is None
+            else f"an integer from {low} to {high}"
+        )
         raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
     return value
 
@@ -110,8 +117,20 @@ def parse_args(argv=None):
         help="read the data from a .npz with Keras' keys x_train, y_train, x_test, y_test "
         "(28x28 images, labels 0-9), e.g. a local copy of Keras' mnist.npz (default: none)",
     )
-    add("--epochs", type=positive, default=10, metavar="N", help="training epochs (default: 10)")
-    add("--batch-size", type=positive, default=64, metavar="N", help="batch size (default: 64)")
+    add(
+        "--epochs",
+        type=positive,
+        default=10,
+        metavar="N",
+        help="training epochs (default: 10)",
+    )
+    add(
+        "--batch-size",
+        type=positive,
+        default=64,
+        metavar="N",
+        help="batch size (default: 64)",
+    )
     add(
         "--limit",
         type=positive,
@@ -206,26 +225,11 @@ def load_arrays_before_tensorflow(args):
     if args.data_dir is not None:
         return _common.read_idx_dir(args.data_dir)
     if args.dataset == "bundled":
-        return _common.read_npz(_common.BUNDLED, f"bundled data {_common.BUNDLED}")
+        return _common.read_npz(
+            _common.BUNDLED, f"bundled data {_common.BUNDLED}"
+        )
     _common.check_download(args.dataset)
     return None
-
-
-def describe_data(args):
-    """(label, source) of the data, for the output and history.json."""
-    labels = {
-        "bundled": "MNIST (bundled subset)",
-        "mnist": "MNIST",
-        "fashion_mnist": "Fashion-MNIST",
-    }
-    label = labels[args.dataset] if args.dataset is not None else args.data.name
-    if args.data is not None:
-        return label, str(args.data)
-    if args.data_dir is not None:
-        return label, f"IDX files in {args.data_dir}"
-    if args.dataset == "bundled":
-        return label, str(_common.BUNDLED.relative_to(_common.HERE.parent))
-    return label, f"keras.datasets.{args.dataset}"
 
 
 # ------------------------------------------------------------------- training
@@ -236,10 +240,12 @@ def train(args, data, say):
 
     if args.replicas > 1:  # before TensorFlow initializes its devices
         cpu = tf.config.list_physical_devices("CPU")[0]
-        logical = [tf.config.LogicalDeviceConfiguration() for _ in range(args.replicas)]
-        tf.config.set_logical_device_configuration(cpu, logical)
-    tf.config.experimental.enable_op_determinism()  # a resumed run ends as an uninterrupted one
-    tf.get_logger().setLevel("ERROR")  # predict() on several models warns about retracing
+        one = tf.config.LogicalDeviceConfiguration()
+        tf.config.set_logical_device_configuration(cpu, [one] * args.replicas)
+    # Same inputs, same result: a resumed run ends as an uninterrupted one.
+    tf.config.experimental.enable_op_determinism()
+    # predict() on several models in a row warns about retracing.
+    tf.get_logger().setLevel("ERROR")
     import keras
 
     import bnlayers
@@ -247,38 +253,32 @@ def train(args, data, say):
     x_train, y_train, x_test, y_test = data
     EpochBatches, EpochLog = _mnist.make_training_parts(keras)
     names = list(_mnist.RUNS) if args.bn == "both" else [args.bn]
-    synchronized = args.replicas > 1
-    classes = {"bnlayers": bnlayers.BatchNormalization, "keras": keras.layers.BatchNormalization}
-    if synchronized:
-        devices = [f"/cpu:{index}" for index in range(args.replicas)]
-        reduce = tf.distribute.ReductionToOneDevice()
-        strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=reduce)
-    else:
-        strategy = tf.distribute.get_strategy()
-    keras.utils.set_random_seed(args.seed)
-    models = {}
-    with strategy.scope():
-        for name in names:
-            models[name] = _common.article_model(classes[name](synchronized=synchronized))
-            models[name].compile(
-                optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-            )
-    for model in models.values():
-        model.set_weights(models[names[0]].get_weights())
+    keras.utils.set_random_seed(args.seed)  # the initial weights
+    models = _mnist.build_models(keras, bnlayers, names, args.replicas)
 
     results = {}
     for name, model in models.items():
         batches = EpochBatches(x_train, y_train, args.batch_size, args.seed)
         keep = args.checkpoint_dir
-        log = EpochLog(name, batches, args.epochs, keep and keep / f"{name}-history.json", say)
+        log = EpochLog(
+            name,
+            batches,
+            args.epochs,
+            keep and keep / f"{name}-history.json",
+            say,
+        )
         callbacks = [log]
         if keep is not None:
             backup = keras.callbacks.BackupAndRestore(
-                str(keep / name), double_checkpoint=True, delete_checkpoint=False
+                str(keep / name),
+                double_checkpoint=True,
+                delete_checkpoint=False,
             )
             callbacks.append(backup)
         s = "s" if args.epochs > 1 else ""
-        say(f"\nTraining the article's model with {LAYER_NAMES[name]} ({args.epochs} epoch{s})")
+        say(
+            f"\nTraining the article's model with {LAYER_NAMES[name]} ({args.epochs} epoch{s})"
+        )
         model.fit(
             batches,
             epochs=args.epochs,
@@ -291,7 +291,10 @@ def train(args, data, say):
         loss, accuracy = model.evaluate(
             x_test, y_test, batch_size=_mnist.EVAL_BATCH_SIZE, verbose=0
         )
-        results[name] = {"layer": LAYER_NAMES[name], "synchronized": synchronized}
+        results[name] = {
+            "layer": LAYER_NAMES[name],
+            "synchronized": args.replicas > 1,
+        }
         results[name] |= {"history": log.entries, "test_loss": float(loss)}
         results[name]["test_accuracy"] = float(accuracy)
     return keras, bnlayers, models, results
@@ -308,24 +311,36 @@ def run(args, say):
         )
     data = load_arrays_before_tensorflow(args)
     _common.writable(args.out, "--out")
-    resuming = args.checkpoint_dir is not None and _mnist.prepare_checkpoint_dir(args)
-    x_train, y_train, x_test, y_test = data or _common.load_keras_dataset(args.dataset)
+    resuming = (
+        args.checkpoint_dir is not None and _mnist.prepare_checkpoint_dir(args)
+    )
+    x_train, y_train, x_test, y_test = data or _common.load_keras_dataset(
+        args.dataset
+    )
     x_train, y_train = x_train[: args.limit], y_train[: args.limit]
-    label, source = describe_data(args)
-    say(f"Data: {label} from {source}: {len(x_train)} training and {len(x_test)} test images")
+    label, source = _mnist.describe_data(args)
+    say(
+        f"Data: {label} from {source}: {len(x_train)} training and {len(x_test)} test images"
+    )
     if resuming:
         say(f"Resuming from the backups in {args.checkpoint_dir}")
 
-    keras, bnlayers, models, results = train(args, (x_train, y_train, x_test, y_test), say)
+    keras, bnlayers, models, results = train(
+        args, (x_train, y_train, x_test, y_test), say
+    )
     say("")
     _mnist.save_and_check(keras, models, results, args.out, x_test, say)
     if args.fold:
         _mnist.fold_report(bnlayers, models, results, x_test, say)
     if args.recalibrate:
-        _mnist.recalibrate_report(bnlayers, models, results, args, x_train, x_test, y_test, say)
+        _mnist.recalibrate_report(
+            bnlayers, models, results, args, x_train, x_test, y_test, say
+        )
     gaps = _mnist.curve_gaps(results) if len(results) == 2 else None
     sizes = (len(x_train), len(x_test))
-    _mnist.write_history(results, gaps, args, label, source, sizes, args.out / "history.json")
+    _mnist.write_history(
+        results, gaps, args, label, source, sizes, args.out / "history.json"
+    )
     _mnist.plot(results, args, label, args.out / "learning_curves.png")
 
     if args.checkpoint_dir is not None:
@@ -333,14 +348,20 @@ def run(args, say):
     say("")
     print(_mnist.table(results, gaps))
     files = ", ".join(str(args.out / results[n]["model_file"]) for n in results)
-    say(f"\nWrote {args.out / 'history.json'}, {args.out / 'learning_curves.png'} and {files}")
+    say(
+        f"\nWrote {args.out / 'history.json'}, {args.out / 'learning_curves.png'} and {files}"
+    )
 
 
 def main(argv=None):
     args = None
     try:
         args = parse_args(argv)
-        say = (lambda *_, **__: None) if args.quiet else functools.partial(print, flush=True)
+        say = (
+            (lambda *_, **__: None)
+            if args.quiet
+            else functools.partial(print, flush=True)
+        )
         run(args, say)
         return 0
     except UsageError as error:

@@ -43,7 +43,9 @@ def test_every_batchnorm_layer_is_swapped(result):
 
 
 def test_inference_logits_agree(result):
-    assert result["prediction_rel"] <= applications.BOUNDS["prediction_rel"], result
+    assert result["prediction_rel"] <= applications.BOUNDS["prediction_rel"], (
+        result
+    )
 
 
 def test_first_training_loss_agrees(result):

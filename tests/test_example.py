@@ -103,10 +103,21 @@ class _BackgroundRun:
 
     def __init__(self, args, logs):
         self.args = [sys.executable, str(SCRIPT), *map(str, args)]
-        self.stdout_path, self.stderr_path = logs / "stdout.txt", logs / "stderr.txt"
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+        self.stdout_path, self.stderr_path = (
+            logs / "stdout.txt",
+            logs / "stderr.txt",
+        )
+        with (
+            open(self.stdout_path, "w") as stdout,
+            open(self.stderr_path, "w") as stderr,
+        ):
             self.proc = subprocess.Popen(
-                self.args, stdout=stdout, stderr=stderr, text=True, env=_env(), cwd=REPO
+                self.args,
+                stdout=stdout,
+                stderr=stderr,
+                text=True,
+                env=_env(),
+                cwd=REPO,
             )
 
     def result(self):
@@ -138,9 +149,21 @@ def background_runs(tmp_path_factory):
     # The replicas run: bnlayers only, since the built-in's synchronized
     # mode is Keras' to test, and one model instead of two saves time.
     resume = tmp_path_factory.mktemp("resume")
-    checkpointed = [*SHORT, "--checkpoint-dir", resume / "checkpoints", "--out", resume / "out"]
+    checkpointed = [
+        *SHORT,
+        "--checkpoint-dir",
+        resume / "checkpoints",
+        "--out",
+        resume / "out",
+    ]
     arguments = {
-        "main": [*SHORT, "--fold", "--recalibrate", "--out", tmp_path_factory.mktemp("main")],
+        "main": [
+            *SHORT,
+            "--fold",
+            "--recalibrate",
+            "--out",
+            tmp_path_factory.mktemp("main"),
+        ],
         "replicas": [*SHORT, "--replicas", 2, "--bn", "bnlayers", "--quiet"]
         + ["--out", tmp_path_factory.mktemp("replicas")],
         "interrupted": checkpointed,
@@ -148,13 +171,20 @@ def background_runs(tmp_path_factory):
     runs = {}
     try:
         for name, args in arguments.items():
-            runs[name] = _BackgroundRun(args, tmp_path_factory.mktemp(name + "-log"))
+            runs[name] = _BackgroundRun(
+                args, tmp_path_factory.mktemp(name + "-log")
+            )
         watcher = threading.Thread(
             target=_interrupt_after_first_backup,
             args=(runs["interrupted"].proc, runs["interrupted"].stdout_path),
         )
         watcher.start()
-        yield {**runs, "checkpointed": checkpointed, "resume_dir": resume, "watcher": watcher}
+        yield {
+            **runs,
+            "checkpointed": checkpointed,
+            "resume_dir": resume,
+            "watcher": watcher,
+        }
     finally:
         for run in runs.values():
             run.proc.kill()
@@ -193,13 +223,18 @@ def resumed_run(background_runs):
 def test_main_run_prints_the_table(main_run):
     proc, _ = main_run
     assert "16/16 - " in proc.stdout  # the compact progress line of an epoch
-    accuracies = [float(cell) for cell in table_row(proc.stdout, "test accuracy")[:2]]
+    accuracies = [
+        float(cell) for cell in table_row(proc.stdout, "test accuracy")[:2]
+    ]
     # 32 steps of 64 images; measured 0.82 with both layers (chance is 0.1).
     assert all(accuracy > 0.75 for accuracy in accuracies), accuracies
     assert abs(accuracies[0] - accuracies[1]) <= 0.01, accuracies
     losses = [float(cell) for cell in table_row(proc.stdout, "test loss")[:2]]
     assert all(np.isfinite(losses)) and all(loss > 0 for loss in losses)
-    seconds = [float(cell) for cell in table_row(proc.stdout, "train seconds per epoch")[:2]]
+    seconds = [
+        float(cell)
+        for cell in table_row(proc.stdout, "train seconds per epoch")[:2]
+    ]
     assert all(second > 0 for second in seconds)
     table_row(proc.stdout, "largest curve gap, accuracy")
     table_row(proc.stdout, "largest curve gap, loss")
@@ -210,7 +245,10 @@ def test_history_json_holds_what_the_table_says(main_run):
     document = history(out)
     assert document["data"]["train_examples"] == 1000
     assert document["data"]["test_examples"] == 2000
-    assert document["arguments"]["epochs"] == 2 and document["arguments"]["limit"] == 1000
+    assert (
+        document["arguments"]["epochs"] == 2
+        and document["arguments"]["limit"] == 1000
+    )
     assert set(document["runs"]) == {"bnlayers", "keras"}
     accuracy_cells = table_row(proc.stdout, "test accuracy")
     loss_cells = table_row(proc.stdout, "test loss")
@@ -218,18 +256,33 @@ def test_history_json_holds_what_the_table_says(main_run):
         run = document["runs"][name]
         assert [entry["epoch"] for entry in run["history"]] == [1, 2]
         for entry in run["history"]:
-            for key in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
-                assert np.isfinite(entry[key]) and entry[key] > 0, (name, key, entry)
+            for key in (
+                "loss",
+                "accuracy",
+                "val_loss",
+                "val_accuracy",
+                "seconds",
+            ):
+                assert np.isfinite(entry[key]) and entry[key] > 0, (
+                    name,
+                    key,
+                    entry,
+                )
         epoch = run["history"][-1]
         assert f"{run['test_accuracy']:.4f}" == accuracy_cells[column]
         assert f"{run['test_loss']:.4f}" == loss_cells[column]
         # Evaluated after the last epoch: the same model on the same data as val_*.
-        assert run["test_accuracy"] == pytest.approx(epoch["val_accuracy"], abs=1e-6)
+        assert run["test_accuracy"] == pytest.approx(
+            epoch["val_accuracy"], abs=1e-6
+        )
         assert run["test_loss"] == pytest.approx(epoch["val_loss"], rel=1e-5)
     gaps = document["largest_curve_gap"]
-    pairs = list(zip(*(document["runs"][name]["history"] for name in ("bnlayers", "keras"))))
+    histories = [document["runs"][n]["history"] for n in ("bnlayers", "keras")]
+    pairs = list(zip(*histories, strict=True))
     for kind in ("accuracy", "loss"):
-        gap = max(abs(a[k] - b[k]) for a, b in pairs for k in (kind, f"val_{kind}"))
+        gap = max(
+            abs(a[k] - b[k]) for a, b in pairs for k in (kind, f"val_{kind}")
+        )
         assert gaps[kind]["gap"] == pytest.approx(gap, abs=1e-12)
 
 
@@ -261,7 +314,9 @@ def test_saved_models_reload_and_score_as_reported(main_run):
         run = document["runs"][name]
         model = keras.models.load_model(out / run["model_file"])
         assert type(model.layers[1]) is layer_class
-        loss, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
+        loss, accuracy = model.evaluate(
+            x_test, y_test, batch_size=256, verbose=0
+        )
         # The file holds the model as trained (saved before recalibration).
         assert accuracy == pytest.approx(run["test_accuracy"], abs=1e-6)
         assert loss == pytest.approx(run["test_loss"], rel=1e-5)
@@ -278,7 +333,10 @@ def test_fold_agrees_and_recalibration_repairs_the_test_loss(main_run):
         assert fold["same_class_fraction"] >= 0.999, fold
         # The speed-up is the two interleaved medians' ratio, whatever its
         # value on this machine (speed is the benchmarks' to measure).
-        original, folded = fold["predict_seconds_original"], fold["predict_seconds_folded"]
+        original, folded = (
+            fold["predict_seconds_original"],
+            fold["predict_seconds_folded"],
+        )
         assert fold["speedup"] == pytest.approx(original / folded, rel=1e-12)
         # After 32 steps the moving statistics still remember their initial
         # values (measured: test loss 1.77, accuracy 0.82); recalibration
@@ -289,11 +347,13 @@ def test_fold_agrees_and_recalibration_repairs_the_test_loss(main_run):
         assert run["recalibrated"]["test_accuracy"] > run["test_accuracy"]
     assert len(table_row(proc.stdout, "folded: max abs difference")) == 2
     assert table_row(proc.stdout, "folded: predict speedup") == [
-        f"{document['runs'][n]['fold']['speedup']:.2f}x" for n in ("bnlayers", "keras")
+        f"{document['runs'][n]['fold']['speedup']:.2f}x"
+        for n in ("bnlayers", "keras")
     ]
     recalibrated = table_row(proc.stdout, "recalibrated: test loss")
     assert recalibrated == [
-        f"{document['runs'][n]['recalibrated']['test_loss']:.4f}" for n in ("bnlayers", "keras")
+        f"{document['runs'][n]['recalibrated']['test_loss']:.4f}"
+        for n in ("bnlayers", "keras")
     ]
 
 
@@ -307,7 +367,10 @@ def test_replicas_match_the_single_device_run(main_run, replicas_run):
     # One run: one column, no difference column.
     assert proc.stdout.splitlines()[0].split() == ["bnlayers"]
     single, replicas = history(single_out), history(replicas_out)
-    assert set(replicas["runs"]) == {"bnlayers"} and replicas["largest_curve_gap"] is None
+    assert (
+        set(replicas["runs"]) == {"bnlayers"}
+        and replicas["largest_curve_gap"] is None
+    )
     for name in ("bnlayers",):
         one, two = single["runs"][name], replicas["runs"][name]
         assert two["synchronized"] and not one["synchronized"]
@@ -317,10 +380,16 @@ def test_replicas_match_the_single_device_run(main_run, replicas_run):
         # images, 2 epochs: train loss 4e-6, test loss 6e-5 relative).
         for a, b in zip(one["history"], two["history"], strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (name, a, b)
-            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3), (name, a, b)
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3), (
+                name,
+                a,
+                b,
+            )
         # 0.002 is 4 of the 2,000 test images.
         assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.002, name
-        assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-3), name
+        assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-3), (
+            name
+        )
 
 
 def test_ctrl_c_exits_130_in_one_line(resumed_run):
@@ -328,22 +397,37 @@ def test_ctrl_c_exits_130_in_one_line(resumed_run):
     assert interrupted.returncode == INTERRUPTED, interrupted.stderr[-3000:]
     assert "Traceback" not in interrupted.stderr
     # TensorFlow's start-up lines aside, one line: what happened and what to do.
-    ours = [line for line in interrupted.stderr.splitlines() if "mnist_cnn.py" in line]
-    assert ours == ["mnist_cnn.py: interrupted (run the same command again to resume)"]
+    ours = [
+        line
+        for line in interrupted.stderr.splitlines()
+        if "mnist_cnn.py" in line
+    ]
+    assert ours == [
+        "mnist_cnn.py: interrupted (run the same command again to resume)"
+    ]
     assert interrupted.stderr.rstrip().endswith(ours[0])
 
 
-def test_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(resumed_run, main_run):
+def test_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(
+    resumed_run, main_run
+):
     interrupted, second, out, checkpoints = resumed_run
     assert "bnlayers: backed up after epoch 1" in interrupted.stdout
     assert "Training the article's model with keras" not in interrupted.stdout
 
     parts = sections(second.stdout)
-    assert "bnlayers: resumed from the backup after epoch 1" in parts["bnlayers"]
-    assert "Epoch 1/2" not in parts["bnlayers"] and "Epoch 2/2" in parts["bnlayers"]
+    assert (
+        "bnlayers: resumed from the backup after epoch 1" in parts["bnlayers"]
+    )
+    assert (
+        "Epoch 1/2" not in parts["bnlayers"]
+        and "Epoch 2/2" in parts["bnlayers"]
+    )
     # The built-in's run had not started: it trains from its first epoch.
     assert "Epoch 1/2" in parts["keras"] and "resumed" not in parts["keras"]
-    assert not checkpoints.exists(), "backups are deleted once the run completes"
+    assert not checkpoints.exists(), (
+        "backups are deleted once the run completes"
+    )
 
     resumed, uninterrupted = history(out), history(main_run[1])
     for name in ("bnlayers", "keras"):
@@ -351,10 +435,13 @@ def test_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(resumed_run, m
         assert [e["epoch"] for e in a["history"]] == [1, 2]
         # Deterministic ops, restored optimizer state and per-epoch batch
         # order fixed by (seed, epoch): the same numbers, not just close ones.
-        for x, y in zip(a["history"], b["history"]):
+        for x, y in zip(a["history"], b["history"], strict=True):
             for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
                 assert x[key] == y[key], (name, key, x, y)
-        assert a["test_loss"] == b["test_loss"] and a["test_accuracy"] == b["test_accuracy"]
+        assert (
+            a["test_loss"] == b["test_loss"]
+            and a["test_accuracy"] == b["test_accuracy"]
+        )
 
 
 # ------------------------------------------------------------- bad arguments
@@ -387,10 +474,26 @@ def _bad_cases(tmp):
     np.save(tmp / "array.npy", np.zeros((4, 28, 28), np.uint8))
     (tmp / "empty").mkdir(exist_ok=True)
     return {
-        "unknown dataset": (["--dataset", "cifar10"], 2, "invalid choice: 'cifar10'"),
-        "missing file": (["--data", tmp / "nope.npz"], 2, "nope.npz: no such file"),
-        "not an npz": (["--data", tmp / "not.npz"], 2, "not.npz is not an .npz archive"),
-        "npy file": (["--data", tmp / "array.npy"], 2, "array.npy is not an .npz archive"),
+        "unknown dataset": (
+            ["--dataset", "cifar10"],
+            2,
+            "invalid choice: 'cifar10'",
+        ),
+        "missing file": (
+            ["--data", tmp / "nope.npz"],
+            2,
+            "nope.npz: no such file",
+        ),
+        "not an npz": (
+            ["--data", tmp / "not.npz"],
+            2,
+            "not.npz is not an .npz archive",
+        ),
+        "npy file": (
+            ["--data", tmp / "array.npy"],
+            2,
+            "array.npy is not an .npz archive",
+        ),
         "missing keys": (
             ["--data", _npz(tmp / "keys.npz", **keys)],
             2,
@@ -431,8 +534,16 @@ def _bad_cases(tmp):
             2,
             "argument --seed: must be an integer from 0 to 4294967295, got '-1'",
         ),
-        "seed too large": (["--seed", str(2**32)], 2, "argument --seed: must be an integer"),
-        "fractional seed": (["--seed", "1.5"], 2, "argument --seed: must be an integer"),
+        "seed too large": (
+            ["--seed", str(2**32)],
+            2,
+            "argument --seed: must be an integer",
+        ),
+        "fractional seed": (
+            ["--seed", "1.5"],
+            2,
+            "argument --seed: must be an integer",
+        ),
         "batch smaller than replicas": (
             ["--batch-size", "1", "--replicas", "2"],
             2,
@@ -458,7 +569,11 @@ def _bad_cases(tmp):
             2,
             "no train-images-idx3-ubyte or train-images-idx3-ubyte.gz in it",
         ),
-        "data dir without dataset": (["--data-dir", tmp / "empty"], 2, "say which with --dataset"),
+        "data dir without dataset": (
+            ["--data-dir", tmp / "empty"],
+            2,
+            "say which with --dataset",
+        ),
         "data and data dir": (
             ["--data", BUNDLED, "--data-dir", tmp / "empty"],
             2,
@@ -489,7 +604,11 @@ for case, (args, code, message) in test_example._bad_cases(tmp).items():
 print(json.dumps({{"results": results, "tensorflow": "tensorflow" in sys.modules}}))
 """
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -526,7 +645,9 @@ def test_bad_argument_fails_in_one_line(case, bad_argument_runs):
     assert status == code, (status, stderr)
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("mnist_cnn.py: error: ") and message in lines[0], lines[0]
+    assert (
+        lines[0].startswith("mnist_cnn.py: error: ") and message in lines[0]
+    ), lines[0]
     assert stdout == ""
 
 
@@ -542,7 +663,9 @@ def test_bad_argument_from_the_command_line(case, tmp_path):
     assert proc.returncode == code, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("mnist_cnn.py: error: ") and message in lines[0], lines[0]
+    assert (
+        lines[0].startswith("mnist_cnn.py: error: ") and message in lines[0]
+    ), lines[0]
     assert proc.stdout == ""
 
 
@@ -560,31 +683,51 @@ def test_offline_download_fails_in_one_sentence(tmp_path):
         ("mnist", "--data PATH with a local copy of mnist.npz"),
         ("fashion_mnist", "--data-dir /usr/share/datasets/fashion-mnist"),
     ):
-        proc = run_script("--dataset", dataset, "--out", tmp_path / "out", env=env, timeout=120)
+        proc = run_script(
+            "--dataset",
+            dataset,
+            "--out",
+            tmp_path / "out",
+            env=env,
+            timeout=120,
+        )
         assert proc.returncode == 1, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1, proc.stderr
         assert f"cannot download {dataset} through Keras" in lines[0]
-        assert "offline: use --dataset bundled" in lines[0] and advice in lines[0]
+        assert (
+            "offline: use --dataset bundled" in lines[0] and advice in lines[0]
+        )
 
 
 def test_checkpoint_dir_of_other_arguments_is_refused(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    stored = dict(bn="both", dataset="bundled", data=None, data_dir=None, epochs=5)
+    stored = dict(
+        bn="both", dataset="bundled", data=None, data_dir=None, epochs=5
+    )
     stored.update(batch_size=64, limit=None, seed=0, replicas=1)
     (checkpoints / "arguments.json").write_text(json.dumps(stored))
-    proc = run_script("--checkpoint-dir", checkpoints, "--out", tmp_path / "out", timeout=120)
+    proc = run_script(
+        "--checkpoint-dir", checkpoints, "--out", tmp_path / "out", timeout=120
+    )
     assert proc.returncode == 2
     assert (
-        "holds the backup of a run with other arguments (epochs 5 there, 10 here)" in proc.stderr
+        "holds the backup of a run with other arguments (epochs 5 there, 10 here)"
+        in proc.stderr
     )
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file.txt").write_text("mine")
     proc = run_script(
-        "--checkpoint-dir", tmp_path / "other", "--out", tmp_path / "out", timeout=120
+        "--checkpoint-dir",
+        tmp_path / "other",
+        "--out",
+        tmp_path / "out",
+        timeout=120,
     )
-    assert proc.returncode == 2 and "is not a backup of this script" in proc.stderr
+    assert (
+        proc.returncode == 2 and "is not a backup of this script" in proc.stderr
+    )
 
 
 # ------------------------------------------------------------ data readers
@@ -610,8 +753,18 @@ def test_idx_directory_reads_like_keras(tmp_path, compress):
     }
     suffix = ".gz" if compress else ""
     for prefix, (images, labels) in arrays.items():
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", images, 0x803, compress)
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", labels, 0x801, compress)
+        _write_idx(
+            tmp_path / f"{prefix}-images-idx3-ubyte{suffix}",
+            images,
+            0x803,
+            compress,
+        )
+        _write_idx(
+            tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}",
+            labels,
+            0x801,
+            compress,
+        )
     x_train, y_train, x_test, y_test = common.read_idx_dir(tmp_path)
     assert x_train.shape == (30, 28, 28, 1) and x_test.shape == (12, 28, 28, 1)
     assert x_train.dtype == np.float32
@@ -621,8 +774,13 @@ def test_idx_directory_reads_like_keras(tmp_path, compress):
 
     # A truncated file is reported, not misread.
     images = tmp_path / f"t10k-images-idx3-ubyte{suffix}"
-    raw = gzip.decompress(images.read_bytes()) if compress else images.read_bytes()
-    _write_idx(images, arrays["t10k"][0][:5], 0x803, compress)  # header says 5 images
+    raw = (
+        gzip.decompress(images.read_bytes())
+        if compress
+        else images.read_bytes()
+    )
+    # The header says 5 images.
+    _write_idx(images, arrays["t10k"][0][:5], 0x803, compress)
     with pytest.raises(common.UsageError, match="t10k-labels|y_test has shape"):
         common.read_idx_dir(tmp_path)
     truncated = raw[: len(raw) - 100]
@@ -642,10 +800,16 @@ def test_debian_fashion_mnist_files_are_read():
     x_train, y_train, x_test, y_test = example_module("_common").read_idx_dir(
         pathlib.Path("/usr/share/datasets/fashion-mnist")
     )
-    assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
+    assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (
+        10000,
+        28,
+        28,
+        1,
+    )
     assert np.bincount(y_train).tolist() == [6000] * 10
     assert np.bincount(y_test).tolist() == [1000] * 10
-    assert 0.25 < float(x_train.mean()) < 0.35  # Fashion-MNIST's mean grey level is about 0.286
+    # Fashion-MNIST's mean grey level is about 0.286.
+    assert 0.25 < float(x_train.mean()) < 0.35
 
 
 def test_table_for_a_single_run():
@@ -657,7 +821,9 @@ def test_table_for_a_single_run():
         "val_loss": 0.4,
         "val_accuracy": 0.91,
     }
-    results = {"keras": {"history": [entry], "test_accuracy": 0.91, "test_loss": 0.4}}
+    results = {
+        "keras": {"history": [entry], "test_accuracy": 0.91, "test_loss": 0.4}
+    }
     text = example_module("_mnist").table(results, None)
     header, rule, *rows = text.splitlines()
     assert header.split() == ["keras"]
