@@ -26,7 +26,7 @@ import applications  # noqa: E402
 CI_MODELS = {"MobileNetV3Small": {"dropout_rate": 0.0}, "ResNet50": {}}
 SIZE, BATCH = 32, 8
 
-pytestmark = pytest.mark.needs_x64
+pytestmark = [pytest.mark.needs_x64, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module", params=list(CI_MODELS))
