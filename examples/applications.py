@@ -167,7 +167,7 @@ def loss_and_gradients(model, x, y):
         params = [v.value for v in model.trainable_variables]
         loss = loss_fn(y, model(x, training=True))
         grads = torch.autograd.grad(loss, params)
-        return float(loss), [g.detach().cpu().numpy() for g in grads]
+        return float(loss.detach()), [g.detach().cpu().numpy() for g in grads]
     raise ValueError(
         f"Unsupported Keras backend. Received: backend={backend!r}"
     )
