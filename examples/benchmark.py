@@ -44,11 +44,17 @@ import pathlib
 import platform
 import statistics
 import sys
-import time
 
 import numpy as np
 
-DATA = pathlib.Path(__file__).resolve().parent / "data" / "mnist_10k.npz"
+# The shared module beside this file, also when this file is loaded by path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import article_model  # noqa: E402
+from _common import cpu_name  # noqa: E402
+from _common import interleaved  # noqa: E402
+from _common import load_average  # noqa: E402
+from _common import load_bundled  # noqa: E402
+from _common import median_ratio  # noqa: E402  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,42 +69,51 @@ CASES = (
     Case("article", (64, 26, 26, 32), -1, "the article's model's BN input"),
     Case("resnet", (32, 56, 56, 64), -1, "a ResNet stage"),
     Case("dense", (256, 128), -1, "after a Dense layer"),
-    Case("channels_first", (32, 64, 28, 28), 1, "after a channels_first Conv2D"),
+    Case(
+        "channels_first", (32, 64, 28, 28), 1, "after a channels_first Conv2D"
+    ),
     Case("conv3d", (8, 16, 16, 16, 32), -1, "after a Conv3D (rank 5)"),
 )
 QUICK_CASES = (Case("tiny", (8, 6, 6, 4), -1, "smoke test"),)
 
 # Goals of the fast path (issue 4), checked against the figures.
 GOALS = (
-    ("training step <= 0.45x the built-in at the article's shape", "article", "train", 0.45),
-    ("training step <= 0.45x the built-in at the ResNet-stage shape", "resnet", "train", 0.45),
-    ("inference step <= 0.45x the built-in at the article's shape", "article", "infer", 0.45),
-    ("inference step <= 0.45x the built-in at the ResNet-stage shape", "resnet", "infer", 0.45),
+    (
+        "training step <= 0.45x the built-in at the article's shape",
+        "article",
+        "train",
+        0.45,
+    ),
+    (
+        "training step <= 0.45x the built-in at the ResNet-stage shape",
+        "resnet",
+        "train",
+        0.45,
+    ),
+    (
+        "inference step <= 0.45x the built-in at the article's shape",
+        "article",
+        "infer",
+        0.45,
+    ),
+    (
+        "inference step <= 0.45x the built-in at the ResNet-stage shape",
+        "resnet",
+        "infer",
+        0.45,
+    ),
 )
 MAX_PASSES_ARTICLE = 5.0
 MODEL_GOAL = 0.85
-
-# Each timed block of calls lasts at least this long, so that timer
-# resolution and per-call jitter stay small next to it.
-MIN_BLOCK_SECONDS = 0.02
 
 
 def machine():
     import keras
     import tensorflow as tf
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "gpus": gpus,
         "tensorflow": tf.__version__,
@@ -106,47 +121,6 @@ def machine():
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-
-
-def load_average():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every OS
-        return None
-
-
-def interleaved(contenders, rounds, min_block=MIN_BLOCK_SECONDS):
-    """Per-call seconds of each contender in each round: (wall, process CPU).
-
-    `contenders` maps a name to a no-argument callable. After a warm-up
-    (tracing, first-call costs), each callable gets a number of calls per
-    timed block large enough for the block to last `min_block`; every round
-    times one block of each, starting with a different contender each round.
-    """
-    names = list(contenders)
-    reps = {}
-    for name, fn in contenders.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        once = max(time.perf_counter() - start, 1e-6)
-        reps[name] = max(1, int(min_block / once))
-    times = {name: [] for name in names}
-    cpu = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn, n = contenders[name], reps[name]
-            start, start_cpu = time.perf_counter(), time.process_time()
-            for _ in range(n):
-                fn()
-            times[name].append((time.perf_counter() - start) / n)
-            cpu[name].append((time.process_time() - start_cpu) / n)
-    return times, cpu
-
-
-def median_ratio(numerator, denominator):
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 # ------------------------------------------------------------------ layer
@@ -186,7 +160,9 @@ def bench_layer(case, rounds):
     layers = {
         "keras": keras.layers.BatchNormalization(axis=case.axis),
         "bnlayers": bnlayers.BatchNormalization(axis=case.axis),
-        "bnlayers_reference": bnlayers.BatchNormalization(axis=case.axis, fused=False),
+        "bnlayers_reference": bnlayers.BatchNormalization(
+            axis=case.axis, fused=False
+        ),
     }
     contenders = {}
     x = None
@@ -197,7 +173,9 @@ def bench_layer(case, rounds):
     double = tf.function(lambda t: t * 2.0)
     contenders["pass"] = lambda: double(x)
     reason = bnlayers.fused_eligibility(layers["bnlayers"], x)
-    path = f"fused ({_fused.implementation()})" if reason is None else "reference"
+    path = (
+        f"fused ({_fused.implementation()})" if reason is None else "reference"
+    )
 
     times, cpu = interleaved(contenders, rounds)
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -215,13 +193,18 @@ def bench_layer(case, rounds):
                 "ms": {
                     "keras": median[f"keras/{step}"] * 1e3,
                     "bnlayers": median[f"bnlayers/{step}"] * 1e3,
-                    "bnlayers_reference": median[f"bnlayers_reference/{step}"] * 1e3,
+                    "bnlayers_reference": median[f"bnlayers_reference/{step}"]
+                    * 1e3,
                     "pass": median["pass"] * 1e3,
                 },
-                "ratio": median_ratio(times[f"bnlayers/{step}"], times[f"keras/{step}"]),
+                "ratio": median_ratio(
+                    times[f"bnlayers/{step}"], times[f"keras/{step}"]
+                ),
                 # This process's CPU time hardly depends on what else runs
                 # on the machine: a check on the wall-time ratio.
-                "ratio_cpu": median_ratio(cpu[f"bnlayers/{step}"], cpu[f"keras/{step}"]),
+                "ratio_cpu": median_ratio(
+                    cpu[f"bnlayers/{step}"], cpu[f"keras/{step}"]
+                ),
                 "ratio_reference": median_ratio(
                     times[f"bnlayers_reference/{step}"], times[f"keras/{step}"]
                 ),
@@ -238,37 +221,6 @@ def bench_layer(case, rounds):
 # ------------------------------------------------------------------ model
 
 
-def article_model(bn):
-    import keras
-
-    return keras.Sequential(
-        [
-            keras.layers.InputLayer(shape=(28, 28, 1)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            bn,
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-
-
-def EpochTimer():
-    """A Keras callback timing one epoch, from its first batch to its last
-    (what Keras' progress bar reports; fit's set-up is left out)."""
-    import keras
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start, self.start_cpu = time.perf_counter(), time.process_time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds = time.perf_counter() - self.start
-            self.cpu_seconds = time.process_time() - self.start_cpu
-
-    return Timer()
-
-
 def bench_model(epochs, train_size):
     """Seconds per epoch of fit, each layer, epochs interleaved after a warm-up."""
     import keras
@@ -276,25 +228,25 @@ def bench_model(epochs, train_size):
     import bnlayers
     from bnlayers import _fused
 
-    with np.load(DATA) as data:
-        x = data["x_train"][:train_size].astype("float32")[..., None] / 255.0
-        y = data["y_train"][:train_size].astype("int64")
+    x, y, _, _ = load_bundled()
+    x, y = x[:train_size], y[:train_size]
     keras.utils.set_random_seed(0)
     models = {"keras": article_model(keras.layers.BatchNormalization())}
     models["bnlayers"] = article_model(bnlayers.BatchNormalization())
     models["bnlayers"].set_weights(models["keras"].get_weights())
     for model in models.values():
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        model.fit(x, y, epochs=1, batch_size=64, verbose=0)  # warm-up: tracing, first calls
-    seconds = {name: [] for name in models}
-    cpu = {name: [] for name in models}
-    names = list(models)
-    for e in range(epochs):
-        for name in names if e % 2 == 0 else names[::-1]:
-            timer = EpochTimer()
-            models[name].fit(x, y, epochs=1, batch_size=64, verbose=0, callbacks=[timer])
-            seconds[name].append(timer.seconds)
-            cpu[name].append(timer.cpu_seconds)
+        model.compile(
+            optimizer="adam",
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+    # One epoch of fit per call, so no blocks of calls; one warm-up epoch
+    # (tracing, first calls).
+    epoch = {
+        name: (lambda m=model: m.fit(x, y, epochs=1, batch_size=64, verbose=0))
+        for name, model in models.items()
+    }
+    seconds, cpu = interleaved(epoch, epochs, min_block=0, warmup=1)
     bn = models["bnlayers"].layers[1]
     return {
         "train_images": int(len(x)),
@@ -304,7 +256,9 @@ def bench_model(epochs, train_size):
         "bnlayers_path": f"fused ({_fused.implementation()})"
         if bnlayers.fused_eligibility(bn, (64, 26, 26, 32)) is None
         else "reference",
-        "seconds_per_epoch": {name: statistics.median(s) for name, s in seconds.items()},
+        "seconds_per_epoch": {
+            name: statistics.median(t) for name, t in seconds.items()
+        },
         "ratio": median_ratio(seconds["bnlayers"], seconds["keras"]),
         "ratio_cpu": median_ratio(cpu["bnlayers"], cpu["keras"]),
     }
@@ -320,7 +274,11 @@ def goals(layer_rows, model):
         row = by.get((case, step))
         if row is not None:
             results.append(
-                {"goal": text, "figure": f"{row['ratio']:.2f}x", "met": row["ratio"] <= limit}
+                {
+                    "goal": text,
+                    "figure": f"{row['ratio']:.2f}x",
+                    "met": row["ratio"] <= limit,
+                }
             )
     if layer_rows:
         worst = max(layer_rows, key=lambda r: r["ratio"])
@@ -336,7 +294,8 @@ def goals(layer_rows, model):
         passes = row["passes"]["bnlayers"]
         results.append(
             {
-                "goal": f"training step within {MAX_PASSES_ARTICLE:g} elementwise passes at the article's shape",
+                "goal": f"training step within {MAX_PASSES_ARTICLE:g} elementwise "
+                "passes at the article's shape",
                 "figure": f"{passes:.1f} passes",
                 "met": passes <= MAX_PASSES_ARTICLE,
             }
@@ -399,22 +358,37 @@ def markdown(report):
     if report["goals"]:
         lines += ["| goal | figure | met |", "|---|---|---|"]
         for g in report["goals"]:
-            lines.append(f"| {g['goal']} | {g['figure']} | {'yes' if g['met'] else 'no'} |")
+            lines.append(
+                f"| {g['goal']} | {g['figure']} | {'yes' if g['met'] else 'no'} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["layer", "model"], help="run one part only")
     parser.add_argument(
-        "--quick", action="store_true",
+        "--only", choices=["layer", "model"], help="run one part only"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
         help="a tiny shape and a small model run: checks that the script works, in seconds",
     )
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per shape (default 21; --quick 3)")
-    parser.add_argument("--epochs", type=int, help="timed epochs per model (default 5; --quick 1)")
     parser.add_argument(
-        "--cases", nargs="+", metavar="NAME",
+        "--rounds",
+        type=int,
+        help="interleaved rounds per shape (default 21; --quick 3)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="timed epochs per model (default 5; --quick 1)",
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        metavar="NAME",
         help=f"layer cases to run, among {[c.name for c in CASES + QUICK_CASES]}",
     )
     parser.add_argument("--out", help="write PREFIX.md and PREFIX.json")
@@ -422,40 +396,59 @@ def main(argv=None):
     rounds = args.rounds or (3 if args.quick else 21)
     epochs = args.epochs or (1 if args.quick else 5)
     if rounds < 1 or epochs < 1:
-        parser.error(f"--rounds and --epochs must be >= 1. Received: rounds={rounds}, epochs={epochs}")
+        parser.error(
+            f"--rounds and --epochs must be >= 1. Received: rounds={rounds}, epochs={epochs}"
+        )
     cases = QUICK_CASES if args.quick else CASES
     if args.cases:
         known = {c.name: c for c in CASES + QUICK_CASES}
         unknown = [n for n in args.cases if n not in known]
         if unknown:
-            parser.error(f"unknown case(s) {unknown}; the cases are {list(known)}")
+            parser.error(
+                f"unknown case(s) {unknown}; the cases are {list(known)}"
+            )
         cases = tuple(known[n] for n in args.cases)
 
-    report = {"machine": machine(), "load_before": load_average(), "layer": [], "model": None}
+    report = {
+        "machine": machine(),
+        "load_before": load_average(),
+        "layer": [],
+        "model": None,
+    }
     if args.only in (None, "layer"):
         for case in cases:
             rows = bench_layer(case, rounds)
             report["layer"] += rows
             for r in rows:
                 print(
-                    f"{r['case']:>14} {str(tuple(r['shape'])):>20} axis {r['axis']:>2} {r['step']:>5}: "
+                    f"{r['case']:>14} {str(tuple(r['shape'])):>20} axis {r['axis']:>2} "
+                    f"{r['step']:>5}: "
                     f"keras {r['ms']['keras']:8.2f} ms ({r['passes']['keras']:4.1f} passes)  "
-                    f"bnlayers {r['ms']['bnlayers']:8.2f} ms ({r['passes']['bnlayers']:4.1f} passes)  "
+                    f"bnlayers {r['ms']['bnlayers']:8.2f} ms "
+                    f"({r['passes']['bnlayers']:4.1f} passes)  "
                     f"ratio {r['ratio']:.2f}  [reference path {r['ratio_reference']:.2f}]",
                     flush=True,
                 )
     if args.only in (None, "model"):
-        report["model"] = bench_model(epochs, train_size=256 if args.quick else 8000)
+        report["model"] = bench_model(
+            epochs, train_size=256 if args.quick else 8000
+        )
         s = report["model"]["seconds_per_epoch"]
         print(
-            f"article model: keras {s['keras']:.2f} s/epoch, bnlayers {s['bnlayers']:.2f} s/epoch, "
+            f"article model: keras {s['keras']:.2f} s/epoch, "
+            f"bnlayers {s['bnlayers']:.2f} s/epoch, "
             f"ratio {report['model']['ratio']:.2f}",
             flush=True,
         )
     report["load_after"] = load_average()
     # The goals are about the full-size cases; a quick run checks the script only.
-    report["goals"] = [] if args.quick else goals(report["layer"], report["model"])
-    report["command"] = " ".join(["python", "examples/benchmark.py"] + list(sys.argv[1:] if argv is None else argv))
+    report["goals"] = (
+        [] if args.quick else goals(report["layer"], report["model"])
+    )
+    report["command"] = " ".join(
+        ["python", "examples/benchmark.py"]
+        + list(sys.argv[1:] if argv is None else argv)
+    )
     text = markdown(report)
     print()
     print(text)
@@ -463,7 +456,9 @@ def main(argv=None):
         prefix = pathlib.Path(args.out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prefix.with_suffix(".md").write_text(text)
-        prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        prefix.with_suffix(".json").write_text(
+            json.dumps(report, indent=2) + "\n"
+        )
     return report
 
 

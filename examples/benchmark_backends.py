@@ -47,57 +47,27 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
+# The shared module beside this file, also when this file is loaded by path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import accelerator  # noqa: E402
+from _common import article_model  # noqa: E402
+from _common import interleaved  # noqa: E402
+from _common import load_average  # noqa: E402
+from _common import median_ratio  # noqa: E402  # noqa: E402
+
 SHAPES = {
-    "article": ((64, 26, 26, 32), "the article's model's BN input (after Conv2D 32)"),
+    "article": (
+        (64, 26, 26, 32),
+        "the article's model's BN input (after Conv2D 32)",
+    ),
     "resnet": ((32, 56, 56, 64), "a ResNet stage"),
     "dense": ((256, 128), "after a Dense layer"),
 }
 QUICK_SHAPES = {"tiny": ((8, 6, 6, 4), "smoke test")}
 BACKENDS = ("tensorflow", "jax", "torch")
-# Each timed block repeats a call until it lasts this long, so that timer
-# resolution and per-call jitter stay small next to it.
-MIN_BLOCK_SECONDS = 0.05
-
-
-def interleaved(contenders, rounds, min_block=MIN_BLOCK_SECONDS):
-    """Per-call seconds of each contender, one sample per round.
-
-    `contenders` maps a name to a function running one call to completion.
-    Each is warmed up (compiled) and calibrated to a block of calls lasting
-    about `min_block`; the rounds then alternate the order.
-    """
-    repeats = {}
-    for name, fn in contenders.items():
-        fn()
-        fn()
-        n, elapsed = 1, 0.0
-        while True:
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_block or n >= 1 << 16:
-                break
-            n *= 2
-        repeats[name] = n
-    samples = {name: [] for name in contenders}
-    names = list(contenders)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            fn, n = contenders[name], repeats[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - start) / n)
-    return samples
-
-
-def median_ratio(numerator, denominator):
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 # ------------------------------------------------------- backend steps
@@ -134,19 +104,23 @@ def _jax_steps(layer, x, dy):
     non_trainable = [v.value for v in layer.non_trainable_variables]
 
     def loss(trainable, x, non_trainable):
-        y, new_non_trainable = layer.stateless_call(trainable, non_trainable, x, training=True)
+        y, new_non_trainable = layer.stateless_call(
+            trainable, non_trainable, x, training=True
+        )
         return jnp.sum(y * dy), new_non_trainable
 
     @jax.jit
     def train(trainable, non_trainable, x):
-        (_, new_non_trainable), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            trainable, x, non_trainable
-        )
+        (_, new_non_trainable), grads = jax.value_and_grad(
+            loss, argnums=(0, 1), has_aux=True
+        )(trainable, x, non_trainable)
         return grads, new_non_trainable
 
     @jax.jit
     def infer(trainable, non_trainable, x):
-        return layer.stateless_call(trainable, non_trainable, x, training=False)[0]
+        return layer.stateless_call(
+            trainable, non_trainable, x, training=False
+        )[0]
 
     return (
         lambda: jax.block_until_ready(train(trainable, non_trainable, x)),
@@ -188,26 +162,19 @@ def layer_steps(layer, shape, seed=0):
     x = rng.normal(0.5, 2.0, shape).astype("float32")
     dy = rng.normal(size=shape).astype("float32")
     layer.build(shape)
-    make = {"tensorflow": _tensorflow_steps, "jax": _jax_steps, "torch": _torch_steps}
+    make = {
+        "tensorflow": _tensorflow_steps,
+        "jax": _jax_steps,
+        "torch": _torch_steps,
+    }
     return make[keras.backend.backend()](layer, x, dy)
 
 
 # ------------------------------------------------------------ benchmark
 
 
-def article_model(bn):
-    import keras
-
-    model = keras.Sequential(
-        [
-            keras.layers.InputLayer(shape=(28, 28, 1)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            bn,
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
+def compiled_article_model(bn):
+    model = article_model(bn)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     return model
 
@@ -221,82 +188,84 @@ def run(rounds, quick):
     backend = keras.backend.backend()
     rows = []
 
-    def record(what, shape, samples):
-        ours, builtin = samples["bnlayers"], samples["built-in"]
+    def record(what, shape, timings):
+        (wall, cpu), pair = timings, ("bnlayers", "built-in")
         rows.append(
             {
                 "what": what,
                 "shape": list(shape),
-                "bnlayers_ms": 1e3 * statistics.median(ours),
-                "builtin_ms": 1e3 * statistics.median(builtin),
-                "ratio": median_ratio(ours, builtin),
+                "bnlayers_ms": 1e3 * statistics.median(wall["bnlayers"]),
+                "builtin_ms": 1e3 * statistics.median(wall["built-in"]),
+                "ratio": median_ratio(*(wall[name] for name in pair)),
+                # This process's CPU time: a check on the wall-time ratio on a
+                # shared machine (on a GPU it counts the host's work only).
+                "ratio_cpu": median_ratio(*(cpu[name] for name in pair)),
             }
         )
 
     for name, (shape, _) in (QUICK_SHAPES if quick else SHAPES).items():
-        ours_train, ours_infer = layer_steps(bnlayers.BatchNormalization(), shape)
-        builtin_train, builtin_infer = layer_steps(keras.layers.BatchNormalization(), shape)
-        record(f"{name}: training step", shape, interleaved({"bnlayers": ours_train, "built-in": builtin_train}, rounds))
-        record(f"{name}: inference step", shape, interleaved({"bnlayers": ours_infer, "built-in": builtin_infer}, rounds))
+        ours_train, ours_infer = layer_steps(
+            bnlayers.BatchNormalization(), shape
+        )
+        builtin_train, builtin_infer = layer_steps(
+            keras.layers.BatchNormalization(), shape
+        )
+        record(
+            f"{name}: training step",
+            shape,
+            interleaved(
+                {"bnlayers": ours_train, "built-in": builtin_train}, rounds
+            ),
+        )
+        record(
+            f"{name}: inference step",
+            shape,
+            interleaved(
+                {"bnlayers": ours_infer, "built-in": builtin_infer}, rounds
+            ),
+        )
 
     batch = 8 if quick else 64
     rng = np.random.default_rng(1)
     x = rng.random((batch, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, batch)
-    ours = article_model(bnlayers.BatchNormalization())
-    builtin = article_model(keras.layers.BatchNormalization())
+    ours = compiled_article_model(bnlayers.BatchNormalization())
+    builtin = compiled_article_model(keras.layers.BatchNormalization())
     builtin.set_weights(ours.get_weights())
     models = {"bnlayers": ours, "built-in": builtin}
     record(
         "article model: train_on_batch",
         x.shape,
-        interleaved({k: (lambda m=m: m.train_on_batch(x, y)) for k, m in models.items()}, rounds),
+        interleaved(
+            {
+                k: (lambda m=m: m.train_on_batch(x, y))
+                for k, m in models.items()
+            },
+            rounds,
+        ),
     )
     record(
         "article model: predict_on_batch",
         x.shape,
-        interleaved({k: (lambda m=m: m.predict_on_batch(x)) for k, m in models.items()}, rounds),
+        interleaved(
+            {k: (lambda m=m: m.predict_on_batch(x)) for k, m in models.items()},
+            rounds,
+        ),
     )
     versions = {"keras": keras.__version__}
-    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[
+        backend
+    ]
     versions[module] = importlib.import_module(module).__version__
     return {
         "backend": backend,
         "versions": versions,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {_load()}, {accelerator(backend)}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load {(load_average() or ['?'])[0]}, "
+        f"{accelerator(backend)}",
         "rounds": rounds,
         "rows": rows,
     }
-
-
-def accelerator(backend):
-    """The GPU the backend computes on, or "no GPU"."""
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            details = tf.config.experimental.get_device_details(gpus[0])
-            return details.get("device_name", gpus[0].name)
-    elif backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        if device.platform == "gpu":
-            return device.device_kind
-    elif backend == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    return "no GPU"
-
-
-def _load():
-    try:
-        return "%.1f" % os.getloadavg()[0]
-    except OSError:  # pragma: no cover - not on every platform
-        return "?"
 
 
 def markdown(reports):
@@ -304,16 +273,17 @@ def markdown(reports):
     for report in reports:
         versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
         lines += [
-            f"**{report['backend']}** ({versions}; {report['machine']}; {report['rounds']} rounds)",
+            f"**{report['backend']}** ({versions}; {report['machine']}; "
+            f"{report['rounds']} rounds)",
             "",
-            "| | shape | bnlayers (ms) | built-in (ms) | ratio |",
-            "|---|---|---|---|---|",
+            "| | shape | bnlayers (ms) | built-in (ms) | ratio | ratio (CPU time) |",
+            "|---|---|---|---|---|---|",
         ]
         for row in report["rows"]:
             shape = "x".join(str(d) for d in row["shape"])
             lines.append(
                 f"| {row['what']} | {shape} | {row['bnlayers_ms']:.3f} | {row['builtin_ms']:.3f} "
-                f"| {row['ratio']:.2f} |"
+                f"| {row['ratio']:.2f} | {row['ratio_cpu']:.2f} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -321,15 +291,28 @@ def markdown(reports):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--all", action="store_true", help="each installed backend, one process each")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15; --quick 3)")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="each installed backend, one process each",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes, 3 rounds: a smoke test",
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds (default 15; --quick 3)"
+    )
     parser.add_argument("--out", help="write PREFIX.md and PREFIX.json")
-    parser.add_argument("--json", help=argparse.SUPPRESS)  # a child of --all reports here
+    # A child of --all reports here.
+    parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 15)
     if rounds < 1:
-        parser.error(f"--rounds must be at least 1. Received: --rounds={rounds}")
+        parser.error(
+            f"--rounds must be at least 1. Received: --rounds={rounds}"
+        )
 
     if args.all:
         reports = []
@@ -339,10 +322,21 @@ def main(argv=None):
                     print(f"{backend}: not installed, skipped", file=sys.stderr)
                     continue
                 out = pathlib.Path(tmp) / f"{backend}.json"
-                command = [sys.executable, __file__, "--rounds", str(rounds), "--json", str(out)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--rounds",
+                    str(rounds),
+                    "--json",
+                    str(out),
+                ]
                 if args.quick:
                     command.append("--quick")
-                subprocess.run(command, env=dict(os.environ, KERAS_BACKEND=backend), check=True)
+                subprocess.run(
+                    command,
+                    env=dict(os.environ, KERAS_BACKEND=backend),
+                    check=True,
+                )
                 reports.append(json.loads(out.read_text()))
     else:
         reports = [run(rounds, args.quick)]
@@ -354,7 +348,9 @@ def main(argv=None):
     print(text)
     if args.out:
         pathlib.Path(args.out + ".md").write_text(text)
-        pathlib.Path(args.out + ".json").write_text(json.dumps(reports, indent=1))
+        pathlib.Path(args.out + ".json").write_text(
+            json.dumps(reports, indent=1)
+        )
     return 0
 
 

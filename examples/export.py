@@ -36,15 +36,17 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np
 
+# The shared module beside this file, also when this file is loaded by path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
 HERE = pathlib.Path(__file__).resolve().parent
-BUNDLED = HERE / "data" / "mnist_10k.npz"
 RUNTIMES = {
     "onnxruntime": "onnxruntime",
     "ai_edge_litert": "ai-edge-litert",
@@ -99,32 +101,11 @@ def parse_args(argv):
     return args
 
 
-def article_data():
-    with np.load(BUNDLED) as data:
-        x_train = data["x_train"][..., None].astype("float32") / 255.0
-        x_test = data["x_test"][..., None].astype("float32") / 255.0
-        return (
-            x_train,
-            data["y_train"].astype("int64"),
-            x_test,
-            data["y_test"].astype("int64"),
-        )
-
-
 def article_model(keras, bnlayers, args, x_train, y_train):
     if args.load is not None:
         return keras.saving.load_model(args.load)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.layers.InputLayer(shape=(28, 28, 1)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            bnlayers.BatchNormalization(),
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
+    model = _common.article_model(bnlayers.BatchNormalization())
     model.compile(
         optimizer="adam",
         loss="sparse_categorical_crossentropy",
@@ -275,7 +256,7 @@ def main(argv=None):
 
     rng = np.random.default_rng(1)
     if args.model == "article":
-        x_train, y_train, x_test, y_test = article_data()
+        x_train, y_train, x_test, y_test = _common.load_bundled()
         model = article_model(keras, bnlayers, args, x_train, y_train)
     else:
         model = mobilenet(keras, bnlayers, args)
@@ -387,13 +368,16 @@ def main(argv=None):
             "times": [],
         }
 
-    # Interleaved rounds: each runtime runs one batch per round, in turn.
+    # Interleaved rounds: each runtime runs one batch per round, in turn
+    # (they have all run the test set above: no warm-up).
     batch_x = x_test[:b]
-    for _ in range(args.rounds):
-        for name, (_, run) in runners.items():
-            start = time.perf_counter()
-            run(batch_x)
-            results[name]["times"].append(time.perf_counter() - start)
+    calls = {
+        name: (lambda run=run: run(batch_x))
+        for name, (_, run) in runners.items()
+    }
+    wall, _ = _common.interleaved(calls, args.rounds, min_block=0, warmup=0)
+    for name, times in wall.items():
+        results[name]["times"] = times
     keras_time = statistics.median(results["Keras (bnlayers BN)"]["times"])
 
     title = (

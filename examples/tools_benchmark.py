@@ -19,8 +19,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse
-import pathlib
 import statistics
+import sys
 import time
 
 import keras
@@ -28,14 +28,21 @@ import numpy as np
 
 import bnlayers
 
-DATA = pathlib.Path(__file__).resolve().parent / "data" / "mnist_10k.npz"
+# The shared module beside this file, also when this file is loaded by path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import article_model  # noqa: E402
+from _common import interleaved  # noqa: E402
+from _common import load_bundled  # noqa: E402
 
 
 def randomize_batchnorm(model, seed):
     """BN statistics and affine weights far from their initial values."""
     rng = np.random.default_rng(seed)
     for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, (keras.layers.BatchNormalization, bnlayers.BatchNormalization)):
+        if isinstance(
+            layer,
+            (keras.layers.BatchNormalization, bnlayers.BatchNormalization),
+        ):
             n = layer.moving_mean.shape
             layer.set_weights(
                 [
@@ -48,7 +55,7 @@ def randomize_batchnorm(model, seed):
 
 
 def agreement(model, other, x):
-    """Largest |difference| of the inference outputs, absolute and relative to the largest output."""
+    """Largest |difference| of the inference outputs, absolute and relative to the largest."""
     ref = model.predict(x, verbose=0)
     out = other.predict(x, verbose=0)
     diff = float(np.max(np.abs(out - ref)))
@@ -58,21 +65,32 @@ def agreement(model, other, x):
 def swap_figures():
     keras.utils.set_random_seed(0)
     model = keras.applications.MobileNetV2(
-        input_shape=(96, 96, 3), alpha=0.5, weights=None, classes=10, classifier_activation=None
+        input_shape=(96, 96, 3),
+        alpha=0.5,
+        weights=None,
+        classes=10,
+        classifier_activation=None,
     )
     randomize_batchnorm(model, seed=0)
     x = np.random.default_rng(0).normal(size=(64, 96, 96, 3)).astype("float32")
     swapped = bnlayers.swap_batchnorm(model, to="bnlayers")
-    count = sum(isinstance(l, bnlayers.BatchNormalization) for l in swapped.layers)
+    count = sum(
+        isinstance(layer, bnlayers.BatchNormalization)
+        for layer in swapped.layers
+    )
     diff, rel = agreement(model, swapped, x)
-    print(f"swap  MobileNetV2(96x96, alpha=0.5, weights=None): {count} BN layers -> bnlayers")
+    print(
+        f"swap  MobileNetV2(96x96, alpha=0.5, weights=None): {count} BN layers -> bnlayers"
+    )
     print(f"      logits max |diff| {diff:.2e} ({rel:.2e} of max |logit|)")
     back = bnlayers.swap_batchnorm(swapped, to="keras")
     diff, rel = agreement(model, back, x)
     print(f"      and back to keras: max |diff| {diff:.2e}")
     folded = bnlayers.fold_batchnorm(model)
     diff, rel = agreement(model, folded, x)
-    print(f"fold  the same MobileNetV2: max |diff| {diff:.2e} ({rel:.2e} of max |logit|)")
+    print(
+        f"fold  the same MobileNetV2: max |diff| {diff:.2e} ({rel:.2e} of max |logit|)"
+    )
 
 
 def conv_stack(bn, blocks=6, width=32):
@@ -91,7 +109,11 @@ def conv_stack(bn, blocks=6, width=32):
 
 def mobilenet(bn):
     model = keras.applications.MobileNetV2(
-        input_shape=(96, 96, 3), alpha=0.5, weights=None, classes=10, classifier_activation=None
+        input_shape=(96, 96, 3),
+        alpha=0.5,
+        weights=None,
+        classes=10,
+        classifier_activation=None,
     )
     if bn is bnlayers.BatchNormalization:
         model = bnlayers.swap_batchnorm(model, to="bnlayers")
@@ -101,14 +123,27 @@ def mobilenet(bn):
 def fold_speed(rounds):
     """predict time of each original and of the folded model, interleaved."""
     cases = [
-        ("conv stack: 6 x (Conv2D 32, 3x3 -> BN -> ReLU), 32x32x3", conv_stack, 512),
-        ("MobileNetV2 96x96, alpha 0.5 (52 Conv/DepthwiseConv -> BN)", mobilenet, 128),
+        (
+            "conv stack: 6 x (Conv2D 32, 3x3 -> BN -> ReLU), 32x32x3",
+            conv_stack,
+            512,
+        ),
+        (
+            "MobileNetV2 96x96, alpha 0.5 (52 Conv/DepthwiseConv -> BN)",
+            mobilenet,
+            128,
+        ),
     ]
     for title, build, n in cases:
-        x = np.random.default_rng(1).normal(size=(n,) + build(keras.layers.BatchNormalization).input_shape[1:])
+        x = np.random.default_rng(1).normal(
+            size=(n,) + build(keras.layers.BatchNormalization).input_shape[1:]
+        )
         x = x.astype("float32")
         models = {}
-        for bn in (keras.layers.BatchNormalization, bnlayers.BatchNormalization):
+        for bn in (
+            keras.layers.BatchNormalization,
+            bnlayers.BatchNormalization,
+        ):
             keras.utils.set_random_seed(1)
             model = build(bn)
             randomize_batchnorm(model, seed=1)
@@ -116,24 +151,27 @@ def fold_speed(rounds):
         original = models["keras BN"]
         models["folded"] = bnlayers.fold_batchnorm(original)
         diff, rel = agreement(original, models["folded"], x)
-        wall = {name: [] for name in models}
-        cpu = {name: [] for name in models}
-        for m in models.values():  # warm-up: tracing and first-call costs
-            m.predict(x, batch_size=64, verbose=0)
+        # One predict() over all of x per call, long enough to need no blocks of calls.
+        predict = {
+            name: (lambda m=model, x=x: m.predict(x, batch_size=64, verbose=0))
+            for name, model in models.items()
+        }
+        wall, cpu = interleaved(predict, rounds, min_block=0, warmup=1)
         names = list(models)
-        for r in range(rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
-                start, start_cpu = time.perf_counter(), time.process_time()
-                models[name].predict(x, batch_size=64, verbose=0)
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
-        print(f"fold  {title}; predict {n} images, batch 64, {rounds} interleaved rounds")
-        print(f"      agreement: max |diff| {diff:.2e} ({rel:.2e} of max |output|)")
+        print(
+            f"fold  {title}; predict {n} images, batch 64, {rounds} interleaved rounds"
+        )
+        print(
+            f"      agreement: max |diff| {diff:.2e} ({rel:.2e} of max |output|)"
+        )
         folded_wall = statistics.median(wall["folded"])
         folded_cpu = statistics.median(cpu["folded"])
         for name in names:
             w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-            line = f"      {name:<12} median {w * 1e3:7.1f} ms wall ({n / w:5.0f} images/s), {c * 1e3:7.1f} ms CPU"
+            line = (
+                f"      {name:<12} median {w * 1e3:7.1f} ms wall ({n / w:5.0f} images/s), "
+                f"{c * 1e3:7.1f} ms CPU"
+            )
             if name != "folded":
                 # On a shared machine wall time also measures the other
                 # processes; this process's CPU time much less so.
@@ -142,24 +180,15 @@ def fold_speed(rounds):
 
 
 def recalibration_figures():
-    with np.load(DATA) as data:
-        x_train = data["x_train"].astype("float32")[..., None] / 255.0
-        y_train = data["y_train"].astype("int64")
-        x_test = data["x_test"].astype("float32")[..., None] / 255.0
-        y_test = data["y_test"].astype("int64")
+    x_train, y_train, x_test, y_test = load_bundled()
     for bn in (keras.layers.BatchNormalization, bnlayers.BatchNormalization):
         keras.utils.set_random_seed(1)
-        model = keras.Sequential(
-            [
-                keras.layers.InputLayer(shape=(28, 28, 1)),
-                keras.layers.Conv2D(32, (3, 3), activation="relu"),
-                bn(),
-                keras.layers.MaxPooling2D((2, 2)),
-                keras.layers.Flatten(),
-                keras.layers.Dense(10, activation="softmax"),
-            ]
+        model = article_model(bn())
+        model.compile(
+            optimizer="adam",
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
         )
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         model.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
         loss0, acc0 = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
         folded = bnlayers.fold_batchnorm(model)
@@ -169,15 +198,27 @@ def recalibration_figures():
         seconds = time.perf_counter() - start
         loss1, acc1 = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
         name = f"{bn.__module__.split('.')[0]}.BatchNormalization"
-        print(f"recalibrate  article model with {name}, 1 epoch (125 steps of 64) on 8,000 digits:")
-        print(f"      test loss {loss0:.3f} -> {loss1:.3f}, accuracy {acc0:.2%} -> {acc1:.2%} ({seconds:.1f} s)")
-        print(f"fold  this model (BN after ReLU -> ChannelAffine): softmax max |diff| {diff:.2e}")
+        print(
+            f"recalibrate  article model with {name}, 1 epoch (125 steps of 64) on 8,000 digits:"
+        )
+        print(
+            f"      test loss {loss0:.3f} -> {loss1:.3f}, "
+            f"accuracy {acc0:.2%} -> {acc1:.2%} ({seconds:.1f} s)"
+        )
+        print(
+            f"fold  this model (BN after ReLU -> ChannelAffine): softmax max |diff| {diff:.2e}"
+        )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["swap", "fold", "recalibrate"])
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=15,
+        help="interleaved timing rounds (default 15)",
+    )
     args = parser.parse_args()
     if args.only in (None, "swap"):
         swap_figures()

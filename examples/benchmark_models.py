@@ -1,0 +1,189 @@
+"""Speed of real architectures with bnlayers against the built-in BatchNormalization.
+
+The keras.applications models ResNet50, DenseNet121, MobileNetV3Small and
+EfficientNetB0 (`weights=None`, 64x64 inputs, batch 16, 10 classes), built
+once with the built-in layer and once swapped to bnlayers with
+`bnlayers.swap_batchnorm`, same weights, both compiled with adam and sparse
+categorical cross-entropy. For each: the *train step* (`train_on_batch`)
+and the *predict step* (`predict_on_batch`), on the current Keras backend
+(KERAS_BACKEND), as Keras runs them (compiled by default on TensorFlow and
+JAX, eager on PyTorch).
+
+Both models of a pair run in one process, in interleaved rounds (each round
+times both, in alternating order, after a warm-up that traces and compiles);
+a figure is the median over the rounds, and a ratio (bnlayers / built-in:
+below 1 is faster) is the median of the per-round ratios, so a load change
+on a shared machine hits both sides alike. The ratio of this process's CPU
+time is given too, as a check on the wall-time ratio on a shared machine.
+
+Run from the repository root:
+
+    python examples/benchmark_models.py                      # four models, 15 rounds
+    KERAS_BACKEND=jax python examples/benchmark_models.py --out /tmp/models-jax
+    python examples/benchmark_models.py --quick              # a smoke test: seconds to a minute
+
+`--out PREFIX` writes PREFIX.md and PREFIX.json.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The shared module beside this file, also when this file is loaded by path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+from _common import interleaved  # noqa: E402
+from _common import load_average  # noqa: E402
+from _common import machine_line  # noqa: E402
+from _common import median_ratio  # noqa: E402
+
+MODELS = ("ResNet50", "DenseNet121", "MobileNetV3Small", "EfficientNetB0")
+QUICK = {"models": ("MobileNetV3Small",), "size": 32, "batch": 2, "rounds": 1}
+
+
+def model_pair(name, size, seed=0):
+    """{"bnlayers": model, "built-in": model}: the same weights, both compiled."""
+    import keras
+
+    import bnlayers
+
+    keras.utils.set_random_seed(seed)
+    builtin = getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, 3), classes=10
+    )
+    pair = {
+        "bnlayers": bnlayers.swap_batchnorm(builtin, to="bnlayers"),
+        "built-in": builtin,
+    }
+    for model in pair.values():
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    return pair
+
+
+def bench(name, size, batch, rounds, seed=0):
+    """Rows of figures for one architecture: its train step and its predict step."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 255.0, (batch, size, size, 3)).astype("float32")
+    y = rng.integers(0, 10, batch)
+    pair = model_pair(name, size, seed)
+    steps = {
+        "train_on_batch": {
+            k: (lambda m=m: m.train_on_batch(x, y)) for k, m in pair.items()
+        },
+        "predict_on_batch": {
+            k: (lambda m=m: m.predict_on_batch(x)) for k, m in pair.items()
+        },
+    }
+    rows = []
+    for step, contenders in steps.items():
+        wall, cpu = interleaved(contenders, rounds)
+        rows.append(
+            {
+                "model": name,
+                "step": step,
+                "input": [batch, size, size, 3],
+                "bnlayers_ms": 1e3 * statistics.median(wall["bnlayers"]),
+                "builtin_ms": 1e3 * statistics.median(wall["built-in"]),
+                "ratio": median_ratio(wall["bnlayers"], wall["built-in"]),
+                "ratio_cpu": median_ratio(cpu["bnlayers"], cpu["built-in"]),
+            }
+        )
+    return rows
+
+
+def markdown(report):
+    lines = [
+        f"{report['machine']}; {report['rounds']} interleaved rounds, medians; "
+        f"load average {report['load_before']} before, {report['load_after']} after.",
+        f"Command: `{report['command']}`",
+        "",
+        "| model | step | input | built-in (ms) | bnlayers (ms) | ratio | ratio (CPU time) |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        shape = "x".join(map(str, r["input"]))
+        lines.append(
+            f"| {r['model']} | {r['step']} | {shape} | {r['builtin_ms']:.1f} "
+            f"| {r['bnlayers_ms']:.1f} | **{r['ratio']:.2f}** | {r['ratio_cpu']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        metavar="NAME",
+        help=f"architectures to time (default: all of {', '.join(MODELS)})",
+    )
+    parser.add_argument(
+        "--size", type=int, help="input height and width (default 64)"
+    )
+    parser.add_argument("--batch", type=int, help="batch size (default 16)")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds (default 15)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="MobileNetV3Small at 32x32, batch 2, 1 round: checks that the script works",
+    )
+    parser.add_argument(
+        "--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.json"
+    )
+    args = parser.parse_args(argv)
+    defaults = (
+        QUICK
+        if args.quick
+        else {"models": MODELS, "size": 64, "batch": 16, "rounds": 15}
+    )
+    models = args.models or defaults["models"]
+    size, batch = args.size or defaults["size"], args.batch or defaults["batch"]
+    rounds = args.rounds or defaults["rounds"]
+    if size < 32 or batch < 1 or rounds < 1:
+        parser.error(
+            "--size must be >= 32, --batch and --rounds >= 1. "
+            f"Received: size={size}, batch={batch}, rounds={rounds}"
+        )
+
+    command = [
+        "python",
+        "examples/benchmark_models.py",
+        *(sys.argv[1:] if argv is None else argv),
+    ]
+    report = {"load_before": load_average(), "rounds": rounds, "rows": []}
+    report["command"] = " ".join(command)
+    for name in models:
+        for row in bench(name, size, batch, rounds):
+            report["rows"].append(row)
+            print(
+                f"{name:>16} {row['step']:>16}: built-in {row['builtin_ms']:8.1f} ms, "
+                f"bnlayers {row['bnlayers_ms']:8.1f} ms, ratio {row['ratio']:.2f} "
+                f"(CPU time {row['ratio_cpu']:.2f})",
+                flush=True,
+            )
+    report["load_after"] = load_average()
+    report["machine"] = machine_line()
+    text = markdown(report)
+    print()
+    print(text)
+    if args.out:
+        prefix = pathlib.Path(args.out)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        prefix.with_suffix(".md").write_text(text)
+        prefix.with_suffix(".json").write_text(
+            json.dumps(report, indent=1) + "\n"
+        )
+    return report
+
+
+if __name__ == "__main__":
+    main()
