@@ -285,7 +285,7 @@ def _count(x, axis, dtype):
 # arithmetic is in the dtype of `gamma` (the statistics dtype).
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _xla_functions(compiled=True):
     """The four functions: XLA-compiled, or (`compiled=False`) plain graphs.
 
@@ -298,7 +298,9 @@ def _xla_functions(compiled=True):
     import tensorflow as tf
 
     if compiled:
-        function = functools.partial(tf.function, jit_compile=True, autograph=False)
+        function = functools.partial(
+            tf.function, jit_compile=True, autograph=False
+        )
     else:
         function = _shape_agnostic_function
 
@@ -441,10 +443,14 @@ def _shape_agnostic_function(python_function):
     traced = set()
 
     def call(*args):
-        key = tuple((a.dtype, a.shape.rank) if tf.is_tensor(a) else a for a in args)
+        key = tuple(
+            (a.dtype, a.shape.rank) if tf.is_tensor(a) else a for a in args
+        )
         if key not in traced:
             specs = [
-                tf.TensorSpec([None] * a.shape.rank, a.dtype) if tf.is_tensor(a) else a
+                tf.TensorSpec([None] * a.shape.rank, a.dtype)
+                if tf.is_tensor(a)
+                else a
                 for a in args
             ]
             graph.get_concrete_function(*specs)
@@ -460,7 +466,9 @@ def _xla_training(
 ):
     import tensorflow as tf
 
-    forward, backward, _, _ = _xla_functions(compiled=not tf.executing_eagerly())
+    forward, backward, _, _ = _xla_functions(
+        compiled=not tf.executing_eagerly()
+    )
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
@@ -529,7 +537,10 @@ def _in_replica_function():
     except ImportError:  # pragma: no cover - private module moved
         return True
     context = tf.distribute.get_replica_context()
-    return context is not None and context is not distribute_lib._get_default_replica_context()
+    return (
+        context is not None
+        and context is not distribute_lib._get_default_replica_context()
+    )
 
 
 # ------------------------------------------------------------- kernel path

@@ -18,9 +18,13 @@ _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 def _check_fraction(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a float in [0, 1]. Received: {name}={value!r}")
+        raise TypeError(
+            f"`{name}` must be a float in [0, 1]. Received: {name}={value!r}"
+        )
     if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1]. Received: {name}={value!r}")
+        raise ValueError(
+            f"`{name}` must be in [0, 1]. Received: {name}={value!r}"
+        )
     return float(value)
 
 
@@ -29,12 +33,18 @@ def _check_axis(axis):
     if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
         return int(axis)
     if isinstance(axis, (list, tuple)) and axis:
-        if all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis):
+        if all(
+            isinstance(a, numbers.Integral) and not isinstance(a, bool)
+            for a in axis
+        ):
             if len(set(int(a) for a in axis)) != len(axis):
-                raise ValueError(f"`axis` must not repeat an axis. Received: axis={axis!r}")
+                raise ValueError(
+                    f"`axis` must not repeat an axis. Received: axis={axis!r}"
+                )
             return [int(a) for a in axis]
     raise TypeError(
-        "`axis` must be an int or a non-empty list of ints. " f"Received: axis={axis!r}"
+        "`axis` must be an int or a non-empty list of ints. "
+        f"Received: axis={axis!r}"
     )
 
 
@@ -49,7 +59,9 @@ def _check_renorm_clipping(renorm_clipping):
     # Each message also carries the built-in layer's phrase ("Received
     # invalid keys", "rmax should be", "dmax should be non-negative"), so
     # that code and tests matching the built-in's errors match these.
-    unknown = sorted(set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS), key=repr)
+    unknown = sorted(
+        set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS), key=repr
+    )
     if unknown:
         raise ValueError(
             f"Unknown keys {unknown} in `renorm_clipping`; the keys are "
@@ -266,16 +278,22 @@ class BatchNormalization(keras.layers.Layer):
         self.axis = _check_axis(axis)
         self.momentum = _check_fraction("momentum", momentum)
         if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-            raise TypeError(f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}")
+            raise TypeError(
+                f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}"
+            )
         if not float(epsilon) > 0.0:
-            raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon!r}")
+            raise ValueError(
+                f"`epsilon` must be > 0. Received: epsilon={epsilon!r}"
+            )
         self.epsilon = float(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.moving_variance_initializer = initializers.get(
+            moving_variance_initializer
+        )
         self.beta_regularizer = regularizers.get(beta_regularizer)
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
@@ -285,12 +303,15 @@ class BatchNormalization(keras.layers.Layer):
         self.renorm_clipping = _check_renorm_clipping(renorm_clipping)
         if self.renorm and self.renorm_clipping is None:
             self.renorm_clipping = {}
-        self.renorm_momentum = _check_fraction("renorm_momentum", renorm_momentum)
+        self.renorm_momentum = _check_fraction(
+            "renorm_momentum", renorm_momentum
+        )
 
         if synchronized and backend.backend() != "tensorflow":
             raise ValueError(
                 "`synchronized=True` needs the TensorFlow backend (tf.distribute); "
-                f"the Keras backend is {backend.backend()!r}. Received: synchronized={synchronized!r}"
+                f"the Keras backend is {backend.backend()!r}. "
+                f"Received: synchronized={synchronized!r}"
             )
         self.synchronized = bool(synchronized)
 
@@ -319,7 +340,9 @@ class BatchNormalization(keras.layers.Layer):
         self.virtual_batch_size = virtual_batch_size
 
         if fused not in (None, True, False):
-            raise ValueError(f"`fused` must be None, True or False. Received: fused={fused!r}")
+            raise ValueError(
+                f"`fused` must be None, True or False. Received: fused={fused!r}"
+            )
         self.fused = fused
 
         self.supports_masking = True
@@ -337,7 +360,9 @@ class BatchNormalization(keras.layers.Layer):
         self._feature_axes = _geometry.feature_axes(
             self.axis, ndim, input_shape, self.virtual_batch_size
         )
-        self._reduction_axes = _geometry.reduction_axes(self._feature_axes, ndim)
+        self._reduction_axes = _geometry.reduction_axes(
+            self._feature_axes, ndim
+        )
         shape = tuple(input_shape[a] for a in self._feature_axes)
 
         if self.scale:
@@ -378,7 +403,9 @@ class BatchNormalization(keras.layers.Layer):
             # Renorm tracks standard deviations, started at the square root
             # of what the variance initializer gives (as Keras does).
             def stddev_initializer(shape, dtype=None):
-                variance_init = _clone_initializer(self.moving_variance_initializer)
+                variance_init = _clone_initializer(
+                    self.moving_variance_initializer
+                )
                 return ops.sqrt(variance_init(shape, dtype=dtype))
 
             self.moving_stddev = self.add_weight(
@@ -407,7 +434,9 @@ class BatchNormalization(keras.layers.Layer):
         )
 
     def compute_output_shape(self, input_shape):
-        _geometry.feature_axes(self.axis, len(input_shape), input_shape, self.virtual_batch_size)
+        _geometry.feature_axes(
+            self.axis, len(input_shape), input_shape, self.virtual_batch_size
+        )
         return input_shape
 
     # ------------------------------------------------------------------- call
@@ -418,7 +447,9 @@ class BatchNormalization(keras.layers.Layer):
             # Integer and bool inputs are taken as numbers, as the built-in
             # takes them; cast to the statistics dtype of the compute dtype
             # (never float16, where integers above 65504 overflow).
-            inputs = ops.cast(inputs, _math.statistics_dtype(self.compute_dtype))
+            inputs = ops.cast(
+                inputs, _math.statistics_dtype(self.compute_dtype)
+            )
         weights = _geometry.expand_mask(
             mask, len(inputs.shape), self._feature_axes, inputs.shape
         )
@@ -433,7 +464,9 @@ class BatchNormalization(keras.layers.Layer):
             return self._fast_call(inputs, use_batch_statistics, fast)
 
         ndim = len(inputs.shape)
-        param_shape = _geometry.param_shape(self._feature_axes, ndim, self.moving_mean.shape)
+        param_shape = _geometry.param_shape(
+            self._feature_axes, ndim, self.moving_mean.shape
+        )
         stats_dtype = _math.statistics_dtype(inputs.dtype)
         x = ops.cast(inputs, stats_dtype)
 
@@ -470,11 +503,15 @@ class BatchNormalization(keras.layers.Layer):
             centred, offset = x - shift, residual
             var = _math.variance(count, m2)
             if self.renorm:
-                gamma, beta = self._renorm_transform(mean, var, gamma, beta, param_shape)
+                gamma, beta = self._renorm_transform(
+                    mean, var, gamma, beta, param_shape
+                )
                 self._update_renorm_statistics(count, mean, var)
             else:
                 self._update_moving_statistics(count, mean, var)
-            outputs = _math.normalize(centred, offset, var, gamma, beta, self.epsilon)
+            outputs = _math.normalize(
+                centred, offset, var, gamma, beta, self.epsilon
+            )
         return ops.cast(outputs, self.compute_dtype)
 
     def _fast_path(self, inputs, mask):
@@ -484,7 +521,9 @@ class BatchNormalization(keras.layers.Layer):
         from bnlayers import _fused
 
         implementation = _fused.implementation()
-        reason = _fused.ineligibility(self, inputs, mask, self._feature_axes, implementation)
+        reason = _fused.ineligibility(
+            self, inputs, mask, self._feature_axes, implementation
+        )
         if reason is None:
             return implementation
         if self.fused:
@@ -510,8 +549,13 @@ class BatchNormalization(keras.layers.Layer):
         )
         if not use_batch_statistics:
             return _fused.inference(**args)
-        outputs, new_mean, new_var = _fused.training(momentum=self.momentum, **args)
-        for variable, value in ((self.moving_mean, new_mean), (self.moving_variance, new_var)):
+        outputs, new_mean, new_var = _fused.training(
+            momentum=self.momentum, **args
+        )
+        for variable, value in (
+            (self.moving_mean, new_mean),
+            (self.moving_variance, new_var),
+        ):
             variable.assign(ops.cast(value, variable.dtype))
         return outputs
 
@@ -526,7 +570,9 @@ class BatchNormalization(keras.layers.Layer):
         shape = ops.shape(x)
         batch = shape[0]
         pad = (-batch) % size
-        keep = ops.reshape(ops.ones(shape[:1], dtype="bool"), [-1] + [1] * (len(x.shape) - 1))
+        keep = ops.reshape(
+            ops.ones(shape[:1], dtype="bool"), [-1] + [1] * (len(x.shape) - 1)
+        )
         if weights is not None:
             keep = ops.logical_and(keep, ops.cast(weights, "bool"))
         keep = ops.broadcast_to(keep, shape)
@@ -547,11 +593,15 @@ class BatchNormalization(keras.layers.Layer):
             return None if t is None else ops.expand_dims(t, 0)
 
         var = _math.variance(count, m2)
-        yg = _math.normalize(xg - shift, residual, var, expand(gamma), expand(beta), self.epsilon)
+        yg = _math.normalize(
+            xg - shift, residual, var, expand(gamma), expand(beta), self.epsilon
+        )
         outputs = ops.reshape(yg, [groups * size] + list(shape[1:]))[:batch]
 
         total, merged_mean, _ = _math.merge_moments(count, mean, m2, axis=0)
-        pooled_var = ops.sum(m2, axis=0, keepdims=True) / ops.maximum(total, 1.0)
+        pooled_var = ops.sum(m2, axis=0, keepdims=True) / ops.maximum(
+            total, 1.0
+        )
         self._update_moving_statistics(total, merged_mean, pooled_var)
         return outputs
 
@@ -563,19 +613,30 @@ class BatchNormalization(keras.layers.Layer):
         """
         value = ops.reshape(value, variable.shape)
         current = ops.cast(variable, value.dtype)
-        variable.assign(ops.cast(ops.where(counted, value, current), variable.dtype))
+        variable.assign(
+            ops.cast(ops.where(counted, value, current), variable.dtype)
+        )
 
     def _counted(self, count, like):
         """Per-feature boolean, True where at least one element counted."""
-        counted = ops.broadcast_to(ops.cast(count, like.dtype) > 0, ops.shape(like))
+        counted = ops.broadcast_to(
+            ops.cast(count, like.dtype) > 0, ops.shape(like)
+        )
         return ops.reshape(counted, self.moving_mean.shape)
 
     def _update_moving_statistics(self, count, mean, var):
         counted = self._counted(count, mean)
-        for variable, value in ((self.moving_mean, mean), (self.moving_variance, var)):
-            current = ops.reshape(ops.cast(variable, value.dtype), ops.shape(value))
+        for variable, value in (
+            (self.moving_mean, mean),
+            (self.moving_variance, var),
+        ):
+            current = ops.reshape(
+                ops.cast(variable, value.dtype), ops.shape(value)
+            )
             self._assign_counted(
-                variable, _math.moving_average(current, value, self.momentum), counted
+                variable,
+                _math.moving_average(current, value, self.momentum),
+                counted,
             )
 
     # ----------------------------------------------------------------- renorm
@@ -589,10 +650,16 @@ class BatchNormalization(keras.layers.Layer):
         """
         dtype = mean.dtype
         stddev = ops.sqrt(var + self.epsilon)
-        renorm_mean = ops.reshape(ops.cast(self.renorm_mean, dtype), param_shape)
-        renorm_stddev = ops.reshape(ops.cast(self.renorm_stddev, dtype), param_shape)
+        renorm_mean = ops.reshape(
+            ops.cast(self.renorm_mean, dtype), param_shape
+        )
+        renorm_stddev = ops.reshape(
+            ops.cast(self.renorm_stddev, dtype), param_shape
+        )
         # Keep the divisor away from zero early in training.
-        renorm_stddev = ops.maximum(renorm_stddev, ops.sqrt(ops.cast(self.epsilon, dtype)))
+        renorm_stddev = ops.maximum(
+            renorm_stddev, ops.sqrt(ops.cast(self.epsilon, dtype))
+        )
         r = stddev / renorm_stddev
         d = (mean - renorm_mean) / renorm_stddev
         clipping = self.renorm_clipping or {}
@@ -622,17 +689,29 @@ class BatchNormalization(keras.layers.Layer):
             current = ops.cast(variable, value.dtype)
             return _math.moving_average(current, value, momentum)
 
-        self._assign_counted(self.renorm_mean, ema(self.renorm_mean, mean, self.renorm_momentum), counted)
         self._assign_counted(
-            self.renorm_stddev, ema(self.renorm_stddev, stddev, self.renorm_momentum), counted
+            self.renorm_mean,
+            ema(self.renorm_mean, mean, self.renorm_momentum),
+            counted,
         )
-        self._assign_counted(self.moving_mean, ema(self.moving_mean, mean, self.momentum), counted)
+        self._assign_counted(
+            self.renorm_stddev,
+            ema(self.renorm_stddev, stddev, self.renorm_momentum),
+            counted,
+        )
+        self._assign_counted(
+            self.moving_mean,
+            ema(self.moving_mean, mean, self.momentum),
+            counted,
+        )
         new_stddev = ema(self.moving_stddev, stddev, self.momentum)
         self._assign_counted(self.moving_stddev, new_stddev, counted)
         # The inference variance follows the moving stddev; the ReLU guards
         # against rounding taking it below zero.
         self._assign_counted(
-            self.moving_variance, ops.relu(new_stddev * new_stddev - self.epsilon), counted
+            self.moving_variance,
+            ops.relu(new_stddev * new_stddev - self.epsilon),
+            counted,
         )
 
     # ----------------------------------------------------------------- config
@@ -646,16 +725,28 @@ class BatchNormalization(keras.layers.Layer):
                 "epsilon": self.epsilon,
                 "center": self.center,
                 "scale": self.scale,
-                "beta_initializer": initializers.serialize(self.beta_initializer),
-                "gamma_initializer": initializers.serialize(self.gamma_initializer),
-                "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+                "beta_initializer": initializers.serialize(
+                    self.beta_initializer
+                ),
+                "gamma_initializer": initializers.serialize(
+                    self.gamma_initializer
+                ),
+                "moving_mean_initializer": initializers.serialize(
+                    self.moving_mean_initializer
+                ),
                 "moving_variance_initializer": initializers.serialize(
                     self.moving_variance_initializer
                 ),
-                "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-                "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+                "beta_regularizer": regularizers.serialize(
+                    self.beta_regularizer
+                ),
+                "gamma_regularizer": regularizers.serialize(
+                    self.gamma_regularizer
+                ),
                 "beta_constraint": constraints.serialize(self.beta_constraint),
-                "gamma_constraint": constraints.serialize(self.gamma_constraint),
+                "gamma_constraint": constraints.serialize(
+                    self.gamma_constraint
+                ),
                 "synchronized": self.synchronized,
                 "renorm": self.renorm,
                 "renorm_clipping": self.renorm_clipping,

@@ -314,7 +314,7 @@ def dataset_remainder(strategy, replicas):
     per_replica_sizes = []
     out_diff = 0.0
     for batch, ref_batch in zip(
-        strategy.experimental_distribute_dataset(dataset), dataset
+        strategy.experimental_distribute_dataset(dataset), dataset, strict=False
     ):
         parts = local(strategy, dist_step(batch))
         per_replica_sizes.append([len(p) for p in parts])

@@ -100,7 +100,9 @@ def train(model, strategy=None):
             # Summed here and over replicas: the mean over the global batch.
             loss = tf.reduce_sum(losses) / GLOBAL_BATCH
         grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        optimizer.apply_gradients(
+            zip(grads, model.trainable_variables, strict=False)
+        )
 
     @tf.function
     def step(batch):

@@ -80,7 +80,7 @@ def value_and_grads(
         raise NotImplementedError(
             f"no gradient helper for the {BACKEND!r} backend"
         )
-    for v, value in zip(state, new_state):
+    for v, value in zip(state, new_state, strict=False):
         v.assign(value)
     return y, grads
 
@@ -127,8 +127,8 @@ def _jax_value_and_grads(fn, inputs, args, upstream, variables, state, jit):
     import jax
 
     def loss_fn(input_values, variable_values, state_values, args, upstream):
-        mapping = list(zip(variables, variable_values)) + list(
-            zip(state, state_values)
+        mapping = list(zip(variables, variable_values, strict=False)) + list(
+            zip(state, state_values, strict=False)
         )
         with keras.StatelessScope(state_mapping=mapping) as scope:
             y = fn(*input_values, *args)
@@ -165,7 +165,7 @@ def _torch_value_and_grads(fn, inputs, args, upstream, variables, state):
         ops.convert_to_tensor(x).detach().requires_grad_(True) for x in inputs
     ]
     values = [v.value.detach().clone().requires_grad_(True) for v in variables]
-    mapping = list(zip(variables, values)) + [
+    mapping = list(zip(variables, values, strict=False)) + [
         (v, v.value.detach()) for v in state
     ]
     with keras.StatelessScope(state_mapping=mapping) as scope:

@@ -335,7 +335,13 @@ def run_reference(case, names, weights, steps):
         }
 
     state = store(
-        dict(zip(names, (np.asarray(w, np.float64) for w in weights)))
+        dict(
+            zip(
+                names,
+                (np.asarray(w, np.float64) for w in weights),
+                strict=False,
+            )
+        )
     )
     options = dict(
         feature_axes=case.feature_axes,
@@ -401,7 +407,9 @@ def compare(
         )
 
     assert len(actual) == len(expected)
-    for i, (a, e, r) in enumerate(zip(actual, expected, reference)):
+    for i, (a, e, r) in enumerate(
+        zip(actual, expected, reference, strict=False)
+    ):
         at = f" (step {i + 1})"
         measure("output/train", "output", a["y"], e["y"])
         measure("output/infer", "output", a["y_inf"], e["y_inf"])
@@ -416,11 +424,13 @@ def compare(
                 e[mode][0],
                 r["x_scale"][mode],
             )
-            for ga, ge in zip(a[mode][1:], e[mode][1:]):
+            for ga, ge in zip(a[mode][1:], e[mode][1:], strict=False):
                 measure(f"grad gamma,beta/{suffix}", "grad_param", ga, ge)
             assert len(a[mode]) == len(e[mode]), case.name + at
         assert len(a["weights"]) == len(e["weights"]) == len(names)
-        for name, wa, we in zip(names, a["weights"], e["weights"]):
+        for name, wa, we in zip(
+            names, a["weights"], e["weights"], strict=False
+        ):
             if name in ("gamma", "beta"):
                 np.testing.assert_array_equal(
                     wa, we, err_msg=f"{case.name}: {name} changed{at}"

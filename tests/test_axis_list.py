@@ -176,10 +176,10 @@ def test_equals_builtin_on_flattened_feature_axes(case):
         ref.assert_close(y_ours, y_builtin, RTOL, "outputs")
         ref.assert_close(grads_ours[0], grads_builtin[0], RTOL, "dx")
         for name, a, b in zip(
-            ("gamma", "beta"), grads_ours[1:], grads_builtin[1:]
+            ("gamma", "beta"), grads_ours[1:], grads_builtin[1:], strict=False
         ):
             ref.assert_close(to_numpy(a).reshape(-1), b, RTOL, name)
-    for a, b in zip(ours.get_weights(), builtin.get_weights()):
+    for a, b in zip(ours.get_weights(), builtin.get_weights(), strict=False):
         ref.assert_close(a.reshape(-1), b, RTOL, "weights")
     x = rng.standard_normal(shape).astype("float32")
     flat = builtin(_to_single_axis(x, features))
@@ -198,7 +198,7 @@ def test_single_element_list_is_the_int_axis():
             to_numpy(as_list(x, training=True)),
             to_numpy(as_int(x, training=True)),
         )
-    for a, b in zip(as_list.get_weights(), as_int.get_weights()):
+    for a, b in zip(as_list.get_weights(), as_int.get_weights(), strict=False):
         np.testing.assert_array_equal(a, b)
 
 
@@ -293,7 +293,7 @@ def test_axis_list_in_a_model_trains_and_round_trips(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert loaded.get_layer("positions").get_config()["axis"] == [1, 2]
-    for a, b in zip(model.get_weights(), loaded.get_weights()):
+    for a, b in zip(model.get_weights(), loaded.get_weights(), strict=False):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(
         model.predict(x, verbose=0), loaded.predict(x, verbose=0)

@@ -78,7 +78,7 @@ def test_automatic_choice_is_the_reference_path(renorm):
             steps += [to_numpy(y)] + [to_numpy(g) for g in grads]
         steps += layer.get_weights() + [to_numpy(layer(x, training=False))]
         results.append(steps)
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=False):
         np.testing.assert_array_equal(a, b)
 
 

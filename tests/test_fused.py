@@ -4,8 +4,9 @@ the parity harness, `parity.py`).
 
 Both implementations run here on CPU: "xla" (the arithmetic compiled by
 XLA, what CPUs take) and "kernel" (TensorFlow's FusedBatchNormV3, what a GPU
-takes), chosen by pretending a GPU is or is not visible (`_fused._gpu_visible`). Layers are built with
-`fused=True`, which raises unless the fast path is really taken.
+takes), chosen by pretending a GPU is or is not visible
+(`_fused._gpu_visible`). Layers are built with `fused=True`, which raises
+unless the fast path is really taken.
 """
 
 import importlib.util
@@ -28,7 +29,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(params=["xla", "kernel"])
 def implementation(request, monkeypatch):
-    monkeypatch.setattr(_fused, "_gpu_visible", lambda: request.param == "kernel")
+    monkeypatch.setattr(
+        _fused, "_gpu_visible", lambda: request.param == "kernel"
+    )
     return request.param
 
 
@@ -224,7 +227,9 @@ def test_auto_takes_fast_path_in_parity_grid(monkeypatch):
     for name in ("training", "inference"):
         real = getattr(_fused, name)
         monkeypatch.setattr(
-            _fused, name, lambda real=real, **kw: calls.append(kw["x"].shape) or real(**kw)
+            _fused,
+            name,
+            lambda real=real, **kw: calls.append(kw["x"].shape) or real(**kw),
         )
     taken = 0
     for case in test_parity.CASES:
@@ -399,7 +404,7 @@ def test_empty_batch_keeps_moving_statistics(implementation):
     assert y.shape == (0, 4)
     for g in grads[1:]:
         np.testing.assert_array_equal(g.numpy(), np.zeros(4))
-    for a, b in zip(before, layer.get_weights()):
+    for a, b in zip(before, layer.get_weights(), strict=False):
         np.testing.assert_array_equal(a, b)
 
 
@@ -524,7 +529,7 @@ def test_second_order_gradients(implementation, training):
                 for g in outer.gradient(penalty, [x, layer.gamma.value])
             ]
         )
-    for a, e in zip(*results):
+    for a, e in zip(*results, strict=False):
         ref.assert_close(
             a, e, 1e-5, "penalty, its gradients"
         )  # measured 1.1e-6

@@ -140,7 +140,7 @@ def test_fully_masked_batch_leaves_moving_statistics_alone():
     x = np.ones((5, 3), "float32")
     y = layer(x, training=True, mask=np.zeros((5,), bool))
     assert np.all(np.isfinite(to_numpy(y)))
-    for b, w in zip(before, layer.weights):
+    for b, w in zip(before, layer.weights, strict=False):
         np.testing.assert_array_equal(w.numpy(), b)
 
 
@@ -159,9 +159,12 @@ def test_parity_with_builtin_when_virtual_batch_is_the_batch():
             train_step(ours, x, dy),
             train_step(builtin, x, dy),
             ("outputs", "dx", "dgamma", "dbeta"),
+            strict=False,
         ):
             ref.assert_close(got, want, BUILTIN_RTOL, what)
-    for got, want in zip(ours.get_weights(), builtin.get_weights()):
+    for got, want in zip(
+        ours.get_weights(), builtin.get_weights(), strict=False
+    ):
         ref.assert_close(got, want, BUILTIN_RTOL, "weights")
 
 
@@ -203,7 +206,7 @@ def test_unknown_batch_dimension_in_tf_function(jit_compile):
     for n in (12, 10, 3):
         x = rng.standard_normal((n, 3, 4)).astype("float32")
         ref.assert_close(step(x), eager(x, training=True), RTOL, f"batch {n}")
-    for a, b in zip(traced.get_weights(), eager.get_weights()):
+    for a, b in zip(traced.get_weights(), eager.get_weights(), strict=False):
         ref.assert_close(a, b, RTOL, "weights")
     assert step.experimental_get_tracing_count() == 1
 
@@ -294,7 +297,7 @@ def test_keras_file_round_trip(tmp_path):
     layer = loaded.get_layer("ghost")
     assert isinstance(layer, bnlayers.BatchNormalization)
     assert layer.virtual_batch_size == 4
-    for a, b in zip(model.get_weights(), loaded.get_weights()):
+    for a, b in zip(model.get_weights(), loaded.get_weights(), strict=False):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(
         model.predict(x[:7], verbose=0), loaded.predict(x[:7], verbose=0)

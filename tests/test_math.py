@@ -121,7 +121,7 @@ def test_merge_moments_equals_moments_of_the_union(dtype, offset):
     for i in range(len(sizes)):
         x[bounds[i] : bounds[i + 1]] += np.array(i * 0.5, dtype)
     triples = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=False):
         group = np.zeros((max(hi - lo, 1), 3), dtype)
         keep = np.zeros((max(hi - lo, 1), 1), bool)
         group[: hi - lo] = x[lo:hi]

@@ -111,13 +111,13 @@ def test_two_workers_match_one_process_with_the_global_batch():
     # numbers on every replica, so the moving averages never drift apart.
     for key in ("moving_mean", "moving_variance"):
         np.testing.assert_array_equal(first[key], second[key])
-    for a, b in zip(first["weights"], second["weights"]):
+    for a, b in zip(first["weights"], second["weights"], strict=False):
         np.testing.assert_array_equal(a, b)
 
     single = worker.train(worker.build_model())
     for key in ("moving_mean", "moving_variance"):
         ref.assert_close(first[key], single[key], RTOL, key)
-    for a, b in zip(first["weights"], single["weights"]):
+    for a, b in zip(first["weights"], single["weights"], strict=False):
         ref.assert_close(a, b, RTOL, "weights")
     # The statistics did move away from where they started.
     start = worker.build_model().get_layer("bn")

@@ -301,12 +301,15 @@ def test_fully_masked_batch(fused_mode, renorm):
     for g in grads:
         assert np.all(np.isfinite(to_numpy(g)))
     for name, b, a in zip(
-        ref.weight_names(renorm=renorm), before, layer.get_weights()
+        ref.weight_names(renorm=renorm),
+        before,
+        layer.get_weights(),
+        strict=False,
     ):
         np.testing.assert_array_equal(
             a, b, err_msg=f"{name} moved on a fully masked batch"
         )
-    state = dict(zip(ref.weight_names(renorm=renorm), before))
+    state = dict(zip(ref.weight_names(renorm=renorm), before, strict=False))
     y_ref, g_ref, _ = ref.step(
         x,
         state,
@@ -336,7 +339,7 @@ def test_masked_positions_may_hold_nan_and_inf(fused_mode):
     x[~mask & (rng.random(shape[:-1]) > 0.5)] = np.inf
     layer = bnlayers.BatchNormalization(momentum=0.5, fused=fused_mode)
     layer.build(shape)
-    state = dict(zip(ref.weight_names(), layer.get_weights()))
+    state = dict(zip(ref.weight_names(), layer.get_weights(), strict=False))
     y = to_numpy(layer(x.astype("float32"), training=True, mask=mask))
     y_ref, _, new_state = ref.step(
         x.astype("float32"),
@@ -349,7 +352,9 @@ def test_masked_positions_may_hold_nan_and_inf(fused_mode):
     )
     # Measured 1.3e-7 and 7.2e-8.
     ref.assert_close(y[mask], y_ref[mask], 2e-6, "output")
-    for name, value in zip(ref.weight_names(), layer.get_weights()):
+    for name, value in zip(
+        ref.weight_names(), layer.get_weights(), strict=False
+    ):
         ref.assert_close(value, new_state[name], 1e-6, name)
 
 
@@ -373,6 +378,7 @@ def test_large_values_under_mixed_precision(
         zip(
             ref.weight_names(),
             [np.ones(2), np.zeros(2), np.zeros(2), np.ones(2)],
+            strict=False,
         )
     )
     y_ref, _, new_state = ref.step(
@@ -392,7 +398,9 @@ def test_large_values_under_mixed_precision(
         f"output vs built-in ({policy})",
     )
     # Statistics of values near 2e4, in float32 (measured 1.9e-6).
-    for name, value in zip(ref.weight_names(), ours.get_weights()):
+    for name, value in zip(
+        ref.weight_names(), ours.get_weights(), strict=False
+    ):
         ref.assert_close(value, new_state[name], 2e-5, f"{name} ({policy})")
 
 
@@ -462,7 +470,7 @@ def test_training_none_means_inference(fused_mode):
     np.testing.assert_array_equal(
         to_numpy(y), to_numpy(ours(x, training=False))
     )
-    for a, b in zip(before, ours.get_weights()):
+    for a, b in zip(before, ours.get_weights(), strict=False):
         np.testing.assert_array_equal(a, b)
     ref.assert_close(
         y,

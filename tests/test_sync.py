@@ -193,7 +193,7 @@ def test_distributed_dataset_with_a_short_last_batch(measured, replicas):
 
 def _train(layer, batches, masks):
     outputs, grads = [], []
-    for x, m in zip(batches, masks):
+    for x, m in zip(batches, masks, strict=False):
         x = tf.constant(x)
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -247,6 +247,7 @@ def test_synchronized_without_replicas_is_exactly_unsynchronized(
     for a, b in zip(
         [*unsynced[0], *sum(unsynced[1], []), *unsynced[2]],
         [*synced[0], *sum(synced[1], []), *synced[2]],
+        strict=False,
     ):
         np.testing.assert_array_equal(a, b)
 

@@ -11,7 +11,9 @@ import bnlayers
 
 def _raises(exc, *fragments):
     """pytest.raises that also requires every fragment in the message, verbatim."""
-    return pytest.raises(exc, match="(?s)" + ".*".join(re.escape(f) for f in fragments))
+    return pytest.raises(
+        exc, match="(?s)" + ".*".join(re.escape(f) for f in fragments)
+    )
 
 
 # ------------------------------------------------------------ constructor
@@ -22,7 +24,11 @@ CONSTRUCTOR_CASES = [
     ({"momentum": -0.1}, ValueError, ["`momentum`", "momentum=-0.1"]),
     ({"momentum": "high"}, TypeError, ["`momentum`", "momentum='high'"]),
     ({"momentum": True}, TypeError, ["`momentum`", "momentum=True"]),
-    ({"renorm_momentum": 2.0}, ValueError, ["`renorm_momentum`", "renorm_momentum=2.0"]),
+    (
+        {"renorm_momentum": 2.0},
+        ValueError,
+        ["`renorm_momentum`", "renorm_momentum=2.0"],
+    ),
     ({"epsilon": 0.0}, ValueError, ["`epsilon`", "epsilon=0.0"]),
     ({"epsilon": -1e-3}, ValueError, ["`epsilon`", "epsilon=-0.001"]),
     ({"epsilon": "small"}, TypeError, ["`epsilon`", "epsilon='small'"]),
@@ -53,7 +59,11 @@ CONSTRUCTOR_CASES = [
     (
         {"renorm": True, "renorm_clipping": {"dmax": -1.0}},
         ValueError,
-        ["dmax >= 0", "dmax should be non-negative", "renorm_clipping={'dmax': -1.0}"],
+        [
+            "dmax >= 0",
+            "dmax should be non-negative",
+            "renorm_clipping={'dmax': -1.0}",
+        ],
     ),
     (
         {"renorm": True, "renorm_clipping": [("rmax", 3)]},
@@ -65,7 +75,9 @@ CONSTRUCTOR_CASES = [
 
 
 @pytest.mark.parametrize(
-    "kwargs, exc, fragments", CONSTRUCTOR_CASES, ids=[repr(c[0]) for c in CONSTRUCTOR_CASES]
+    "kwargs, exc, fragments",
+    CONSTRUCTOR_CASES,
+    ids=[repr(c[0]) for c in CONSTRUCTOR_CASES],
 )
 def test_bad_constructor_arguments(kwargs, exc, fragments):
     with _raises(exc, *fragments):
@@ -93,13 +105,21 @@ def test_edge_values_are_accepted(kwargs):
 
 @pytest.mark.parametrize(
     "axis, shape",
-    [(2, (4, 3)), (-3, (4, 3)), (4, (2, 3, 4, 5)), (-5, (2, 3, 4, 5)), ([1, 3], (2, 3, 4))],
+    [
+        (2, (4, 3)),
+        (-3, (4, 3)),
+        (4, (2, 3, 4, 5)),
+        (-5, (2, 3, 4, 5)),
+        ([1, 3], (2, 3, 4)),
+    ],
     ids=str,
 )
 def test_axis_out_of_range_for_the_input_rank(axis, shape):
     layer = bnlayers.BatchNormalization(axis=axis)
     bad = axis[-1] if isinstance(axis, list) else axis
-    with _raises(ValueError, f"`axis` {bad}", f"axis={axis!r}", f"input_shape={shape}"):
+    with _raises(
+        ValueError, f"`axis` {bad}", f"axis={axis!r}", f"input_shape={shape}"
+    ):
         layer(np.zeros(shape, "float32"))
 
 
@@ -108,12 +128,19 @@ def test_axis_out_of_range_is_caught_when_the_model_is_built():
     import keras
 
     with _raises(ValueError, "`axis` 2", "axis=2", "input_shape=(None, 4)"):
-        keras.Sequential([keras.layers.InputLayer(shape=(4,)), bnlayers.BatchNormalization(axis=2)])
+        keras.Sequential(
+            [
+                keras.layers.InputLayer(shape=(4,)),
+                bnlayers.BatchNormalization(axis=2),
+            ]
+        )
 
 
 def test_axis_naming_one_axis_twice():
     layer = bnlayers.BatchNormalization(axis=[1, -2])
-    with _raises(ValueError, "same axis twice", "axis=[1, -2]", "input_shape=(2, 3, 4)"):
+    with _raises(
+        ValueError, "same axis twice", "axis=[1, -2]", "input_shape=(2, 3, 4)"
+    ):
         layer(np.zeros((2, 3, 4), "float32"))
 
 
@@ -123,7 +150,9 @@ def test_rank_one_input():
 
 
 def test_feature_axis_of_unknown_size():
-    with _raises(ValueError, "known size", "axis=-1", "input_shape=(None, None)"):
+    with _raises(
+        ValueError, "known size", "axis=-1", "input_shape=(None, None)"
+    ):
         bnlayers.BatchNormalization().build((None, None))
 
 
@@ -134,15 +163,27 @@ def test_feature_axis_of_unknown_size():
 def test_mask_of_the_wrong_rank(mask_shape, training):
     layer = bnlayers.BatchNormalization()
     x = np.zeros((2, 5, 3), "float32")
-    with _raises(ValueError, "`mask`", "(rank 2)", f"mask.shape={mask_shape}", "inputs.shape=(2, 5, 3)"):
+    with _raises(
+        ValueError,
+        "`mask`",
+        "(rank 2)",
+        f"mask.shape={mask_shape}",
+        "inputs.shape=(2, 5, 3)",
+    ):
         layer(x, training=training, mask=np.ones(mask_shape, bool))
 
 
 def test_mask_that_does_not_fit_the_inputs():
     """Rank 2 for inputs of rank 3, but not the inputs' first two sizes."""
     layer = bnlayers.BatchNormalization()
-    with _raises(ValueError, "`mask`", "mask.shape=(3, 5)", "inputs.shape=(2, 5, 3)"):
-        layer(np.zeros((2, 5, 3), "float32"), training=True, mask=np.ones((3, 5), bool))
+    with _raises(
+        ValueError, "`mask`", "mask.shape=(3, 5)", "inputs.shape=(2, 5, 3)"
+    ):
+        layer(
+            np.zeros((2, 5, 3), "float32"),
+            training=True,
+            mask=np.ones((3, 5), bool),
+        )
 
 
 def test_mask_rank_with_several_feature_axes():
@@ -151,7 +192,9 @@ def test_mask_rank_with_several_feature_axes():
     x = np.zeros((2, 5, 3), "float32")
     layer(x, training=True, mask=np.ones((2,), bool))
     layer(x, training=True, mask=np.ones((2, 5), bool))
-    with _raises(ValueError, "`mask`", "(rank 2)", "(rank 1)", "mask.shape=(2, 5, 3)"):
+    with _raises(
+        ValueError, "`mask`", "(rank 2)", "(rank 1)", "mask.shape=(2, 5, 3)"
+    ):
         layer(x, training=True, mask=np.ones((2, 5, 3), bool))
 
 
