@@ -7,6 +7,7 @@ The scripts beside this file import it as `_common`; the tests import it from
 """
 
 import gzip
+import json
 import os
 import pathlib
 import platform
@@ -413,3 +414,11 @@ def machine_line():
     backend = keras.backend.backend()
     soft = ", ".join(f"{k} {v}" for k, v in versions().items())
     return f"{os.cpu_count()} CPU cores, {cpu_name()}, {accelerator(backend)}; {soft}"
+
+
+def write_report(prefix, text, data):
+    """Write `text` to PREFIX.md and `data` as JSON to PREFIX.json."""
+    prefix = pathlib.Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(f"{prefix}.md").write_text(text)
+    pathlib.Path(f"{prefix}.json").write_text(json.dumps(data, indent=1) + "\n")

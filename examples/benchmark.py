@@ -39,8 +39,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse
 import dataclasses
-import json
-import pathlib
 import platform
 import statistics
 import sys
@@ -54,7 +52,8 @@ from _common import cpu_name  # noqa: E402
 from _common import interleaved  # noqa: E402
 from _common import load_average  # noqa: E402
 from _common import load_bundled  # noqa: E402
-from _common import median_ratio  # noqa: E402  # noqa: E402
+from _common import median_ratio  # noqa: E402
+from _common import write_report  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,12 +452,7 @@ def main(argv=None):
     print()
     print(text)
     if args.out:
-        prefix = pathlib.Path(args.out)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        prefix.with_suffix(".md").write_text(text)
-        prefix.with_suffix(".json").write_text(
-            json.dumps(report, indent=2) + "\n"
-        )
+        write_report(args.out, text, report)
     return report
 
 

@@ -56,7 +56,8 @@ from _common import accelerator  # noqa: E402
 from _common import article_model  # noqa: E402
 from _common import interleaved  # noqa: E402
 from _common import load_average  # noqa: E402
-from _common import median_ratio  # noqa: E402  # noqa: E402
+from _common import median_ratio  # noqa: E402
+from _common import write_report  # noqa: E402
 
 SHAPES = {
     "article": (
@@ -347,10 +348,7 @@ def main(argv=None):
     text = markdown(reports)
     print(text)
     if args.out:
-        pathlib.Path(args.out + ".md").write_text(text)
-        pathlib.Path(args.out + ".json").write_text(
-            json.dumps(reports, indent=1)
-        )
+        write_report(args.out, text, reports)
     return 0
 
 

@@ -26,9 +26,7 @@ Run from the repository root:
 """
 
 import argparse
-import json
 import os
-import pathlib
 import statistics
 import sys
 
@@ -42,6 +40,7 @@ from _common import interleaved  # noqa: E402
 from _common import load_average  # noqa: E402
 from _common import machine_line  # noqa: E402
 from _common import median_ratio  # noqa: E402
+from _common import write_report  # noqa: E402
 
 MODELS = ("ResNet50", "DenseNet121", "MobileNetV3Small", "EfficientNetB0")
 QUICK = {"models": ("MobileNetV3Small",), "size": 32, "batch": 2, "rounds": 1}
@@ -176,12 +175,7 @@ def main(argv=None):
     print()
     print(text)
     if args.out:
-        prefix = pathlib.Path(args.out)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        prefix.with_suffix(".md").write_text(text)
-        prefix.with_suffix(".json").write_text(
-            json.dumps(report, indent=1) + "\n"
-        )
+        write_report(args.out, text, report)
     return report
 
 
