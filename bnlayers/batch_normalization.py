@@ -180,7 +180,7 @@ class BatchNormalization(keras.layers.Layer):
             al., 2017). A batch that is not a multiple ends with one smaller
             ghost batch rather than raising: the last batch of an epoch in
             `fit()` is usually short, and tf-keras, whose reshape needed a
-            multiple (at inference too: keras issue 15790), failed there.
+            multiple (at inference too), failed there.
             Its examples are normalized with the statistics of fewer
             examples (with rank-2 inputs a last ghost batch of one example
             outputs `beta`, as any batch of one does); a batch size that is

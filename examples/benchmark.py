@@ -75,7 +75,7 @@ CASES = (
 )
 QUICK_CASES = (Case("tiny", (8, 6, 6, 4), -1, "smoke test"),)
 
-# Goals of the fast path (issue 4), checked against the figures.
+# Goals of the fast path, checked against the figures.
 GOALS = (
     (
         "training step <= 0.45x the built-in at the article's shape",
