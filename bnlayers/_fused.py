@@ -83,8 +83,12 @@ def implementation():
 
     Under XLA it is always "xla": XLA's lowering of the kernel loses the
     variance (see above). The device probe is `_gpu_visible`, which the
-    tests replace to run the kernel branch on CPU.
+    tests replace to run the kernel branch on CPU. None off the TensorFlow
+    backend, where there is no fast path (and TensorFlow, even where
+    installed, is not imported).
     """
+    if backend.backend() != "tensorflow":
+        return None
     if in_xla_context():
         return "xla"
     return "kernel" if _gpu_visible() else "xla"
