@@ -317,6 +317,33 @@ def moving_update(moving, value, momentum):
     return moving * momentum + value * (1.0 - momentum)
 
 
+def assert_training_step(layer, outputs, expected, moving, momentum, tol):
+    """Check one training step of `layer` against the reference's `expected`.
+
+    `outputs` is `(y, dx, dgamma, dbeta)` from the step, `expected` the dict
+    of `batch_norm` or `ghost_batch_norm` for the same batch, and `moving`
+    the `(moving_mean, moving_variance)` expected before the step. Asserts
+    the outputs, the gradients and the layer's moving statistics (unchanged
+    for features where nothing counted) and returns the moving statistics
+    expected after the step.
+    """
+    y, dx, dgamma, dbeta = outputs
+    assert_close(y, expected["y"], tol, "outputs")
+    assert_close(dx, expected["dx"], tol, "gradient wrt inputs")
+    assert_close(dgamma, expected["dgamma"], tol, "gradient wrt gamma")
+    assert_close(dbeta, expected["dbeta"], tol, "gradient wrt beta")
+    counted = expected["count"] > 0
+    moving_mean, moving_var = (
+        np.where(counted, moving_update(old, expected[key], momentum), old)
+        for old, key in zip(moving, ("mean", "var"), strict=True)
+    )
+    assert_close(layer.moving_mean.numpy(), moving_mean, tol, "moving mean")
+    assert_close(
+        layer.moving_variance.numpy(), moving_var, tol, "moving variance"
+    )
+    return moving_mean, moving_var
+
+
 def as_float64(x):
     """A float64 NumPy array from NumPy values or a tensor of any Keras backend
     (NumPy cannot read a PyTorch tensor that requires grad on its own)."""

@@ -62,27 +62,13 @@ def _check_against_reference(layer, batches, virtual_batch_size, mask_fn=None):
             mask,
             dy,
         )
-        y, dx, dgamma, dbeta = train_step(layer, x, dy, mask)
-        ref.assert_close(y, expected["y"], RTOL, "outputs")
-        ref.assert_close(dx, expected["dx"], RTOL, "gradient wrt inputs")
-        ref.assert_close(dgamma, expected["dgamma"], RTOL, "gradient wrt gamma")
-        ref.assert_close(dbeta, expected["dbeta"], RTOL, "gradient wrt beta")
-        counted = expected["count"] > 0
-        moving_mean = np.where(
-            counted,
-            ref.moving_update(moving_mean, expected["mean"], MOMENTUM),
-            moving_mean,
-        )
-        moving_var = np.where(
-            counted,
-            ref.moving_update(moving_var, expected["var"], MOMENTUM),
-            moving_var,
-        )
-        ref.assert_close(
-            layer.moving_mean.numpy(), moving_mean, RTOL, "moving mean"
-        )
-        ref.assert_close(
-            layer.moving_variance.numpy(), moving_var, RTOL, "moving variance"
+        moving_mean, moving_var = ref.assert_training_step(
+            layer,
+            train_step(layer, x, dy, mask),
+            expected,
+            (moving_mean, moving_var),
+            MOMENTUM,
+            RTOL,
         )
 
 
