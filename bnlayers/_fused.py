@@ -10,8 +10,8 @@ computation:
 
 - ``"xla"``: the batch-norm arithmetic written out here in TensorFlow ops,
   forward and backward (a `tf.custom_gradient`), each compiled by XLA into
-  a few fused loops: a training step at the article's shape costs 4.2 to
-  5.6 elementwise passes over the data, against 8 to 11 for the built-in
+  a few fused loops: a training step at the article's shape costs about
+  7 elementwise passes over the data, against 11 to 12 for the built-in
   layer's chain of ops (`examples/benchmark.py`; XLA runs the reductions
   on one thread and writes a temporary for each reduction of a product).
   On CPU this beats TensorFlow's fused kernel, a chain of Eigen
@@ -505,11 +505,12 @@ def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
     Under XLA and inside a `tf.distribute` replica function (where Keras'
     `fit`, `evaluate` and `predict` run their steps, with or without a
     strategy) this calls the compiled `inference`; eagerly, the same
-    function as a graph traced once for every shape (see `_xla_functions`). Any other traced graph
-    (what `model.export` traces for SavedModel, LiteRT and ONNX, or a
-    user's own `tf.function`) gets the same arithmetic as plain TensorFlow
-    ops, unfused (measured 1.7x to 2.7x the compiled call's time, like the
-    built-in layer's ops): converters such as tf2onnx cannot see into a
+    function as a graph traced once for every shape (see
+    `_xla_functions`). Any other traced graph (what `model.export` traces
+    for SavedModel, LiteRT and ONNX, or a user's own `tf.function`) gets
+    the same arithmetic as plain TensorFlow ops, unfused (1.25x to 1.28x
+    the built-in layer's inference step at convolution shapes,
+    `examples/benchmark.py`): converters such as tf2onnx cannot see into a
     nested XLA-compiled function, which reaches them as an opaque
     `PartitionedCall`.
     """
