@@ -502,24 +502,22 @@ def _xla_training(
 def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
     """Outputs with the moving statistics.
 
-    Under XLA and inside a `tf.distribute` replica function (where Keras'
-    `fit`, `evaluate` and `predict` run their steps, with or without a
-    strategy) this calls the compiled `inference`; eagerly, the same
-    function as a graph traced once for every shape (see
-    `_xla_functions`). Any other traced graph (what `model.export` traces
-    for SavedModel, LiteRT and ONNX, or a user's own `tf.function`) gets
-    the same arithmetic as plain TensorFlow ops, unfused (1.25x to 1.28x
-    the built-in layer's inference step at convolution shapes,
-    `examples/benchmark.py`): converters such as tf2onnx cannot see into a
-    nested XLA-compiled function, which reaches them as an opaque
-    `PartitionedCall`.
+    Traced in a graph (Keras' `fit`, `evaluate` and `predict`, a user's
+    own `tf.function`) this calls the XLA-compiled `inference`; eagerly,
+    the same function as a graph traced once for every shape (see
+    `_xla_functions`). Traced for an exporter (`_tracing_for_export`:
+    `model.export` for SavedModel, LiteRT and ONNX, `tf.saved_model.save`,
+    TensorFlow's LiteRT converter, tf2onnx) it is the same arithmetic as
+    plain TensorFlow ops: converters cannot see into a nested XLA-compiled
+    function, which reaches them as an opaque `PartitionedCall`.
     """
     import tensorflow as tf
 
     eager = tf.executing_eagerly()
     _, _, inference, inference_backward = _xla_functions(compiled=not eager)
-    if not eager and not in_xla_context() and not _in_replica_function():
+    if not eager and not in_xla_context() and _tracing_for_export():
         inference = inference.python_function
+        inference_backward = inference_backward.python_function
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
@@ -533,19 +531,31 @@ def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
     return normalize(x, gamma, beta)
 
 
-def _in_replica_function():
-    """True inside `strategy.run` (Keras' train, test and predict steps)."""
-    import tensorflow as tf
+# Modules whose code traces functions in order to convert or save them.
+_EXPORTERS = (
+    "keras.src.export.",
+    "tensorflow.python.saved_model.",
+    "tensorflow.lite.",
+    "tf2onnx.",
+)
 
-    try:
-        from tensorflow.python.distribute import distribute_lib
-    except ImportError:  # pragma: no cover - private module moved
-        return True
-    context = tf.distribute.get_replica_context()
-    return (
-        context is not None
-        and context is not distribute_lib._get_default_replica_context()
-    )
+
+def _tracing_for_export():
+    """True when an exporter's code is on the call stack (checked at trace time only).
+
+    `tf.saved_model.save` traces anew what it writes, so a SavedModel
+    always holds plain ops; a concrete function that the user's own code
+    traced and then hands to a converter keeps the compiled call.
+    """
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith(_EXPORTERS):
+            return True
+        frame = frame.f_back
+    return False
 
 
 # ------------------------------------------------------------- kernel path

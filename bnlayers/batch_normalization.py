@@ -203,11 +203,10 @@ class BatchNormalization(keras.layers.Layer):
             `virtual_batch_size` and no `synchronized` strategy of several
             replicas;
             `bnlayers.fused_eligibility(layer, inputs)` gives the reason
-            when it is not. Off a GPU, inference in a graph traced outside
-            Keras' `fit`/`evaluate`/`predict` steps and outside XLA (as
-            `model.export` traces it for SavedModel, LiteRT and ONNX) is
-            written as plain TensorFlow ops, which converters know (at
-            1.25x to 1.28x the built-in's inference time in such a graph).
+            when it is not. Off a GPU, inference in a graph traced by an
+            exporter (`model.export` for SavedModel, LiteRT and ONNX,
+            `tf.saved_model.save`, TensorFlow's LiteRT converter, tf2onnx)
+            is written as plain TensorFlow ops, which converters know.
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:

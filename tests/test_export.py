@@ -129,45 +129,56 @@ def test_litert_runs_in_ai_edge_litert(model, inputs, tmp_path):
 @pytest.mark.backends(
     "tensorflow", reason="the fused fast path exists on TensorFlow only"
 )
-def test_export_traces_plain_ops_and_predict_keeps_the_compiled_call(
-    inputs, monkeypatch
+def test_export_traces_plain_ops_and_other_graphs_keep_the_compiled_call(
+    inputs, tmp_path
 ):
-    """Converters need plain ops; Keras' predict and evaluate keep the
-    XLA-compiled call (the fast path's speed)."""
+    """Converters need plain ops; Keras' predict and a user's own
+    `tf.function` keep the XLA-compiled call (the fast path's speed)."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
 
-    def compiled(concrete):
-        library = concrete.graph.as_graph_def().library.function
+    def compiled(library):
         return [
             f.signature.name for f in library if f.attr["_XlaMustCompile"].b
         ]
 
+    def traced(concrete):
+        return compiled(concrete.graph.as_graph_def().library.function)
+
+    def saved(path):
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+        return compiled(proto.meta_graphs[0].graph_def.library.function)
+
     model = article_model(bnlayers.BatchNormalization())
     model.predict(inputs, verbose=0)
-    traced = model.predict_function._list_all_concrete_functions()
-    assert traced and all(compiled(f) for f in traced)
-    # evaluate's step is not reachable as a tf.function: a spy records
-    # the choice its trace made.
-    from bnlayers import _fused
+    steps = model.predict_function._list_all_concrete_functions()
+    assert steps and all(traced(f) for f in steps)
+    own = tf.function(lambda x: model(x, training=False))
+    assert traced(own.get_concrete_function(tf.constant(inputs)))
 
-    choices = []
-    in_replica = _fused._in_replica_function
-
-    def spy():
-        choices.append(in_replica())
-        return choices[-1]
-
-    monkeypatch.setattr(_fused, "_in_replica_function", spy)
-    model.compile(loss="sparse_categorical_crossentropy")
-    model.evaluate(inputs, np.zeros(len(inputs)), verbose=0)
-    assert choices and all(choices)
-    monkeypatch.undo()
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    spec = keras.InputSpec(shape=(None, 28, 28, 1), dtype="float32")
-    endpoint = archive.add_endpoint(
-        "serve", model.__call__, input_signature=[spec]
+    # What model.export writes for SavedModel (and LiteRT converts).
+    model.export(
+        str(tmp_path / "exported"), format="tf_saved_model", verbose=False
     )
-    assert compiled(endpoint.get_concrete_function()) == []
+    assert saved(tmp_path / "exported") == []
+    # A function first traced while tf.saved_model.save writes it.
+    module = tf.Module()
+    module.model = model
+    module.serve = tf.function(
+        lambda x: model(x, training=False),
+        input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)],
+    )
+    tf.saved_model.save(module, str(tmp_path / "module"))
+    assert saved(tmp_path / "module") == []
+    # Saving retraces what it writes: traced by the user before, the same.
+    module.serve = tf.function(
+        lambda x: model(x, training=False),
+        input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)],
+    )
+    assert traced(module.serve.get_concrete_function())
+    tf.saved_model.save(module, str(tmp_path / "traced"))
+    assert saved(tmp_path / "traced") == []
 
 
 @pytest.mark.slow
