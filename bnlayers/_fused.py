@@ -290,23 +290,17 @@ def _count(x, axis, dtype):
 
 
 @functools.cache
-def _xla_functions(compiled=True):
-    """The four functions: XLA-compiled, or (`compiled=False`) plain graphs.
+def _xla_functions():
+    """The four XLA-compiled functions, traced once per input signature.
 
-    Called while tracing (fit(), tf.function), a compiled function is
-    traced once for the traced shape. Called eagerly it would be traced and
-    compiled anew for every input shape (20 batch sizes, 20 compilations and
-    TensorFlow's retracing warnings), so eager calls take plain graph
-    functions whose shapes relax after the first retrace.
+    Only graphs call them (fit(), a tf.function): there a compiled function
+    is traced once for the traced shape. Eager calls take plain ops
+    (`_plain_training`, `_plain_inference`) instead, which compile nothing
+    for a new input shape.
     """
     import tensorflow as tf
 
-    if compiled:
-        function = functools.partial(
-            tf.function, jit_compile=True, autograph=False
-        )
-    else:
-        function = _shape_agnostic_function
+    function = functools.partial(tf.function, jit_compile=True, autograph=False)
 
     def merged(x, axis):
         shape = tf.shape(x, out_type=tf.int64)
@@ -433,46 +427,24 @@ def _xla_functions(compiled=True):
     return forward, backward, inference, inference_backward
 
 
-def _shape_agnostic_function(python_function):
-    """A graph function traced once for every shape of its tensor arguments.
-
-    Each new combination of dtypes, ranks and Python arguments is traced
-    once with every dimension unknown; calls with concrete shapes then
-    reuse that trace (TensorFlow dispatches to a trace whose signature is
-    more general), where a plain `tf.function` would trace again.
-    """
-    import tensorflow as tf
-
-    graph = tf.function(python_function, autograph=False)
-    traced = set()
-
-    def call(*args):
-        key = tuple(
-            (a.dtype, a.shape.rank) if tf.is_tensor(a) else a for a in args
-        )
-        if key not in traced:
-            specs = [
-                tf.TensorSpec([None] * a.shape.rank, a.dtype)
-                if tf.is_tensor(a)
-                else a
-                for a in args
-            ]
-            graph.get_concrete_function(*specs)
-            traced.add(key)
-        return graph(*args)
-
-    call.graph = graph
-    return call
-
-
 def _xla_training(
     x, gamma, beta, moving_mean, moving_var, epsilon, momentum, axis, out_dtype
 ):
     import tensorflow as tf
 
-    forward, backward, _, _ = _xla_functions(
-        compiled=not tf.executing_eagerly()
-    )
+    if tf.executing_eagerly():
+        return _plain_training(
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_var,
+            epsilon,
+            momentum,
+            axis,
+            out_dtype,
+        )
+    forward, backward, _, _ = _xla_functions()
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
@@ -499,25 +471,70 @@ def _xla_training(
     return y, tf.stop_gradient(new_mean), tf.stop_gradient(new_var)
 
 
+def _plain_training(
+    x, gamma, beta, moving_mean, moving_var, epsilon, momentum, axis, out_dtype
+):
+    """`forward` as plain eager ops on `x` in its own layout.
+
+    Eagerly there is nothing to fuse: a compiled call would compile for
+    every new input shape, and even a graph call costs more in dispatch
+    than these few ops; the tape differentiates them.
+    """
+    import tensorflow as tf
+
+    rank = x.shape.rank
+    reduction = [i for i in range(rank) if i != axis]
+    x = tf.cast(x, gamma.dtype)
+    if x.shape.num_elements() == 0:
+        # An empty batch leaves the moving statistics as they are; gamma and
+        # beta still get their (zero) gradients.
+        shape = [1] * rank
+        shape[axis] = -1
+        y = x * tf.reshape(gamma, shape) + tf.reshape(beta, shape)
+        return tf.cast(y, out_dtype), moving_mean, moving_var
+    # Every sum is of x - shift (the first sample of each feature, as
+    # `_math.choose_shift`): the offset of the data never enters the rounding.
+    shift = tf.stop_gradient(
+        x[tuple(slice(None) if i == axis else slice(0, 1) for i in range(rank))]
+    )
+    d = x - shift
+    residual = tf.reduce_mean(d, reduction, keepdims=True)
+    centred = d - residual
+    var = tf.reduce_mean(tf.square(centred), reduction, keepdims=True)
+    per_feature = tf.shape(var)
+    scale = tf.math.rsqrt(var + epsilon) * tf.reshape(gamma, per_feature)
+    y = centred * scale + tf.reshape(beta, per_feature)
+    mean = tf.stop_gradient(tf.reshape(shift + residual, [-1]))
+    var = tf.stop_gradient(tf.reshape(var, [-1]))
+    return (
+        tf.cast(y, out_dtype),
+        _math.moving_average(moving_mean, mean, momentum),
+        _math.moving_average(moving_var, var, momentum),
+    )
+
+
 def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
     """Outputs with the moving statistics.
 
     Traced in a graph (Keras' `fit`, `evaluate` and `predict`, a user's
-    own `tf.function`) this calls the XLA-compiled `inference`; eagerly,
-    the same function as a graph traced once for every shape (see
-    `_xla_functions`). Traced for an exporter (`_tracing_for_export`:
-    `model.export` for SavedModel, LiteRT and ONNX, `tf.saved_model.save`,
-    TensorFlow's LiteRT converter, tf2onnx) it is the same arithmetic as
-    plain TensorFlow ops: converters cannot see into a nested XLA-compiled
-    function, which reaches them as an opaque `PartitionedCall`.
+    own `tf.function`) this calls the XLA-compiled `inference`. Eagerly,
+    and traced for an exporter (`_tracing_for_export`: `model.export` for
+    SavedModel, LiteRT and ONNX, `tf.saved_model.save`, TensorFlow's LiteRT
+    converter, tf2onnx), it is the same arithmetic as a few plain
+    TensorFlow ops (`_plain_inference`): eagerly, a compiled or graph call
+    costs more than these few ops on the tensors Keras users call eagerly;
+    converters cannot see into a nested XLA-compiled function, which
+    reaches them as an opaque `PartitionedCall`.
     """
     import tensorflow as tf
 
-    eager = tf.executing_eagerly()
-    _, _, inference, inference_backward = _xla_functions(compiled=not eager)
-    if not eager and not in_xla_context() and _tracing_for_export():
-        inference = inference.python_function
-        inference_backward = inference_backward.python_function
+    if tf.executing_eagerly() or (
+        not in_xla_context() and _tracing_for_export()
+    ):
+        return _plain_inference(
+            x, mean, var, gamma, beta, epsilon, axis, out_dtype
+        )
+    _, _, inference, inference_backward = _xla_functions()
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
@@ -529,6 +546,31 @@ def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
         return y, grad
 
     return normalize(x, gamma, beta)
+
+
+def _plain_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
+    """`inference` as plain ops on `x` in its own layout (autodiff gives the gradients)."""
+    import tensorflow as tf
+
+    rank = x.shape.rank
+    if axis == rank - 1:
+
+        def per_feature(v):
+            return v
+
+    else:
+        shape = [1] * rank
+        shape[axis] = -1
+
+        def per_feature(v):
+            return tf.reshape(v, shape)
+
+    x = tf.cast(x, gamma.dtype)
+    # The mean is subtracted before scaling, as everywhere (x * a + b would
+    # lose digits when the mean is large next to the spread).
+    scale = tf.math.rsqrt(var + epsilon) * gamma
+    y = (x - per_feature(mean)) * per_feature(scale) + per_feature(beta)
+    return tf.cast(y, out_dtype)
 
 
 # Modules whose code traces functions in order to convert or save them.

@@ -196,9 +196,8 @@ class BatchNormalization(keras.layers.Layer):
             path computes the same thing in a few fused loops: on a GPU
             with TensorFlow's fused batch-norm kernel (cuDNN), elsewhere
             and under `jit_compile=True` with the arithmetic compiled by
-            XLA (eager calls off a GPU run the same arithmetic as a graph
-            traced once for every batch size, rather than compiled for
-            each new shape). It is eligible on the TensorFlow backend with
+            XLA (eager calls off a GPU run the same arithmetic as plain
+            eager ops, rather than compiled for each new shape). It is eligible on the TensorFlow backend with
             a single feature axis, no mask, no `renorm`, no
             `virtual_batch_size` and no `synchronized` strategy of several
             replicas;

@@ -87,12 +87,11 @@ def test_integer_and_bool_inputs_are_cast_like_the_builtin(dtype):
 @pytest.mark.backends(
     "tensorflow", reason="tf.function tracing and XLA compilation"
 )
-def test_eager_calls_on_many_batch_sizes_trace_once():
-    """Eager calls with a new batch size each time: no retracing, no warning.
+def test_eager_calls_on_many_batch_sizes_trace_nothing():
+    """Eager calls with a new batch size each time: no tracing, no warning.
 
-    The fast path's graph functions are traced once per dtype, rank and
-    feature axis; XLA-compiled functions are left to traced code (fit(),
-    tf.function), where they are traced once for the traced shape.
+    Eagerly the fast path is plain ops; its XLA-compiled functions are left
+    to traced code (fit(), tf.function), traced once for the traced shape.
     """
     import tensorflow as tf
 
@@ -123,16 +122,8 @@ def test_eager_calls_on_many_batch_sizes_trace_once():
         tf.get_logger().removeHandler(handler)
     assert not [m for m in records if "retracing" in m], records
 
-    eager = _fused._xla_functions(compiled=False)
-    compiled = _fused._xla_functions(compiled=True)
-    eager_before = [f.graph.experimental_get_tracing_count() for f in eager]
-    compiled_before = [f.experimental_get_tracing_count() for f in compiled]
+    compiled = _fused._xla_functions()
+    before = [f.experimental_get_tracing_count() for f in compiled]
     calls(range(13, 23))
-    # Eager calls ran these graph functions, and 10 more batch sizes traced none.
-    assert min(eager_before) >= 1, eager_before
-    assert [
-        f.graph.experimental_get_tracing_count() for f in eager
-    ] == eager_before
-    assert [
-        f.experimental_get_tracing_count() for f in compiled
-    ] == compiled_before
+    # Eager calls run plain ops: 10 more batch sizes compiled nothing.
+    assert [f.experimental_get_tracing_count() for f in compiled] == before
