@@ -197,8 +197,8 @@ class BatchNormalization(keras.layers.Layer):
             with TensorFlow's fused batch-norm kernel (cuDNN), elsewhere
             and under `jit_compile=True` with the arithmetic compiled by
             XLA (eager calls off a GPU run the same arithmetic as plain
-            eager ops, rather than compiled for each new shape). It is eligible on the TensorFlow backend with
-            a single feature axis, no mask, no `renorm`, no
+            eager ops, rather than compiled for each new shape). It is
+            eligible on the TensorFlow backend with a single feature axis, no mask, no `renorm`, no
             `virtual_batch_size` and no `synchronized` strategy of several
             replicas;
             `bnlayers.fused_eligibility(layer, inputs)` gives the reason
