@@ -198,9 +198,9 @@ class BatchNormalization(keras.layers.Layer):
             and under `jit_compile=True` with the arithmetic compiled by
             XLA (eager calls off a GPU run the same arithmetic as plain
             eager ops, rather than compiled for each new shape). It is
-            eligible on the TensorFlow backend with a single feature axis, no mask, no `renorm`, no
-            `virtual_batch_size` and no `synchronized` strategy of several
-            replicas;
+            eligible on the TensorFlow backend with a single feature axis,
+            no mask, no `renorm`, no `virtual_batch_size` and no
+            `synchronized` strategy of several replicas;
             `bnlayers.fused_eligibility(layer, inputs)` gives the reason
             when it is not. Off a GPU, inference in a graph traced by an
             exporter (`model.export` for SavedModel, LiteRT and ONNX,
