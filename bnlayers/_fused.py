@@ -590,8 +590,9 @@ def _tracing_for_export():
     traced and then hands to a converter keeps the compiled call.
     """
     import sys
+    import types
 
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if module.startswith(_EXPORTERS):

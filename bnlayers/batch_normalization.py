@@ -1,6 +1,11 @@
 """`bnlayers.BatchNormalization`: a from-scratch drop-in for Keras' own layer."""
 
+from __future__ import annotations
+
 import numbers
+from collections.abc import Sequence
+from typing import Any
+from typing import TypeAlias
 
 import keras
 from keras import backend
@@ -14,6 +19,12 @@ from bnlayers import _math
 from bnlayers import _sync
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+# What the constructor takes for each, as `keras.initializers.get` and the
+# like do: a name, a config dict, or an instance.
+Initializer: TypeAlias = "str | dict[str, Any] | keras.initializers.Initializer"
+Regularizer: TypeAlias = "str | dict[str, Any] | keras.regularizers.Regularizer"
+Constraint: TypeAlias = "str | dict[str, Any] | keras.constraints.Constraint"
 
 
 def _check_fraction(name, value):
@@ -250,29 +261,50 @@ class BatchNormalization(keras.layers.Layer):
     ```
     """
 
+    # The configuration, as `__init__` resolves it.
+    axis: int | list[int]
+    momentum: float
+    epsilon: float
+    center: bool
+    scale: bool
+    beta_initializer: Any
+    gamma_initializer: Any
+    moving_mean_initializer: Any
+    moving_variance_initializer: Any
+    beta_regularizer: Any
+    gamma_regularizer: Any
+    beta_constraint: Any
+    gamma_constraint: Any
+    renorm: bool
+    renorm_clipping: dict[str, float] | None
+    renorm_momentum: float
+    synchronized: bool
+    virtual_batch_size: int | None
+    fused: bool | None
+
     def __init__(
         self,
-        axis=-1,
-        momentum=0.99,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        renorm=False,
-        renorm_clipping=None,
-        renorm_momentum=0.99,
-        synchronized=False,
-        virtual_batch_size=None,
-        fused=None,
-        **kwargs,
-    ):
+        axis: int | Sequence[int] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: Initializer = "zeros",
+        gamma_initializer: Initializer = "ones",
+        moving_mean_initializer: Initializer = "zeros",
+        moving_variance_initializer: Initializer = "ones",
+        beta_regularizer: Regularizer | None = None,
+        gamma_regularizer: Regularizer | None = None,
+        beta_constraint: Constraint | None = None,
+        gamma_constraint: Constraint | None = None,
+        renorm: bool = False,
+        renorm_clipping: dict[str, float] | None = None,
+        renorm_momentum: float = 0.99,
+        synchronized: bool = False,
+        virtual_batch_size: int | None = None,
+        fused: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.axis = _check_axis(axis)
         self.momentum = _check_fraction("momentum", momentum)
@@ -345,16 +377,17 @@ class BatchNormalization(keras.layers.Layer):
         self.fused = fused
 
         self.supports_masking = True
-        self.gamma = None
-        self.beta = None
-        self.moving_mean = None
-        self.moving_variance = None
-        self._feature_axes = None
-        self._reduction_axes = None
+        # Variables once built (`build`); None before.
+        self.gamma: Any = None
+        self.beta: Any = None
+        self.moving_mean: Any = None
+        self.moving_variance: Any = None
+        self._feature_axes: list[int] = []
+        self._reduction_axes: list[int] = []
 
     # ------------------------------------------------------------------ build
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         ndim = len(input_shape)
         self._feature_axes = _geometry.feature_axes(
             self.axis, ndim, input_shape, self.virtual_batch_size
@@ -432,7 +465,9 @@ class BatchNormalization(keras.layers.Layer):
             ndim=ndim, axes={a: input_shape[a] for a in self._feature_axes}
         )
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(
+        self, input_shape: tuple[int | None, ...]
+    ) -> tuple[int | None, ...]:
         _geometry.feature_axes(
             self.axis, len(input_shape), input_shape, self.virtual_batch_size
         )
@@ -454,7 +489,9 @@ class BatchNormalization(keras.layers.Layer):
         )
         return inputs, weights
 
-    def call(self, inputs, training=None, mask=None):
+    def call(
+        self, inputs: Any, training: bool | None = None, mask: Any = None
+    ) -> Any:
         inputs, weights = self._prepare_call_inputs(inputs, mask)
         use_batch_statistics = bool(training) and self.trainable
 
@@ -715,7 +752,7 @@ class BatchNormalization(keras.layers.Layer):
 
     # ----------------------------------------------------------------- config
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             {

@@ -45,7 +45,7 @@ class ChannelAffine(keras.layers.Layer):
             )
         self.axis = axis
         self.supports_masking = True
-        self._feature_axes = None
+        self._feature_axes: list[int] = []  # set by build
 
     def build(self, input_shape):
         ndim = len(input_shape)

@@ -237,7 +237,7 @@ def _array_batches(data, steps, batch_size):
         for start in range(0, size, batch_size)
     )
     return _take(iterator, steps, unpack=False), _at_most(
-        math.ceil(size / batch_size), steps
+        math.ceil(size / int(batch_size)), steps
     )
 
 
@@ -271,7 +271,7 @@ def _calibration_mode(layers):
     fixed during the pass, and the snapshot puts back every bit afterwards
     whatever the layer's arithmetic.
     """
-    captured = {}
+    captured: dict[Any, Any] = {}
     snapshot = [
         (v, ops.convert_to_numpy(v))
         for layer in layers
