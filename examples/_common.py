@@ -416,8 +416,12 @@ def machine_line():
     return f"{os.cpu_count()} CPU cores, {cpu_name()}, {accelerator(backend)}; {soft}"
 
 
-def write_report(prefix, text, data):
-    """Write `text` to PREFIX.md and `data` as JSON to PREFIX.json."""
+def publish(text, data, prefix=None):
+    """Print `text`; with a `prefix`, also write it to PREFIX.md and `data` as JSON to
+    PREFIX.json."""
+    print(text)
+    if prefix is None:
+        return
     prefix = pathlib.Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(f"{prefix}.md").write_text(text)

@@ -53,7 +53,7 @@ from _common import interleaved  # noqa: E402
 from _common import load_average  # noqa: E402
 from _common import load_bundled  # noqa: E402
 from _common import median_ratio  # noqa: E402
-from _common import write_report  # noqa: E402
+from _common import publish  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,11 +448,8 @@ def main(argv=None):
         ["python", "examples/benchmark.py"]
         + list(sys.argv[1:] if argv is None else argv)
     )
-    text = markdown(report)
     print()
-    print(text)
-    if args.out:
-        write_report(args.out, text, report)
+    publish(markdown(report), report, args.out)
     return report
 
 

@@ -57,7 +57,7 @@ from _common import article_model  # noqa: E402
 from _common import interleaved  # noqa: E402
 from _common import load_average  # noqa: E402
 from _common import median_ratio  # noqa: E402
-from _common import write_report  # noqa: E402
+from _common import publish  # noqa: E402
 
 SHAPES = {
     "article": (
@@ -345,10 +345,7 @@ def main(argv=None):
             pathlib.Path(args.json).write_text(json.dumps(reports[0], indent=1))
             return 0
 
-    text = markdown(reports)
-    print(text)
-    if args.out:
-        write_report(args.out, text, reports)
+    publish(markdown(reports), reports, args.out)
     return 0
 
 

@@ -40,7 +40,7 @@ from _common import interleaved  # noqa: E402
 from _common import load_average  # noqa: E402
 from _common import machine_line  # noqa: E402
 from _common import median_ratio  # noqa: E402
-from _common import write_report  # noqa: E402
+from _common import publish  # noqa: E402
 
 MODELS = ("ResNet50", "DenseNet121", "MobileNetV3Small", "EfficientNetB0")
 QUICK = {"models": ("MobileNetV3Small",), "size": 32, "batch": 2, "rounds": 1}
@@ -171,11 +171,8 @@ def main(argv=None):
             )
     report["load_after"] = load_average()
     report["machine"] = machine_line()
-    text = markdown(report)
     print()
-    print(text)
-    if args.out:
-        write_report(args.out, text, report)
+    publish(markdown(report), report, args.out)
     return report
 
 
