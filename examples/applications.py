@@ -21,8 +21,8 @@ random BN statistics and affine weights, then swapped with
   float32 both implementations are far from the exact gradient, each its own
   way (5e-4 to 1e-2 on DenseNet121), so float32 gradients or losses after
   optimizer steps would measure that noise, not the layer. On JAX and
-  PyTorch Keras' built-in layer computes float64 inputs in float32, so there
-  this figure is the built-in's rounding (see BUILTIN_FLOAT32_GRAD64_REL).
+  PyTorch Keras' built-in layer is no float64 reference (see `bounds`): the
+  figure is reported there, not checked.
 
 Run from the repository root, on any Keras backend:
 
@@ -63,24 +63,6 @@ BOUNDS = {
     # of the model's largest gradient, so 1e-12 against GRADIENT_FLOOR)
     "grad64_rel": 1e-9,
 }
-# Off TensorFlow, Keras' built-in layer computes float64 inputs in float32
-# (it casts them to `keras.backend.result_type(dtype, "float32")`, which is
-# float32 on JAX and PyTorch; tests/test_parity.py measures it at about 1e-6
-# from float64 where bnlayers is at 1e-15), so the float64 comparison there
-# measures the built-in's float32 rounding: 2.3e-5 on JAX and 1.8e-5 on
-# PyTorch on MobileNetV3Small at 32x32.
-BUILTIN_FLOAT32_GRAD64_REL = 2e-4
-
-
-def bounds():
-    """BOUNDS on the current Keras backend."""
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
-        return BOUNDS
-    return dict(BOUNDS, grad64_rel=BUILTIN_FLOAT32_GRAD64_REL)
-
-
 # Some gradients are zero in exact arithmetic: the beta of a BN whose output
 # goes through a convolution into another BN in training mode, which removes
 # any constant shift (MobileNetV3Small's "project" BNs). Computed, they are
@@ -90,6 +72,24 @@ def bounds():
 # difference is therefore measured against its own largest gradient or a
 # thousandth of the model's largest, whichever is larger.
 GRADIENT_FLOOR = 1e-3
+
+# Off TensorFlow, Keras' built-in layer is no float64 reference: it computes
+# float64 inputs in float32 (it casts them to
+# `keras.backend.result_type(dtype, "float32")`, which is float32 on JAX and
+# PyTorch; tests/test_parity.py measures it at about 1e-6 from float64 where
+# bnlayers is at 1e-15), and on PyTorch its variance is E[x^2] - E[x]^2,
+# which cancels where a bias before the BN makes the mean large next to the
+# spread (ResNet50). There the float64 gradient difference measures the
+# built-in's error; it is reported, not bounded.
+
+
+def bounds():
+    """BOUNDS on the current Keras backend (None: reported, not bounded)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        return BOUNDS
+    return dict(BOUNDS, grad64_rel=None)
 
 
 def build(name, size=64, seed=0, **options):
@@ -288,7 +288,7 @@ def failures(result):
     for key in ("prediction_rel", "loss32", "grad64_rel"):
         value = result.get(key)
         bound = bounds()[key]
-        if value is not None and not value <= bound:
+        if value is not None and bound is not None and not value <= bound:
             found.append(f"{key} {value:.2e} > {bound:.0e}")
     return found
 

@@ -43,20 +43,20 @@ def test_every_batchnorm_layer_is_swapped(result):
 
 
 def test_inference_logits_agree(result):
-    assert (
-        result["prediction_rel"] <= applications.bounds()["prediction_rel"]
-    ), result
+    assert result["prediction_rel"] <= applications.BOUNDS["prediction_rel"], (
+        result
+    )
 
 
 def test_first_training_loss_agrees(result):
     if result["loss32"] is None:
         pytest.skip(f"{result['model']}: {result['loss32_skipped']}")
-    assert result["loss32"] <= applications.bounds()["loss32"], result
+    assert result["loss32"] <= applications.BOUNDS["loss32"], result
 
 
 def test_float64_gradients_agree(result):
     assert result["weights"] > 100, result
-    assert result["grad64_rel"] <= applications.bounds()["grad64_rel"], result
+    assert result["grad64_rel"] <= applications.BOUNDS["grad64_rel"], result
     # The loss itself, in float64, to a few units of its last place.
     assert result["loss64"] <= 1e-12, result
 
