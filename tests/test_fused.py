@@ -538,7 +538,7 @@ def test_second_order_gradients(implementation, training):
 @pytest.mark.parametrize("execution", ["eager", "function"])
 def test_inference_at_a_large_mean_is_exact(implementation, execution):
     """At a moving mean of 1e6 (spread 1) inference stays within float32
-    rounding of float64 on both implementations (measured 9.5e-7): the mean
+    rounding of float64 on both implementations (measured 2.7e-7): the mean
     is subtracted before scaling (`x * a + b` would be off by 0.06 there)."""
     rng = np.random.default_rng(7)
     mean = (1e6 + rng.uniform(-1, 1, 3)).astype("float32")
@@ -553,4 +553,4 @@ def test_inference_at_a_large_mean_is_exact(implementation, execution):
     expected = (x.astype("float64") - mean) / np.sqrt(
         var.astype("float64") + 1e-3
     )
-    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=3e-6)
