@@ -484,14 +484,13 @@ def _plain_training(
 
     rank = x.shape.rank
     reduction = [i for i in range(rank) if i != axis]
+    shape = _geometry.param_shape([axis], rank, [-1])
+    gamma, beta = tf.reshape(gamma, shape), tf.reshape(beta, shape)
     x = tf.cast(x, gamma.dtype)
     if x.shape.num_elements() == 0:
         # An empty batch leaves the moving statistics as they are; gamma and
         # beta still get their (zero) gradients.
-        shape = [1] * rank
-        shape[axis] = -1
-        y = x * tf.reshape(gamma, shape) + tf.reshape(beta, shape)
-        return tf.cast(y, out_dtype), moving_mean, moving_var
+        return tf.cast(x * gamma + beta, out_dtype), moving_mean, moving_var
     # Every sum is of x - shift (the first sample of each feature, as
     # `_math.choose_shift`): the offset of the data never enters the rounding.
     shift = tf.stop_gradient(
@@ -501,9 +500,7 @@ def _plain_training(
     residual = tf.reduce_mean(d, reduction, keepdims=True)
     centred = d - residual
     var = tf.reduce_mean(tf.square(centred), reduction, keepdims=True)
-    per_feature = tf.shape(var)
-    scale = tf.math.rsqrt(var + epsilon) * tf.reshape(gamma, per_feature)
-    y = centred * scale + tf.reshape(beta, per_feature)
+    y = centred * (tf.math.rsqrt(var + epsilon) * gamma) + beta
     mean = tf.stop_gradient(tf.reshape(shift + residual, [-1]))
     var = tf.stop_gradient(tf.reshape(var, [-1]))
     return (
@@ -559,8 +556,7 @@ def _plain_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
             return v
 
     else:
-        shape = [1] * rank
-        shape[axis] = -1
+        shape = _geometry.param_shape([axis], rank, [-1])
 
         def per_feature(v):
             return tf.reshape(v, shape)
