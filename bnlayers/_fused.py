@@ -50,7 +50,8 @@ from bnlayers import _math
 
 # FusedBatchNormV3 computes in float32 (its `U` type) for these input types.
 _KERNEL_DTYPES = ("float16", "bfloat16", "float32")
-_XLA_DTYPES = _KERNEL_DTYPES + ("float64",)
+# What every other implementation takes.
+_DTYPES = _KERNEL_DTYPES + ("float64",)
 
 # cuDNN rejects a smaller epsilon (CUDNN_BN_MIN_EPSILON is 1e-5; and
 # tf.nn.fused_batch_norm silently raises anything smaller to this value).
@@ -79,15 +80,19 @@ def in_xla_context():
 
 
 def implementation():
-    """ "kernel" (FusedBatchNormV3) when a GPU is visible and not under XLA, else "xla".
+    """The fast path's implementation for this backend and context, or None.
 
-    Under XLA it is always "xla": XLA's lowering of the kernel loses the
-    variance (see above). The device probe is `_gpu_visible`, which the
-    tests replace to run the kernel branch on CPU. None off the TensorFlow
-    backend, where there is no fast path (and TensorFlow, even where
-    installed, is not imported).
+    On TensorFlow, "kernel" (FusedBatchNormV3) when a GPU is visible and not
+    under XLA, else "xla". Under XLA it is always "xla": XLA's lowering of
+    the kernel loses the variance (see above). The device probe is
+    `_gpu_visible`, which the tests replace to run the kernel branch on CPU.
+    On PyTorch, "torch" (`_fast_torch`). None on a backend with no fast
+    path. Only the running backend's framework is imported.
     """
-    if backend.backend() != "tensorflow":
+    name = backend.backend()
+    if name == "torch":
+        return "torch"
+    if name != "tensorflow":
         return None
     if in_xla_context():
         return "xla"
@@ -108,10 +113,11 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
     `virtual_batch_size`, `synchronized`, `epsilon`, `axis`); `inputs` is
     anything with `.shape` and `.dtype` (a tensor, a KerasTensor, a
     `tf.TensorSpec`); `feature_axes` are the resolved feature axes;
-    `implementation` is what `implementation()` returned.
+    `implementation` is what `implementation()` returned. The rules every
+    implementation shares come first, then each implementation's own.
     """
-    if backend.backend() != "tensorflow":
-        return f"the Keras backend is {backend.backend()!r}, not 'tensorflow'"
+    if implementation is None:
+        return f"the Keras backend is {backend.backend()!r}, which has no fused fast path"
     if mask is not None:
         return "a mask is given (the fused path cannot leave positions out of the statistics)"
     if layer.renorm:
@@ -130,23 +136,24 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
                 f"synchronized=True with {replicas.num_replicas_in_sync} replicas (the fused "
                 "path sees one replica's batch only)"
             )
-    shape = _static_shape(inputs)
     if len(feature_axes) != 1:
         return f"axis={layer.axis!r} names several feature axes (the fused path takes one)"
     dtype = backend.standardize_dtype(inputs.dtype)
     if not backend.is_float_dtype(dtype):
         # The layer casts integer and bool inputs before this point.
         dtype = _math.statistics_dtype(layer.compute_dtype)
-    kernel = implementation == "kernel"
-    dtypes = _KERNEL_DTYPES if kernel else _XLA_DTYPES
+    dtypes = _KERNEL_DTYPES if implementation == "kernel" else _DTYPES
     if dtype not in dtypes:
         return f"inputs of dtype {dtype} (the fused path takes {', '.join(dtypes)})"
-    if not kernel and None in shape[1:] and not in_xla_context():
-        return (
-            f"input shape {shape} has an unknown dimension besides the batch (a variable "
-            "length?): the XLA-compiled fast path would compile anew for every size"
-        )
-    if kernel and layer.epsilon < KERNEL_MIN_EPSILON:
+    if implementation == "xla":
+        shape = _static_shape(inputs)
+        if None in shape[1:] and not in_xla_context():
+            return (
+                f"input shape {shape} has an unknown dimension besides the batch (a "
+                "variable length?): the XLA-compiled fast path would compile anew for "
+                "every size"
+            )
+    if implementation == "kernel" and layer.epsilon < KERNEL_MIN_EPSILON:
         return (
             f"epsilon={layer.epsilon!r} is below {KERNEL_MIN_EPSILON}, the smallest "
             "TensorFlow's fused kernel accepts on GPUs (cuDNN)"
@@ -189,13 +196,27 @@ def training(
         axis: the one feature axis, non-negative.
         epsilon, momentum: Python floats.
         out_dtype: the dtype of the outputs (the layer's compute dtype).
-        implementation: "xla" or "kernel", from `implementation()`.
+        implementation: "xla", "kernel" or "torch", from `implementation()`.
 
     Returns:
         `(y, new_moving_mean, new_moving_variance)`; the moving statistics
         in the statistics dtype, unchanged where the batch is empty. Only
         `y` carries gradients (to `x`, `gamma` and `beta`).
     """
+    if implementation == "torch":
+        from bnlayers import _fast_torch
+
+        return _fast_torch.training(
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            axis,
+            epsilon,
+            momentum,
+            out_dtype,
+        )
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
@@ -238,6 +259,12 @@ def inference(
     implementation,
 ):
     """Batch normalization with the moving statistics; arguments as `training`."""
+    if implementation == "torch":
+        from bnlayers import _fast_torch
+
+        return _fast_torch.inference(
+            x, gamma, beta, moving_mean, moving_variance, axis, epsilon, out_dtype
+        )
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
