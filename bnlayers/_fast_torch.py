@@ -180,9 +180,7 @@ def _differentiable_backward(dy, d, gamma, dims, epsilon):
     dgamma = (dy * xhat).sum(dim=dims)
     scale = invstd if gamma is None else invstd * _per_feature(gamma, d)
     dd = scale * (
-        dy
-        - _per_feature(dbeta, d) / n
-        - xhat * _per_feature(dgamma, d) / n
+        dy - _per_feature(dbeta, d) / n - xhat * _per_feature(dgamma, d) / n
     )
     return dd, dgamma, dbeta
 
@@ -239,7 +237,9 @@ def training(
         # operations each.
         mean = shift.reshape(-1) + residual
         new_mean = torch.add(moving_mean * momentum, mean, alpha=1.0 - momentum)
-        new_var = torch.add(moving_variance * momentum, var, alpha=1.0 - momentum)
+        new_var = torch.add(
+            moving_variance * momentum, var, alpha=1.0 - momentum
+        )
     return y.reshape(x.shape).to(out_dtype), new_mean, new_var
 
 
@@ -314,8 +314,14 @@ def _foldable(folded):
     """Whether every feature's ``mean * scale`` is within `_FOLD_BOUND`.
 
     Asked on CPU only, where reading the answer costs nothing; on a GPU it
-    would wait for the device, and the second pass is cheap there.
+    would wait for the device, and the second pass is cheap there. Never
+    while tracing a graph, which would keep the branch of the traced data.
     """
+    import torch
+
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # A graph (ONNX export, torch.compile) would record one branch.
+        return False
     return (
         folded.device.type == "cpu"
         and folded.detach().abs().max().item() <= _FOLD_BOUND

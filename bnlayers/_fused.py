@@ -263,7 +263,14 @@ def inference(
         from bnlayers import _fast_torch
 
         return _fast_torch.inference(
-            x, gamma, beta, moving_mean, moving_variance, axis, epsilon, out_dtype
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            axis,
+            epsilon,
+            out_dtype,
         )
     import tensorflow as tf
 
