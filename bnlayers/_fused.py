@@ -1,12 +1,12 @@
-"""The fused fast path of `BatchNormalization` on TensorFlow.
+"""The fused fast path of `BatchNormalization` on TensorFlow and PyTorch.
 
 Tensors in, tensors out: `training(x, gamma, beta, moving_mean,
 moving_variance, axis, epsilon, momentum, ...)` returns the outputs and the
 updated moving statistics, `inference(...)` the outputs; the layer owns the
 geometry (which `axis`), the dtypes and assigns the moving statistics.
 `ineligibility(...)` is the one place that decides whether a call can take
-this path; `implementation()` picks one of two implementations of the same
-computation:
+this path; `implementation()` picks one of the implementations of the same
+computation, two on TensorFlow and one on PyTorch:
 
 - ``"xla"``: the batch-norm arithmetic written out here in TensorFlow ops,
   forward and backward (a `tf.custom_gradient`), each compiled by XLA into
@@ -30,15 +30,20 @@ computation:
   own summation never sees the offset of the data; it returns the unbiased
   (n / (n - 1)) batch variance, and Keras' moving variance follows the
   biased one, so the correction is undone.
+- ``"torch"``: on the PyTorch backend, `_fast_torch`: statistics by two
+  pairwise `torch.sum` passes over ``x - s``, normalizing by PyTorch ops
+  and the backward by PyTorch's native batch-norm backward kernel, under
+  eager autograd (see that module for what was measured and why).
 
-Both compute what the reference path in `_math` computes: statistics in
+All compute what the reference path in `_math` computes: statistics in
 float32 (float64 for float64 inputs) on values shifted by one sample of the
 batch (`_math.shifted_moments`), ``((x - s) - r) * (gamma / sqrt(var +
 epsilon)) + beta`` with ``r`` the mean of ``x - s``, the Keras rule for the
 moving averages.
 
-TensorFlow is imported inside the functions, so that importing bnlayers on
-another Keras backend does not import it.
+TensorFlow and PyTorch are imported inside the functions, so that
+importing bnlayers on one Keras backend does not import the other's
+framework.
 """
 
 import functools
@@ -59,7 +64,11 @@ KERNEL_MIN_EPSILON = 1.001e-5
 
 
 def _static_shape(inputs):
-    return tuple(None if d is None else int(d) for d in inputs.shape)
+    # Sizes that are ints already are kept: converting a traced PyTorch
+    # size would warn (TracerWarning) and bake it into the trace.
+    return tuple(
+        d if d is None or isinstance(d, int) else int(d) for d in inputs.shape
+    )
 
 
 def in_xla_context():
@@ -761,24 +770,27 @@ def fused_eligibility(layer, inputs, mask=None):
     `keras.ops` path otherwise; with `fused=True` it raises instead of
     falling back. The fast path is taken when all of these hold:
 
-    - the Keras backend is TensorFlow;
+    - the Keras backend is TensorFlow or PyTorch;
     - no mask is given;
     - `renorm=False` and `virtual_batch_size=None`;
     - not `synchronized=True` inside a `tf.distribute` strategy with several
       replicas (outside one, `synchronized` changes nothing);
     - a single feature axis (any one);
-    - off a GPU, no unknown dimension besides the batch in the traced
-      shape (e.g. a variable sequence length): XLA compiles the fast path
-      for each input shape it meets;
-    - floating inputs: float16, bfloat16, float32 or float64 (float64 not on
-      a GPU, where TensorFlow's fused kernel does not take it);
-    - on a GPU, also `epsilon >= 1.001e-5` (cuDNN's lower bound).
+    - floating inputs: float16, bfloat16, float32 or float64 (on TensorFlow
+      float64 not on a GPU, where TensorFlow's fused kernel does not take
+      it);
+    - on TensorFlow off a GPU, no unknown dimension besides the batch in
+      the traced shape (e.g. a variable sequence length): XLA compiles the
+      fast path for each input shape it meets;
+    - on TensorFlow on a GPU, also `epsilon >= 1.001e-5` (cuDNN's lower
+      bound).
 
-    Training and inference (`training=False`, or `trainable=False`),
-    `tf.function` and `jit_compile=True` are all covered. On a GPU the fast
-    path is TensorFlow's fused batch-norm kernel (cuDNN); elsewhere, and
-    inside XLA-compiled functions, it is the same computation compiled by
-    XLA into a few fused loops.
+    Training and inference (`training=False`, or `trainable=False`) are
+    covered, and on TensorFlow `tf.function` and `jit_compile=True`. On
+    TensorFlow on a GPU the fast path is TensorFlow's fused batch-norm
+    kernel (cuDNN); elsewhere, and inside XLA-compiled functions, it is the
+    same computation compiled by XLA into a few fused loops. On PyTorch it
+    is a few native kernels per eager call, with autograd (`_fast_torch`).
 
     Args:
         layer: a `bnlayers.BatchNormalization` layer, built or not.
