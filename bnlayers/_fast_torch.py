@@ -216,9 +216,9 @@ def training(
     dtype, out_dtype = _dtypes(x.dtype, out_dtype)
     gamma, beta = _tensor(gamma, dtype), _tensor(beta, dtype)
     view, dims = _layout(x, axis)
-    with torch.no_grad():
-        moving_mean = _tensor(moving_mean, dtype)
-        moving_variance = _tensor(moving_variance, dtype)
+    # (The moving statistics are not trainable: no gradient is recorded.)
+    moving_mean = _tensor(moving_mean, dtype)
+    moving_variance = _tensor(moving_variance, dtype)
     if view.numel() == 0:
         # No statistics: what the reference path computes (outputs of the
         # empty shape, gradients of zeros), moving statistics unchanged.
@@ -230,20 +230,14 @@ def training(
         return y.reshape(x.shape).to(out_dtype), moving_mean, moving_variance
     # Each feature's first sample; its subtraction also promotes float16
     # and bfloat16 inputs to float32 in the same pass.
-    if view.dim() == 2:
-        shift = view[:1].detach().to(dtype)
-    else:
-        shift = view[:1, :, :1].detach().to(dtype)
-    d = torch.sub(view, shift)
+    shift = (view[0] if view.dim() == 2 else view[0, :, 0]).detach().to(dtype)
+    d = torch.sub(view, _per_feature(shift, view))
     y, residual, var = _normalize().apply(d, gamma, beta, dims, epsilon)
-    with torch.no_grad():
-        # The Keras rule, moving * momentum + batch * (1 - momentum), in two
-        # operations each.
-        mean = shift.reshape(-1) + residual
-        new_mean = torch.add(moving_mean * momentum, mean, alpha=1.0 - momentum)
-        new_var = torch.add(
-            moving_variance * momentum, var, alpha=1.0 - momentum
-        )
+    # The Keras rule, moving * momentum + batch * (1 - momentum), in two
+    # operations each; `residual` and `var` carry no gradient.
+    mean = shift + residual
+    new_mean = torch.add(moving_mean * momentum, mean, alpha=1.0 - momentum)
+    new_var = torch.add(moving_variance * momentum, var, alpha=1.0 - momentum)
     return y.reshape(x.shape).to(out_dtype), new_mean, new_var
 
 

@@ -598,7 +598,10 @@ class BatchNormalization(keras.layers.Layer):
             (self.moving_mean, new_mean),
             (self.moving_variance, new_var),
         ):
-            variable.assign(ops.cast(value, variable.dtype))
+            # (A cast of the same dtype still costs a Keras op per call.)
+            if backend.standardize_dtype(value.dtype) != variable.dtype:
+                value = ops.cast(value, variable.dtype)
+            variable.assign(value)
         return outputs
 
     def _ghost_batch_call(self, x, weights, gamma, beta):
