@@ -60,7 +60,8 @@ def _layout(x, axis):
     shape = x.shape
     channels = shape[axis]
     if axis == x.dim() - 1:
-        return x.reshape(-1, channels), (0,)
+        # (Even a reshape to the same shape costs microseconds per call.)
+        return (x if x.dim() == 2 else x.reshape(-1, channels)), (0,)
     before = 1
     for d in shape[:axis]:
         before *= d
@@ -77,9 +78,17 @@ def _tensor(v, dtype):
     if v is None:
         return None
     # A Keras variable's `.value` is its torch tensor (a Parameter when
-    # trainable), which autograd differentiates; `.to` is free when the
-    # dtype already matches.
-    return getattr(v, "value", v).to(dtype)
+    # trainable), which autograd differentiates.
+    v = getattr(v, "value", v)
+    return v if v.dtype == dtype else v.to(dtype)
+
+
+def _restore(y, x, out_dtype):
+    """`y` in the shape of `x` and `out_dtype` (skipping the no-op calls,
+    which still cost microseconds each)."""
+    if y.shape != x.shape:
+        y = y.reshape(x.shape)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 _DTYPES: dict = {}
@@ -227,10 +236,12 @@ def training(
             y = y * _per_feature(gamma, view)
         if beta is not None:
             y = y + _per_feature(beta, view)
-        return y.reshape(x.shape).to(out_dtype), moving_mean, moving_variance
+        return _restore(y, x, out_dtype), moving_mean, moving_variance
     # Each feature's first sample; its subtraction also promotes float16
     # and bfloat16 inputs to float32 in the same pass.
-    shift = (view[0] if view.dim() == 2 else view[0, :, 0]).detach().to(dtype)
+    shift = _tensor(
+        (view[0] if view.dim() == 2 else view[0, :, 0]).detach(), dtype
+    )
     d = torch.sub(view, _per_feature(shift, view))
     y, residual, var = _normalize().apply(d, gamma, beta, dims, epsilon)
     # The Keras rule, moving * momentum + batch * (1 - momentum), in two
@@ -238,7 +249,7 @@ def training(
     mean = shift + residual
     new_mean = torch.add(moving_mean * momentum, mean, alpha=1.0 - momentum)
     new_var = torch.add(moving_variance * momentum, var, alpha=1.0 - momentum)
-    return y.reshape(x.shape).to(out_dtype), new_mean, new_var
+    return _restore(y, x, out_dtype), new_mean, new_var
 
 
 def inference(
@@ -271,7 +282,7 @@ def inference(
         y = torch.addcmul(
             _per_feature(offset, view), view, _per_feature(scale, view)
         )
-        return y.reshape(x.shape).to(out_dtype)
+        return _restore(y, x, out_dtype)
     # Subtract first: (x - mean) is of the order of the spread, where the
     # folded form would round at the size of x.
     centred = torch.sub(view, _per_feature(mean, view))
@@ -282,7 +293,7 @@ def inference(
         or (beta is not None and beta.requires_grad)
     )
     y = _scale_and_offset(centred, scale, beta, None if recorded else centred)
-    return y.reshape(x.shape).to(out_dtype)
+    return _restore(y, x, out_dtype)
 
 
 def _scale_and_offset(centred, scale, beta, out):
