@@ -1,12 +1,12 @@
-"""The fused fast path of `BatchNormalization` on TensorFlow.
+"""The fused fast path of `BatchNormalization` on TensorFlow and PyTorch.
 
 Tensors in, tensors out: `training(x, gamma, beta, moving_mean,
 moving_variance, axis, epsilon, momentum, ...)` returns the outputs and the
 updated moving statistics, `inference(...)` the outputs; the layer owns the
 geometry (which `axis`), the dtypes and assigns the moving statistics.
 `ineligibility(...)` is the one place that decides whether a call can take
-this path; `implementation()` picks one of two implementations of the same
-computation:
+this path; `implementation()` picks one of the implementations of the same
+computation, two on TensorFlow and one on PyTorch:
 
 - ``"xla"``: the batch-norm arithmetic written out here in TensorFlow ops,
   forward and backward (a `tf.custom_gradient`), each compiled by XLA into
@@ -30,15 +30,20 @@ computation:
   own summation never sees the offset of the data; it returns the unbiased
   (n / (n - 1)) batch variance, and Keras' moving variance follows the
   biased one, so the correction is undone.
+- ``"torch"``: on the PyTorch backend, `_fast_torch`: statistics by two
+  pairwise `torch.sum` passes over ``x - s``, normalizing by PyTorch ops
+  and the backward by PyTorch's native batch-norm backward kernel, under
+  eager autograd (see that module for what was measured and why).
 
-Both compute what the reference path in `_math` computes: statistics in
+All compute what the reference path in `_math` computes: statistics in
 float32 (float64 for float64 inputs) on values shifted by one sample of the
 batch (`_math.shifted_moments`), ``((x - s) - r) * (gamma / sqrt(var +
 epsilon)) + beta`` with ``r`` the mean of ``x - s``, the Keras rule for the
 moving averages.
 
-TensorFlow is imported inside the functions, so that importing bnlayers on
-another Keras backend does not import it.
+TensorFlow and PyTorch are imported inside the functions, so that
+importing bnlayers on one Keras backend does not import the other's
+framework.
 """
 
 import functools
@@ -50,7 +55,8 @@ from bnlayers import _math
 
 # FusedBatchNormV3 computes in float32 (its `U` type) for these input types.
 _KERNEL_DTYPES = ("float16", "bfloat16", "float32")
-_XLA_DTYPES = _KERNEL_DTYPES + ("float64",)
+# What every other implementation takes.
+_DTYPES = _KERNEL_DTYPES + ("float64",)
 
 # cuDNN rejects a smaller epsilon (CUDNN_BN_MIN_EPSILON is 1e-5; and
 # tf.nn.fused_batch_norm silently raises anything smaller to this value).
@@ -58,7 +64,11 @@ KERNEL_MIN_EPSILON = 1.001e-5
 
 
 def _static_shape(inputs):
-    return tuple(None if d is None else int(d) for d in inputs.shape)
+    # Sizes that are ints already are kept: converting a traced PyTorch
+    # size would warn (TracerWarning) and bake it into the trace.
+    return tuple(
+        d if d is None or isinstance(d, int) else int(d) for d in inputs.shape
+    )
 
 
 def in_xla_context():
@@ -79,15 +89,19 @@ def in_xla_context():
 
 
 def implementation():
-    """ "kernel" (FusedBatchNormV3) when a GPU is visible and not under XLA, else "xla".
+    """The fast path's implementation for this backend and context, or None.
 
-    Under XLA it is always "xla": XLA's lowering of the kernel loses the
-    variance (see above). The device probe is `_gpu_visible`, which the
-    tests replace to run the kernel branch on CPU. None off the TensorFlow
-    backend, where there is no fast path (and TensorFlow, even where
-    installed, is not imported).
+    On TensorFlow, "kernel" (FusedBatchNormV3) when a GPU is visible and not
+    under XLA, else "xla". Under XLA it is always "xla": XLA's lowering of
+    the kernel loses the variance (see above). The device probe is
+    `_gpu_visible`, which the tests replace to run the kernel branch on CPU.
+    On PyTorch, "torch" (`_fast_torch`). None on a backend with no fast
+    path. Only the running backend's framework is imported.
     """
-    if backend.backend() != "tensorflow":
+    name = backend.backend()
+    if name == "torch":
+        return "torch"
+    if name != "tensorflow":
         return None
     if in_xla_context():
         return "xla"
@@ -108,10 +122,11 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
     `virtual_batch_size`, `synchronized`, `epsilon`, `axis`); `inputs` is
     anything with `.shape` and `.dtype` (a tensor, a KerasTensor, a
     `tf.TensorSpec`); `feature_axes` are the resolved feature axes;
-    `implementation` is what `implementation()` returned.
+    `implementation` is what `implementation()` returned. The rules every
+    implementation shares come first, then each implementation's own.
     """
-    if backend.backend() != "tensorflow":
-        return f"the Keras backend is {backend.backend()!r}, not 'tensorflow'"
+    if implementation is None:
+        return f"the Keras backend is {backend.backend()!r}, which has no fused fast path"
     if mask is not None:
         return "a mask is given (the fused path cannot leave positions out of the statistics)"
     if layer.renorm:
@@ -130,23 +145,24 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
                 f"synchronized=True with {replicas.num_replicas_in_sync} replicas (the fused "
                 "path sees one replica's batch only)"
             )
-    shape = _static_shape(inputs)
     if len(feature_axes) != 1:
         return f"axis={layer.axis!r} names several feature axes (the fused path takes one)"
     dtype = backend.standardize_dtype(inputs.dtype)
     if not backend.is_float_dtype(dtype):
         # The layer casts integer and bool inputs before this point.
         dtype = _math.statistics_dtype(layer.compute_dtype)
-    kernel = implementation == "kernel"
-    dtypes = _KERNEL_DTYPES if kernel else _XLA_DTYPES
+    dtypes = _KERNEL_DTYPES if implementation == "kernel" else _DTYPES
     if dtype not in dtypes:
         return f"inputs of dtype {dtype} (the fused path takes {', '.join(dtypes)})"
-    if not kernel and None in shape[1:] and not in_xla_context():
-        return (
-            f"input shape {shape} has an unknown dimension besides the batch (a variable "
-            "length?): the XLA-compiled fast path would compile anew for every size"
-        )
-    if kernel and layer.epsilon < KERNEL_MIN_EPSILON:
+    if implementation == "xla":
+        shape = _static_shape(inputs)
+        if None in shape[1:] and not in_xla_context():
+            return (
+                f"input shape {shape} has an unknown dimension besides the batch (a "
+                "variable length?): the XLA-compiled fast path would compile anew for "
+                "every size"
+            )
+    if implementation == "kernel" and layer.epsilon < KERNEL_MIN_EPSILON:
         return (
             f"epsilon={layer.epsilon!r} is below {KERNEL_MIN_EPSILON}, the smallest "
             "TensorFlow's fused kernel accepts on GPUs (cuDNN)"
@@ -189,13 +205,27 @@ def training(
         axis: the one feature axis, non-negative.
         epsilon, momentum: Python floats.
         out_dtype: the dtype of the outputs (the layer's compute dtype).
-        implementation: "xla" or "kernel", from `implementation()`.
+        implementation: "xla", "kernel" or "torch", from `implementation()`.
 
     Returns:
         `(y, new_moving_mean, new_moving_variance)`; the moving statistics
         in the statistics dtype, unchanged where the batch is empty. Only
         `y` carries gradients (to `x`, `gamma` and `beta`).
     """
+    if implementation == "torch":
+        from bnlayers import _fast_torch
+
+        return _fast_torch.training(
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            axis,
+            epsilon,
+            momentum,
+            out_dtype,
+        )
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
@@ -238,6 +268,19 @@ def inference(
     implementation,
 ):
     """Batch normalization with the moving statistics; arguments as `training`."""
+    if implementation == "torch":
+        from bnlayers import _fast_torch
+
+        return _fast_torch.inference(
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            axis,
+            epsilon,
+            out_dtype,
+        )
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
@@ -723,24 +766,27 @@ def fused_eligibility(layer, inputs, mask=None):
     `keras.ops` path otherwise; with `fused=True` it raises instead of
     falling back. The fast path is taken when all of these hold:
 
-    - the Keras backend is TensorFlow;
+    - the Keras backend is TensorFlow or PyTorch;
     - no mask is given;
     - `renorm=False` and `virtual_batch_size=None`;
     - not `synchronized=True` inside a `tf.distribute` strategy with several
       replicas (outside one, `synchronized` changes nothing);
     - a single feature axis (any one);
-    - off a GPU, no unknown dimension besides the batch in the traced
-      shape (e.g. a variable sequence length): XLA compiles the fast path
-      for each input shape it meets;
-    - floating inputs: float16, bfloat16, float32 or float64 (float64 not on
-      a GPU, where TensorFlow's fused kernel does not take it);
-    - on a GPU, also `epsilon >= 1.001e-5` (cuDNN's lower bound).
+    - floating inputs: float16, bfloat16, float32 or float64 (on TensorFlow
+      float64 not on a GPU, where TensorFlow's fused kernel does not take
+      it);
+    - on TensorFlow off a GPU, no unknown dimension besides the batch in
+      the traced shape (e.g. a variable sequence length): XLA compiles the
+      fast path for each input shape it meets;
+    - on TensorFlow on a GPU, also `epsilon >= 1.001e-5` (cuDNN's lower
+      bound).
 
-    Training and inference (`training=False`, or `trainable=False`),
-    `tf.function` and `jit_compile=True` are all covered. On a GPU the fast
-    path is TensorFlow's fused batch-norm kernel (cuDNN); elsewhere, and
-    inside XLA-compiled functions, it is the same computation compiled by
-    XLA into a few fused loops.
+    Training and inference (`training=False`, or `trainable=False`) are
+    covered, and on TensorFlow `tf.function` and `jit_compile=True`. On
+    TensorFlow on a GPU the fast path is TensorFlow's fused batch-norm
+    kernel (cuDNN); elsewhere, and inside XLA-compiled functions, it is the
+    same computation compiled by XLA into a few fused loops. On PyTorch it
+    is a few native kernels per eager call, with autograd (`_fast_torch`).
 
     Args:
         layer: a `bnlayers.BatchNormalization` layer, built or not.

@@ -110,8 +110,8 @@ class BatchNormalization(keras.layers.Layer):
     2015) that is interchangeable with `keras.layers.BatchNormalization`:
     the same constructor, the same weights (names, shapes, order), the same
     training and inference behaviour, and `.weights.h5` files that load
-    either way. On top of that it adds a fused fast path on TensorFlow,
-    ghost batches (`virtual_batch_size`), cross-replica statistics that stay
+    either way. On top of that it adds a fused fast path on TensorFlow and
+    PyTorch, ghost batches (`virtual_batch_size`), cross-replica statistics that stay
     exact whatever the mean of the data, and a list of feature axes.
 
     **In training** (`fit()`, or calling the layer with `training=True`),
@@ -204,19 +204,25 @@ class BatchNormalization(keras.layers.Layer):
         fused: None (default: take the fused fast path whenever it is
             eligible), True (require it; raise if it is not eligible), or
             False (always use the reference `keras.ops` path). The fast
-            path computes the same thing in a few fused loops: on a GPU
-            with TensorFlow's fused batch-norm kernel (cuDNN), elsewhere
-            and under `jit_compile=True` with the arithmetic compiled by
-            XLA (eager calls off a GPU run the same arithmetic as plain
-            eager ops, rather than compiled for each new shape). It is
-            eligible on the TensorFlow backend with a single feature axis,
-            no mask, no `renorm`, no `virtual_batch_size` and no
-            `synchronized` strategy of several replicas;
+            path computes the same thing in a few fused loops. On
+            TensorFlow: on a GPU with TensorFlow's fused batch-norm kernel
+            (cuDNN), elsewhere and under `jit_compile=True` with the
+            arithmetic compiled by XLA (eager calls off a GPU run the same
+            arithmetic as plain eager ops, rather than compiled for each
+            new shape). On PyTorch: a few native kernels per call
+            (statistics by pairwise sums on values shifted by one sample,
+            normalizing by a couple of elementwise passes, the backward by
+            PyTorch's batch-norm kernel) in place of the reference path's
+            chain of small eager operations. It is eligible on TensorFlow
+            and PyTorch with a single feature axis, no mask, no `renorm`,
+            no `virtual_batch_size` and no `synchronized` strategy of
+            several replicas;
             `bnlayers.fused_eligibility(layer, inputs)` gives the reason
-            when it is not. Off a GPU, inference in a graph traced by an
-            exporter (`model.export` for SavedModel, LiteRT and ONNX,
-            `tf.saved_model.save`, TensorFlow's LiteRT converter, tf2onnx)
-            is written as plain TensorFlow ops, which converters know.
+            when it is not. On TensorFlow off a GPU, inference in a graph
+            traced by an exporter (`model.export` for SavedModel, LiteRT
+            and ONNX, `tf.saved_model.save`, TensorFlow's LiteRT converter,
+            tf2onnx) is written as plain TensorFlow ops, which converters
+            know.
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:
@@ -592,7 +598,10 @@ class BatchNormalization(keras.layers.Layer):
             (self.moving_mean, new_mean),
             (self.moving_variance, new_var),
         ):
-            variable.assign(ops.cast(value, variable.dtype))
+            # (A cast of the same dtype still costs a Keras op per call.)
+            if backend.standardize_dtype(value.dtype) != variable.dtype:
+                value = ops.cast(value, variable.dtype)
+            variable.assign(value)
         return outputs
 
     def _ghost_batch_call(self, x, weights, gamma, beta):

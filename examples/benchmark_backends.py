@@ -66,6 +66,10 @@ SHAPES = {
     ),
     "resnet": ((32, 56, 56, 64), "a ResNet stage"),
     "dense": ((256, 128), "after a Dense layer"),
+    "small conv": (
+        (16, 2, 2, 1280),
+        "a small convolution output, many channels",
+    ),
 }
 QUICK_SHAPES = {"tiny": ((8, 6, 6, 4), "smoke test")}
 BACKENDS = ("tensorflow", "jax", "torch")

@@ -13,6 +13,17 @@ from keras import ops
 BACKEND = keras.backend.backend()
 
 
+def _has_fast_path():
+    from bnlayers import _fused
+
+    return _fused.implementation() is not None
+
+
+# Whether bnlayers has a fused fast path on this backend (`fused=None`
+# then differs from `fused=False`, and `fused=True` is accepted).
+HAS_FAST_PATH = _has_fast_path()
+
+
 def to_numpy(x):
     """A NumPy array from a NumPy value or any backend's tensor (a PyTorch
     tensor that requires grad or holds bfloat16 included)."""

@@ -92,9 +92,15 @@ def test_synchronized_rule(monkeypatch):
 
 
 def test_backend_rule(monkeypatch):
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    # Keras' NumPy backend: one with no fast path.
+    monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
+    assert _fused.implementation() is None
     reason = bnlayers.fused_eligibility(_built(), (4, 5, 5, 3))
-    assert reason == "the Keras backend is 'jax', not 'tensorflow'"
+    assert (
+        reason == "the Keras backend is 'numpy', which has no fused fast path"
+    )
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    assert _fused.implementation() == "torch"
 
 
 def test_dtype_and_epsilon_rules(implementation):
