@@ -79,15 +79,20 @@ def in_xla_context():
 
 
 def implementation():
-    """ "kernel" (FusedBatchNormV3) when a GPU is visible and not under XLA, else "xla".
+    """The fast path's implementation for the current backend, or None.
 
-    Under XLA it is always "xla": XLA's lowering of the kernel loses the
-    variance (see above). The device probe is `_gpu_visible`, which the
-    tests replace to run the kernel branch on CPU. None off the TensorFlow
-    backend, where there is no fast path (and TensorFlow, even where
-    installed, is not imported).
+    On TensorFlow, "kernel" (FusedBatchNormV3) when a GPU is visible and
+    not under XLA, else "xla". Under XLA it is always "xla": XLA's lowering
+    of the kernel loses the variance (see above). The device probe is
+    `_gpu_visible`, which the tests replace to run the kernel branch on CPU.
+
+    On JAX, "jax" (`_fast_jax`). None on other backends, where there is no
+    fast path (and TensorFlow, even where installed, is not imported).
     """
-    if backend.backend() != "tensorflow":
+    name = backend.backend()
+    if name == "jax":
+        return "jax"
+    if name != "tensorflow":
         return None
     if in_xla_context():
         return "xla"
@@ -101,6 +106,16 @@ def _gpu_visible():
     return bool(tf.config.list_logical_devices("GPU"))
 
 
+# The input dtypes each implementation takes. FusedBatchNormV3 computes in
+# float32 (its `U` type) for these; the XLA and JAX paths compute in the
+# statistics dtype of `_math`, float64 included.
+_DTYPES = {
+    "kernel": _KERNEL_DTYPES,
+    "xla": _XLA_DTYPES,
+    "jax": _XLA_DTYPES,
+}
+
+
 def ineligibility(layer, inputs, mask, feature_axes, implementation):
     """Why this call cannot take the fused fast path, or None if it can.
 
@@ -108,10 +123,17 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
     `virtual_batch_size`, `synchronized`, `epsilon`, `axis`); `inputs` is
     anything with `.shape` and `.dtype` (a tensor, a KerasTensor, a
     `tf.TensorSpec`); `feature_axes` are the resolved feature axes;
-    `implementation` is what `implementation()` returned.
+    `implementation` is what `implementation()` returned (None: no fast
+    path on this backend).
+
+    The first rules hold for every implementation (what the fast path
+    computes); the last ones are each implementation's own limits.
     """
-    if backend.backend() != "tensorflow":
-        return f"the Keras backend is {backend.backend()!r}, not 'tensorflow'"
+    if implementation is None:
+        return (
+            f"the Keras backend is {backend.backend()!r} (the fast path runs on "
+            "'tensorflow' and 'jax')"
+        )
     if mask is not None:
         return "a mask is given (the fused path cannot leave positions out of the statistics)"
     if layer.renorm:
@@ -130,23 +152,24 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
                 f"synchronized=True with {replicas.num_replicas_in_sync} replicas (the fused "
                 "path sees one replica's batch only)"
             )
-    shape = _static_shape(inputs)
     if len(feature_axes) != 1:
         return f"axis={layer.axis!r} names several feature axes (the fused path takes one)"
     dtype = backend.standardize_dtype(inputs.dtype)
     if not backend.is_float_dtype(dtype):
         # The layer casts integer and bool inputs before this point.
         dtype = _math.statistics_dtype(layer.compute_dtype)
-    kernel = implementation == "kernel"
-    dtypes = _KERNEL_DTYPES if kernel else _XLA_DTYPES
+    dtypes = _DTYPES[implementation]
     if dtype not in dtypes:
         return f"inputs of dtype {dtype} (the fused path takes {', '.join(dtypes)})"
-    if not kernel and None in shape[1:] and not in_xla_context():
+
+    # Each implementation's own limits.
+    shape = _static_shape(inputs)
+    if implementation == "xla" and None in shape[1:] and not in_xla_context():
         return (
             f"input shape {shape} has an unknown dimension besides the batch (a variable "
             "length?): the XLA-compiled fast path would compile anew for every size"
         )
-    if kernel and layer.epsilon < KERNEL_MIN_EPSILON:
+    if implementation == "kernel" and layer.epsilon < KERNEL_MIN_EPSILON:
         return (
             f"epsilon={layer.epsilon!r} is below {KERNEL_MIN_EPSILON}, the smallest "
             "TensorFlow's fused kernel accepts on GPUs (cuDNN)"
@@ -196,6 +219,20 @@ def training(
         in the statistics dtype, unchanged where the batch is empty. Only
         `y` carries gradients (to `x`, `gamma` and `beta`).
     """
+    if implementation == "jax":
+        from bnlayers import _fast_jax
+
+        return _fast_jax.training(
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            axis,
+            epsilon,
+            momentum,
+            out_dtype,
+        )
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
@@ -238,6 +275,19 @@ def inference(
     implementation,
 ):
     """Batch normalization with the moving statistics; arguments as `training`."""
+    if implementation == "jax":
+        from bnlayers import _fast_jax
+
+        return _fast_jax.inference(
+            x,
+            gamma,
+            beta,
+            moving_mean,
+            moving_variance,
+            axis,
+            epsilon,
+            out_dtype,
+        )
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)

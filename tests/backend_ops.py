@@ -12,6 +12,10 @@ from keras import ops
 
 BACKEND = keras.backend.backend()
 
+# Whether bnlayers has a fused fast path on this backend (`bnlayers._fused`):
+# where it has, `fused=None` and `fused=False` are two paths to compare.
+HAS_FAST_PATH = BACKEND in ("tensorflow", "jax")
+
 
 def to_numpy(x):
     """A NumPy array from a NumPy value or any backend's tensor (a PyTorch

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from backend_ops import BACKEND
+from backend_ops import HAS_FAST_PATH
 from backend_ops import has_x64
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -120,12 +121,12 @@ def mnist_subset():
         )
 
 
-# Off TensorFlow there is no fused kernel and the automatic choice is the
-# reference path, so running both would only repeat every test
-# (tests/test_backends.py checks that the two are identical there).
+# Where bnlayers has no fast path the automatic choice is the reference
+# path, so running both would only repeat every test (tests/test_backends.py
+# checks that the two are identical there).
 _FUSED_MODES = (
     ([False, None], ["reference", "auto"])
-    if BACKEND == "tensorflow"
+    if HAS_FAST_PATH
     else ([None], ["auto"])
 )
 

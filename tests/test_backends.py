@@ -2,9 +2,9 @@
 
 The comparison tests (test_parity, test_math, test_validation,
 test_serialization, test_ghost, test_axis_list) run unchanged under each
-backend; here are the backend-specific promises: off TensorFlow there is no
-fused kernel (the automatic choice is the reference path, `fused=True` is
-refused) and no `synchronized=True`; on TensorFlow both exist.
+backend; here are the backend-specific promises: TensorFlow and JAX have a
+fused fast path, PyTorch has none (the automatic choice is the reference
+path, `fused=True` is refused); only TensorFlow has `synchronized=True`.
 """
 
 import numpy as np
@@ -17,6 +17,9 @@ from backend_ops import value_and_grads
 
 OTHER_BACKENDS = pytest.mark.backends(
     "jax", "torch", reason="what TensorFlow has and they lack"
+)
+NO_FAST_PATH = pytest.mark.backends(
+    "torch", reason="a backend without a fused fast path"
 )
 
 
@@ -44,7 +47,7 @@ def test_synchronized_is_accepted_on_tensorflow():
     assert bnlayers.BatchNormalization(synchronized=True).synchronized
 
 
-@OTHER_BACKENDS
+@NO_FAST_PATH
 def test_fused_true_is_refused_with_the_reason():
     x, _ = _data()
     layer = bnlayers.BatchNormalization(fused=True)
@@ -54,7 +57,7 @@ def test_fused_true_is_refused_with_the_reason():
         layer(x, training=True)
 
 
-@OTHER_BACKENDS
+@NO_FAST_PATH
 @pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
 def test_automatic_choice_is_the_reference_path(renorm):
     """fused=None and fused=False: the same outputs, gradients and moving

@@ -21,7 +21,7 @@ from keras import ops
 import bn_reference as ref
 import bnlayers
 import parity
-from backend_ops import BACKEND
+from backend_ops import HAS_FAST_PATH
 from backend_ops import to_numpy
 from backend_ops import value_and_grads
 from parity import BUILTIN_TOLERANCES
@@ -236,15 +236,16 @@ def _grid():
     """Every case through the reference path (`fused=False`) and the automatic
     choice (`fused=None`), where the two differ.
 
-    Off TensorFlow there is no fast path, so the automatic choice alone runs
+    Where there is no fast path (PyTorch), the automatic choice alone runs
     (tests/test_backends.py checks it is the reference path there, bit for
-    bit). On TensorFlow a case the fast path does not take would run the
-    `fused=False` computation twice; test_fused.py checks that the automatic
-    choice takes the fast path in exactly the eligible cases.
+    bit). On TensorFlow and JAX a case the fast path does not take would run
+    the `fused=False` computation twice; test_fused.py and
+    test_fast_jax.py check that the automatic choice takes the fast path in
+    exactly the eligible cases.
     """
     modes = (
         [(False, "reference"), (None, "auto")]
-        if BACKEND == "tensorflow"
+        if HAS_FAST_PATH
         else [(None, "auto")]
     )
     grid = []
