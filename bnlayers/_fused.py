@@ -1,12 +1,12 @@
-"""The fused fast path of `BatchNormalization` on TensorFlow.
+"""The fused fast path of `BatchNormalization` on TensorFlow and JAX.
 
 Tensors in, tensors out: `training(x, gamma, beta, moving_mean,
 moving_variance, axis, epsilon, momentum, ...)` returns the outputs and the
 updated moving statistics, `inference(...)` the outputs; the layer owns the
 geometry (which `axis`), the dtypes and assigns the moving statistics.
 `ineligibility(...)` is the one place that decides whether a call can take
-this path; `implementation()` picks one of two implementations of the same
-computation:
+this path; `implementation()` picks one of three implementations of the same
+computation, by backend:
 
 - ``"xla"``: the batch-norm arithmetic written out here in TensorFlow ops,
   forward and backward (a `tf.custom_gradient`), each compiled by XLA into
@@ -30,15 +30,18 @@ computation:
   own summation never sees the offset of the data; it returns the unbiased
   (n / (n - 1)) batch variance, and Keras' moving variance follows the
   biased one, so the correction is undone.
+- ``"jax"``, on the JAX backend: the same arithmetic in `jax.numpy` with a
+  hand-written backward (`jax.custom_vjp`), compiled by XLA; see
+  `_fast_jax`.
 
-Both compute what the reference path in `_math` computes: statistics in
+All three compute what the reference path in `_math` computes: statistics in
 float32 (float64 for float64 inputs) on values shifted by one sample of the
 batch (`_math.shifted_moments`), ``((x - s) - r) * (gamma / sqrt(var +
 epsilon)) + beta`` with ``r`` the mean of ``x - s``, the Keras rule for the
 moving averages.
 
-TensorFlow is imported inside the functions, so that importing bnlayers on
-another Keras backend does not import it.
+TensorFlow and JAX are imported inside the functions, so that importing
+bnlayers on another Keras backend imports neither.
 """
 
 import functools
@@ -777,24 +780,29 @@ def fused_eligibility(layer, inputs, mask=None):
     `keras.ops` path otherwise; with `fused=True` it raises instead of
     falling back. The fast path is taken when all of these hold:
 
-    - the Keras backend is TensorFlow;
+    - the Keras backend is TensorFlow or JAX (PyTorch has no fast path);
     - no mask is given;
     - `renorm=False` and `virtual_batch_size=None`;
     - not `synchronized=True` inside a `tf.distribute` strategy with several
       replicas (outside one, `synchronized` changes nothing);
     - a single feature axis (any one);
-    - off a GPU, no unknown dimension besides the batch in the traced
-      shape (e.g. a variable sequence length): XLA compiles the fast path
-      for each input shape it meets;
+    - on TensorFlow off a GPU, no unknown dimension besides the batch in
+      the traced shape (e.g. a variable sequence length): XLA compiles the
+      fast path for each input shape it meets (JAX traces concrete shapes
+      only);
     - floating inputs: float16, bfloat16, float32 or float64 (float64 not on
-      a GPU, where TensorFlow's fused kernel does not take it);
-    - on a GPU, also `epsilon >= 1.001e-5` (cuDNN's lower bound).
+      a GPU with TensorFlow, whose fused kernel does not take it);
+    - on a GPU with TensorFlow, also `epsilon >= 1.001e-5` (cuDNN's lower
+      bound).
 
     Training and inference (`training=False`, or `trainable=False`),
-    `tf.function` and `jit_compile=True` are all covered. On a GPU the fast
-    path is TensorFlow's fused batch-norm kernel (cuDNN); elsewhere, and
-    inside XLA-compiled functions, it is the same computation compiled by
-    XLA into a few fused loops.
+    `tf.function` and `jit_compile=True` are all covered, and on JAX
+    `jax.jit` (Keras' `fit`, `stateless_call`) and eager calls. With
+    TensorFlow on a GPU the fast path is TensorFlow's fused batch-norm
+    kernel (cuDNN); elsewhere on TensorFlow, and inside XLA-compiled
+    functions, it is the same computation compiled by XLA into a few fused
+    loops; on JAX it is that computation in `jax.numpy` with a
+    hand-written backward, compiled by XLA.
 
     Args:
         layer: a `bnlayers.BatchNormalization` layer, built or not.

@@ -110,7 +110,8 @@ class BatchNormalization(keras.layers.Layer):
     2015) that is interchangeable with `keras.layers.BatchNormalization`:
     the same constructor, the same weights (names, shapes, order), the same
     training and inference behaviour, and `.weights.h5` files that load
-    either way. On top of that it adds a fused fast path on TensorFlow,
+    either way. On top of that it adds a fused fast path on TensorFlow and
+    JAX,
     ghost batches (`virtual_batch_size`), cross-replica statistics that stay
     exact whatever the mean of the data, and a list of feature axes.
 
@@ -204,13 +205,16 @@ class BatchNormalization(keras.layers.Layer):
         fused: None (default: take the fused fast path whenever it is
             eligible), True (require it; raise if it is not eligible), or
             False (always use the reference `keras.ops` path). The fast
-            path computes the same thing in a few fused loops: on a GPU
-            with TensorFlow's fused batch-norm kernel (cuDNN), elsewhere
-            and under `jit_compile=True` with the arithmetic compiled by
-            XLA (eager calls off a GPU run the same arithmetic as plain
-            eager ops, rather than compiled for each new shape). It is
-            eligible on the TensorFlow backend with a single feature axis,
-            no mask, no `renorm`, no `virtual_batch_size` and no
+            path computes the same thing in a few fused loops. On
+            TensorFlow: on a GPU with TensorFlow's fused batch-norm kernel
+            (cuDNN), elsewhere and under `jit_compile=True` with the
+            arithmetic compiled by XLA (eager calls off a GPU run the same
+            arithmetic as plain eager ops, rather than compiled for each
+            new shape). On JAX: the arithmetic in `jax.numpy` with a
+            hand-written backward, compiled by XLA, under `jax.jit` and
+            eagerly alike. PyTorch has no fast path. It is eligible on the
+            TensorFlow and JAX backends with a single feature axis, no
+            mask, no `renorm`, no `virtual_batch_size` and no
             `synchronized` strategy of several replicas;
             `bnlayers.fused_eligibility(layer, inputs)` gives the reason
             when it is not. Off a GPU, inference in a graph traced by an

@@ -23,13 +23,13 @@ pytestmark = pytest.mark.backends("jax", reason="the JAX fast path")
 # whole tensor's largest difference over its largest value), and the
 # tolerance, about ten times that:
 # - float32 and float64 (inputs rounded to the layer's dtype, statistics in
-#   float32 or float64): measured 1.9e-6 (float32); 2.7e-12 (float64, the
+#   float32 or float64): measured 3.8e-7 (float32); 2.7e-12 (float64, the
 #   reference's own rounding: it takes a plain mean, and an ulp of the
 #   offset 1e4 is 1.8e-12);
 # - float16 and bfloat16 (mixed policies: outputs and the input gradient
-#   rounded to the compute dtype): measured 4.9e-4 and 3.9e-3.
+#   rounded to the compute dtype): measured 5.5e-4 and 4.6e-3.
 TOLERANCE = {
-    "float32": 2e-5,
+    "float32": 4e-6,
     "float64": 3e-11,
     "mixed_float16": 5e-3,
     "mixed_bfloat16": 4e-2,
@@ -171,28 +171,44 @@ def _compare(dtype, shape, axis, jit, monkeypatch):
         ref.assert_close(fast, reference, TOLERANCE[dtype], f"paths: {name}")
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+CONV_LAST = ((8, 5, 3, 4), -1)
+CONV_FIRST = ((8, 4, 5, 3), 1)
+DENSE = ((64, 6), -1)
+# float32 everywhere; the other dtypes on a few combinations, for time
+# (each check compiles both paths anew).
+GRID = [
+    ("float32", *geometry, jit)
+    for geometry in (CONV_LAST, CONV_FIRST, DENSE)
+    for jit in (True, False)
+] + [
+    ("mixed_float16", *CONV_LAST, True),
+    ("mixed_float16", *CONV_FIRST, False),
+    ("mixed_bfloat16", *CONV_FIRST, True),
+    ("mixed_bfloat16", *DENSE, False),
+    ("float64", *CONV_LAST, True),
+    ("float64", *CONV_FIRST, False),
+]
+
+
 @pytest.mark.parametrize(
-    "shape, axis",
-    [((8, 5, 3, 4), -1), ((8, 4, 5, 3), 1), ((64, 6), -1)],
-    ids=["conv-last", "conv-first", "dense"],
-)
-@pytest.mark.parametrize(
-    "dtype", ["float32", "mixed_float16", "mixed_bfloat16"]
+    "dtype, shape, axis, jit",
+    GRID,
+    ids=[
+        f"{d}-{len(s)}d-axis{a}-{'jit' if j else 'eager'}"
+        for d, s, a, j in GRID
+    ],
 )
 def test_fast_path_matches_float64_and_the_reference_path(
     dtype, shape, axis, jit, monkeypatch
 ):
-    _compare(dtype, shape, axis, jit, monkeypatch)
-
-
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
-@pytest.mark.parametrize("axis", [-1, 1])
-def test_float64(axis, jit, monkeypatch):
+    if dtype != "float64":
+        _compare(dtype, shape, axis, jit, monkeypatch)
+        return
     import jax
 
+    # float64 exists in JAX only with x64 enabled (here, for this test only).
     with jax.enable_x64(True):
-        _compare("float64", (8, 4, 5, 3), axis, jit, monkeypatch)
+        _compare(dtype, shape, axis, jit, monkeypatch)
 
 
 def test_without_gamma_and_beta_and_with_an_empty_batch(monkeypatch):
