@@ -2,8 +2,8 @@
 
 `bnlayers.BatchNormalization` is a drop-in for `keras.layers.BatchNormalization`
 (same constructor, weights, behaviour and saved files) with a fused fast path
-on TensorFlow, ghost batches, exact synchronized statistics and a list of
-feature axes.
+on TensorFlow, JAX and PyTorch, ghost batches, exact synchronized statistics
+and a list of feature axes.
 """
 
 from bnlayers._fused import fused_eligibility

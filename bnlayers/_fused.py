@@ -1,12 +1,12 @@
-"""The fused fast path of `BatchNormalization` on TensorFlow and PyTorch.
+"""The fused fast path of `BatchNormalization` on TensorFlow, JAX and PyTorch.
 
 Tensors in, tensors out: `training(x, gamma, beta, moving_mean,
 moving_variance, axis, epsilon, momentum, ...)` returns the outputs and the
 updated moving statistics, `inference(...)` the outputs; the layer owns the
 geometry (which `axis`), the dtypes and assigns the moving statistics.
 `ineligibility(...)` is the one place that decides whether a call can take
-this path; `implementation()` picks one of the implementations of the same
-computation, two on TensorFlow and one on PyTorch:
+this path; `implementation()` picks one implementation of the same
+computation, by backend (two on TensorFlow):
 
 - ``"xla"``: the batch-norm arithmetic written out here in TensorFlow ops,
   forward and backward (a `tf.custom_gradient`), each compiled by XLA into
@@ -30,10 +30,13 @@ computation, two on TensorFlow and one on PyTorch:
   own summation never sees the offset of the data; it returns the unbiased
   (n / (n - 1)) batch variance, and Keras' moving variance follows the
   biased one, so the correction is undone.
-- ``"torch"``: on the PyTorch backend, `_fast_torch`: statistics by two
-  pairwise `torch.sum` passes over ``x - s``, normalizing by PyTorch ops
-  and the backward by PyTorch's native batch-norm backward kernel, under
-  eager autograd (see that module for what was measured and why).
+- ``"jax"``, on the JAX backend: the same arithmetic in `jax.numpy` with a
+  hand-written backward (`jax.custom_vjp`), compiled by XLA; see
+  `_fast_jax`.
+- ``"torch"``, on the PyTorch backend: statistics by two pairwise
+  `torch.sum` passes over ``x - s``, normalizing by PyTorch ops and the
+  backward by PyTorch's native batch-norm backward kernel, under eager
+  autograd; see `_fast_torch`.
 
 All compute what the reference path in `_math` computes: statistics in
 float32 (float64 for float64 inputs) on values shifted by one sample of the
@@ -41,12 +44,13 @@ batch (`_math.shifted_moments`), ``((x - s) - r) * (gamma / sqrt(var +
 epsilon)) + beta`` with ``r`` the mean of ``x - s``, the Keras rule for the
 moving averages.
 
-TensorFlow and PyTorch are imported inside the functions, so that
-importing bnlayers on one Keras backend does not import the other's
+TensorFlow, JAX and PyTorch are imported inside the functions, so that
+importing bnlayers on one Keras backend imports no other backend's
 framework.
 """
 
 import functools
+import importlib
 
 from keras import backend
 
@@ -55,8 +59,16 @@ from bnlayers import _math
 
 # FusedBatchNormV3 computes in float32 (its `U` type) for these input types.
 _KERNEL_DTYPES = ("float16", "bfloat16", "float32")
-# What every other implementation takes.
-_DTYPES = _KERNEL_DTYPES + ("float64",)
+_FLOAT_DTYPES = _KERNEL_DTYPES + ("float64",)
+
+# The backends whose fast path is a module of its own, written in that
+# backend's framework (`_fast_jax`, `_fast_torch`).
+_OTHER_FRAMEWORKS = ("jax", "torch")
+
+
+def _other_framework(implementation):
+    return importlib.import_module(f"bnlayers._fast_{implementation}")
+
 
 # cuDNN rejects a smaller epsilon (CUDNN_BN_MIN_EPSILON is 1e-5; and
 # tf.nn.fused_batch_norm silently raises anything smaller to this value).
@@ -91,16 +103,17 @@ def in_xla_context():
 def implementation():
     """The fast path's implementation for this backend and context, or None.
 
-    On TensorFlow, "kernel" (FusedBatchNormV3) when a GPU is visible and not
-    under XLA, else "xla". Under XLA it is always "xla": XLA's lowering of
-    the kernel loses the variance (see above). The device probe is
+    On TensorFlow, "kernel" (FusedBatchNormV3) when a GPU is visible and
+    not under XLA, else "xla". Under XLA it is always "xla": XLA's lowering
+    of the kernel loses the variance (see above). The device probe is
     `_gpu_visible`, which the tests replace to run the kernel branch on CPU.
-    On PyTorch, "torch" (`_fast_torch`). None on a backend with no fast
-    path. Only the running backend's framework is imported.
+    On JAX, "jax" (`_fast_jax`); on PyTorch, "torch" (`_fast_torch`). None
+    on a backend with no fast path. Only the running backend's framework
+    is imported.
     """
     name = backend.backend()
-    if name == "torch":
-        return "torch"
+    if name in _OTHER_FRAMEWORKS:
+        return name
     if name != "tensorflow":
         return None
     if in_xla_context():
@@ -115,6 +128,16 @@ def _gpu_visible():
     return bool(tf.config.list_logical_devices("GPU"))
 
 
+# The input dtypes each implementation takes: the XLA, JAX and PyTorch
+# paths compute in the statistics dtype of `_math`, float64 included.
+_DTYPES = {
+    "kernel": _KERNEL_DTYPES,
+    "xla": _FLOAT_DTYPES,
+    "jax": _FLOAT_DTYPES,
+    "torch": _FLOAT_DTYPES,
+}
+
+
 def ineligibility(layer, inputs, mask, feature_axes, implementation):
     """Why this call cannot take the fused fast path, or None if it can.
 
@@ -122,8 +145,9 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
     `virtual_batch_size`, `synchronized`, `epsilon`, `axis`); `inputs` is
     anything with `.shape` and `.dtype` (a tensor, a KerasTensor, a
     `tf.TensorSpec`); `feature_axes` are the resolved feature axes;
-    `implementation` is what `implementation()` returned. The rules every
-    implementation shares come first, then each implementation's own.
+    `implementation` is what `implementation()` returned (None: no fast
+    path on this backend). The rules every implementation shares come first
+    (what the fast path computes), then each implementation's own limits.
     """
     if implementation is None:
         return f"the Keras backend is {backend.backend()!r}, which has no fused fast path"
@@ -151,17 +175,17 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
     if not backend.is_float_dtype(dtype):
         # The layer casts integer and bool inputs before this point.
         dtype = _math.statistics_dtype(layer.compute_dtype)
-    dtypes = _KERNEL_DTYPES if implementation == "kernel" else _DTYPES
+    dtypes = _DTYPES[implementation]
     if dtype not in dtypes:
         return f"inputs of dtype {dtype} (the fused path takes {', '.join(dtypes)})"
-    if implementation == "xla":
-        shape = _static_shape(inputs)
-        if None in shape[1:] and not in_xla_context():
-            return (
-                f"input shape {shape} has an unknown dimension besides the batch (a "
-                "variable length?): the XLA-compiled fast path would compile anew for "
-                "every size"
-            )
+
+    # Each implementation's own limits.
+    shape = _static_shape(inputs)
+    if implementation == "xla" and None in shape[1:] and not in_xla_context():
+        return (
+            f"input shape {shape} has an unknown dimension besides the batch (a variable "
+            "length?): the XLA-compiled fast path would compile anew for every size"
+        )
     if implementation == "kernel" and layer.epsilon < KERNEL_MIN_EPSILON:
         return (
             f"epsilon={layer.epsilon!r} is below {KERNEL_MIN_EPSILON}, the smallest "
@@ -205,17 +229,15 @@ def training(
         axis: the one feature axis, non-negative.
         epsilon, momentum: Python floats.
         out_dtype: the dtype of the outputs (the layer's compute dtype).
-        implementation: "xla", "kernel" or "torch", from `implementation()`.
+        implementation: "xla", "kernel", "jax" or "torch", from `implementation()`.
 
     Returns:
         `(y, new_moving_mean, new_moving_variance)`; the moving statistics
         in the statistics dtype, unchanged where the batch is empty. Only
         `y` carries gradients (to `x`, `gamma` and `beta`).
     """
-    if implementation == "torch":
-        from bnlayers import _fast_torch
-
-        return _fast_torch.training(
+    if implementation in _OTHER_FRAMEWORKS:
+        return _other_framework(implementation).training(
             x,
             gamma,
             beta,
@@ -268,10 +290,8 @@ def inference(
     implementation,
 ):
     """Batch normalization with the moving statistics; arguments as `training`."""
-    if implementation == "torch":
-        from bnlayers import _fast_torch
-
-        return _fast_torch.inference(
+    if implementation in _OTHER_FRAMEWORKS:
+        return _other_framework(implementation).inference(
             x,
             gamma,
             beta,
@@ -766,7 +786,7 @@ def fused_eligibility(layer, inputs, mask=None):
     `keras.ops` path otherwise; with `fused=True` it raises instead of
     falling back. The fast path is taken when all of these hold:
 
-    - the Keras backend is TensorFlow or PyTorch;
+    - the Keras backend is TensorFlow, JAX or PyTorch;
     - no mask is given;
     - `renorm=False` and `virtual_batch_size=None`;
     - not `synchronized=True` inside a `tf.distribute` strategy with several
@@ -777,16 +797,20 @@ def fused_eligibility(layer, inputs, mask=None):
       it);
     - on TensorFlow off a GPU, no unknown dimension besides the batch in
       the traced shape (e.g. a variable sequence length): XLA compiles the
-      fast path for each input shape it meets;
+      fast path for each input shape it meets (JAX traces concrete shapes
+      only);
     - on TensorFlow on a GPU, also `epsilon >= 1.001e-5` (cuDNN's lower
       bound).
 
     Training and inference (`training=False`, or `trainable=False`) are
-    covered, and on TensorFlow `tf.function` and `jit_compile=True`. On
+    covered; on TensorFlow `tf.function` and `jit_compile=True`, on JAX
+    `jax.jit` (Keras' `fit`, `stateless_call`) and eager calls. On
     TensorFlow on a GPU the fast path is TensorFlow's fused batch-norm
-    kernel (cuDNN); elsewhere, and inside XLA-compiled functions, it is the
-    same computation compiled by XLA into a few fused loops. On PyTorch it
-    is a few native kernels per eager call, with autograd (`_fast_torch`).
+    kernel (cuDNN); elsewhere on TensorFlow, and inside XLA-compiled
+    functions, it is the same computation compiled by XLA into a few fused
+    loops; on JAX it is that computation in `jax.numpy` with a hand-written
+    backward, compiled by XLA; on PyTorch it is a few native kernels per
+    eager call, with autograd (`_fast_torch`).
 
     Args:
         layer: a `bnlayers.BatchNormalization` layer, built or not.

@@ -110,9 +110,10 @@ class BatchNormalization(keras.layers.Layer):
     2015) that is interchangeable with `keras.layers.BatchNormalization`:
     the same constructor, the same weights (names, shapes, order), the same
     training and inference behaviour, and `.weights.h5` files that load
-    either way. On top of that it adds a fused fast path on TensorFlow and
-    PyTorch, ghost batches (`virtual_batch_size`), cross-replica statistics that stay
-    exact whatever the mean of the data, and a list of feature axes.
+    either way. On top of that it adds a fused fast path on TensorFlow, JAX
+    and PyTorch, ghost batches (`virtual_batch_size`), cross-replica
+    statistics that stay exact whatever the mean of the data, and a list of
+    feature axes.
 
     **In training** (`fit()`, or calling the layer with `training=True`),
     each feature (each index along `axis`) is normalized with the mean and
@@ -209,14 +210,16 @@ class BatchNormalization(keras.layers.Layer):
             (cuDNN), elsewhere and under `jit_compile=True` with the
             arithmetic compiled by XLA (eager calls off a GPU run the same
             arithmetic as plain eager ops, rather than compiled for each
-            new shape). On PyTorch: a few native kernels per call
+            new shape). On JAX: the arithmetic in `jax.numpy` with a
+            hand-written backward, compiled by XLA, under `jax.jit` and
+            eagerly alike. On PyTorch: a few native kernels per call
             (statistics by pairwise sums on values shifted by one sample,
             normalizing by a couple of elementwise passes, the backward by
             PyTorch's batch-norm kernel) in place of the reference path's
-            chain of small eager operations. It is eligible on TensorFlow
-            and PyTorch with a single feature axis, no mask, no `renorm`,
-            no `virtual_batch_size` and no `synchronized` strategy of
-            several replicas;
+            chain of small eager operations. It is eligible on every one of
+            the three backends with a single feature axis, no mask, no
+            `renorm`, no `virtual_batch_size` and no `synchronized` strategy
+            of several replicas;
             `bnlayers.fused_eligibility(layer, inputs)` gives the reason
             when it is not. On TensorFlow off a GPU, inference in a graph
             traced by an exporter (`model.export` for SavedModel, LiteRT

@@ -66,10 +66,9 @@ SHAPES = {
     ),
     "resnet": ((32, 56, 56, 64), "a ResNet stage"),
     "dense": ((256, 128), "after a Dense layer"),
-    "small conv": (
-        (16, 2, 2, 1280),
-        "a small convolution output, many channels",
-    ),
+    # Little data per feature and many features: the per-call costs, not
+    # the passes over the data, set the time here.
+    "small conv": ((16, 2, 2, 1280), "a late stage of a small-image CNN"),
 }
 QUICK_SHAPES = {"tiny": ((8, 6, 6, 4), "smoke test")}
 BACKENDS = ("tensorflow", "jax", "torch")

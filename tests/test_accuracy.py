@@ -7,8 +7,8 @@ one training step at offsets 0, 1e2, 1e4 and 1e6 (float32 inputs, spread
 reference of `bn_reference` computed on the same float32 inputs: the
 outputs, the moving statistics (momentum 0, so they are the batch ones) and
 the gradients. On TensorFlow every path runs (`fused=None` and `fused=False`;
-eager, `tf.function`, `jit_compile=True`); on PyTorch both paths, eagerly;
-on JAX the layer as it runs there (eager, and jitted). A plain float32 mean of values near
+eager, `tf.function`, `jit_compile=True`); on JAX both paths, eager and
+jitted; on PyTorch both paths, eagerly. A plain float32 mean of values near
 1e6 is off by about 0.06: the outputs would be off by that much
 (`examples/accuracy.py` prints the built-in layer's figures beside these).
 """
@@ -56,7 +56,11 @@ if BACKEND == "tensorflow":
         for execution in ("eager", "function", "jit")
     ]
 elif BACKEND == "jax":
-    PATHS = [(None, "eager"), (None, "jit")]
+    PATHS = [
+        (fused, execution)
+        for fused in (None, False)
+        for execution in ("eager", "jit")
+    ]
 else:
     PATHS = [(None, "eager"), (False, "eager")]
 PATH_IDS = [f"fused={f}-{e}" for f, e in PATHS]

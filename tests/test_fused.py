@@ -92,6 +92,16 @@ def test_synchronized_rule(monkeypatch):
 
 
 def test_backend_rule(monkeypatch):
+    """JAX and PyTorch have fast paths of their own; a backend without one
+    gets the reason."""
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    assert _fused.implementation() == "jax"
+    assert bnlayers.fused_eligibility(_built(), (4, 5, 5, 3)) is None
+    # The common rules hold there too.
+    reason = bnlayers.fused_eligibility(_built(renorm=True), (4, 5, 5, 3))
+    assert "renorm=True" in reason
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    assert _fused.implementation() == "torch"
     # Keras' NumPy backend: one with no fast path.
     monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
     assert _fused.implementation() is None
@@ -99,8 +109,6 @@ def test_backend_rule(monkeypatch):
     assert (
         reason == "the Keras backend is 'numpy', which has no fused fast path"
     )
-    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
-    assert _fused.implementation() == "torch"
 
 
 def test_dtype_and_epsilon_rules(implementation):

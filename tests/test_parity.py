@@ -239,9 +239,9 @@ def _grid():
     On a backend with no fast path the automatic choice alone runs
     (tests/test_backends.py checks it is the reference path there, bit for
     bit). Where there is one, a case the fast path does not take would run
-    the `fused=False` computation twice; test_fused.py (TensorFlow) and
-    test_fast_torch.py (PyTorch) check that the automatic choice takes the
-    fast path in exactly the eligible cases.
+    the `fused=False` computation twice; test_fused.py (TensorFlow),
+    test_fast_jax.py and test_fast_torch.py check that the automatic choice
+    takes the fast path in exactly the eligible cases.
     """
     modes = (
         [(False, "reference"), (None, "auto")]
