@@ -86,8 +86,11 @@ def _tensor(v, dtype):
 
 def _restore(y, x, out_dtype):
     """`y` in the shape of `x` and `out_dtype` (skipping the no-op calls,
-    which still cost microseconds each)."""
-    if y.shape != x.shape:
+    which still cost microseconds each; while tracing, comparing traced
+    sizes would warn, so the reshape is kept)."""
+    import torch
+
+    if torch.jit.is_tracing() or y.shape != x.shape:
         y = y.reshape(x.shape)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 

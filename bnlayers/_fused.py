@@ -180,12 +180,14 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
         return f"inputs of dtype {dtype} (the fused path takes {', '.join(dtypes)})"
 
     # Each implementation's own limits.
-    shape = _static_shape(inputs)
-    if implementation == "xla" and None in shape[1:] and not in_xla_context():
-        return (
-            f"input shape {shape} has an unknown dimension besides the batch (a variable "
-            "length?): the XLA-compiled fast path would compile anew for every size"
-        )
+    if implementation == "xla":
+        shape = _static_shape(inputs)
+        if None in shape[1:] and not in_xla_context():
+            return (
+                f"input shape {shape} has an unknown dimension besides the batch (a "
+                "variable length?): the XLA-compiled fast path would compile anew for "
+                "every size"
+            )
     if implementation == "kernel" and layer.epsilon < KERNEL_MIN_EPSILON:
         return (
             f"epsilon={layer.epsilon!r} is below {KERNEL_MIN_EPSILON}, the smallest "
@@ -495,7 +497,7 @@ def _xla_training(
 ):
     import tensorflow as tf
 
-    if tf.executing_eagerly():
+    if tf.executing_eagerly() or (_small(x) and not in_xla_context()):
         return _plain_training(
             x,
             gamma,
@@ -532,6 +534,16 @@ def _xla_training(
 
     y, new_mean, new_var = normalize(x, gamma, beta)
     return y, tf.stop_gradient(new_mean), tf.stop_gradient(new_var)
+
+
+# Below this many elements (known when traced) a graph takes the plain ops
+# rather than the compiled call, whose fixed cost exceeds the work there.
+PLAIN_MAX_ELEMENTS = 1 << 17
+
+
+def _small(x):
+    n = x.shape.num_elements()
+    return n is not None and n < PLAIN_MAX_ELEMENTS
 
 
 def _plain_training(
@@ -589,7 +601,7 @@ def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
     import tensorflow as tf
 
     if tf.executing_eagerly() or (
-        not in_xla_context() and _tracing_for_export()
+        not in_xla_context() and (_small(x) or _tracing_for_export())
     ):
         return _plain_inference(
             x, mean, var, gamma, beta, epsilon, axis, out_dtype
