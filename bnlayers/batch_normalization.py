@@ -208,9 +208,10 @@ class BatchNormalization(keras.layers.Layer):
             path computes the same thing in a few fused loops. On
             TensorFlow: on a GPU with TensorFlow's fused batch-norm kernel
             (cuDNN), elsewhere and under `jit_compile=True` with the
-            arithmetic compiled by XLA (eager calls off a GPU run the same
-            arithmetic as plain eager ops, rather than compiled for each
-            new shape). On JAX: the arithmetic in `jax.numpy` with a
+            arithmetic compiled by XLA (eager calls off a GPU, and tensors
+            of fewer than 2**17 elements in a graph, run the same
+            arithmetic as plain TensorFlow ops, whose fixed cost is
+            lower). On JAX: the arithmetic in `jax.numpy` with a
             hand-written backward, compiled by XLA, under `jax.jit` and
             eagerly alike. On PyTorch: a few native kernels per call
             (statistics by pairwise sums on values shifted by one sample,

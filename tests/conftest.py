@@ -131,6 +131,21 @@ _FUSED_MODES = (
 )
 
 
+@pytest.fixture(autouse=True)
+def compiled_fast_path_in_graphs(monkeypatch):
+    """On TensorFlow, graphs take the XLA-compiled fast path at every size.
+
+    By default tensors under `_fused.PLAIN_MAX_ELEMENTS` take the plain-op
+    form in a graph, as they do eagerly; the suite's tensors are all that
+    small, and would otherwise never reach the compiled form in a graph.
+    The plain form runs in every eager test, and test_fused.py checks the
+    default routing by size.
+    """
+    from bnlayers import _fused
+
+    monkeypatch.setattr(_fused, "PLAIN_MAX_ELEMENTS", 0)
+
+
 @pytest.fixture(params=_FUSED_MODES[0], ids=_FUSED_MODES[1])
 def fused_mode(request):
     """The `fused` argument for bnlayers layers: a test that takes it runs
