@@ -71,6 +71,12 @@ SHAPES = {
     "small conv": ((16, 2, 2, 1280), "a late stage of a small-image CNN"),
 }
 QUICK_SHAPES = {"tiny": ((8, 6, 6, 4), "smoke test")}
+# The least memory traffic of a step, in elementwise passes (one read and
+# one write of the tensor): training reads x, writes y, reads dy, reads x
+# again and writes dx (five traversals, 2.5 passes; a kernel that does not
+# keep a feature's slice on chip between its two reductions needs about
+# eight, 4 passes); inference reads x and writes y.
+FLOOR_PASSES = {"training": 2.5, "inference": 1.0}
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
@@ -95,8 +101,10 @@ def _tensorflow_steps(layer, x, dy):
     def infer(x):
         return layer(x, training=False)
 
+    double = tf.function(lambda t: t * 2.0)
+
     # CPU tf.functions return once their outputs are computed.
-    return (lambda: train(x, dy)), (lambda: infer(x))
+    return (lambda: train(x, dy)), (lambda: infer(x)), (lambda: double(x))
 
 
 def _jax_steps(layer, x, dy):
@@ -126,9 +134,12 @@ def _jax_steps(layer, x, dy):
             trainable, non_trainable, x, training=False
         )[0]
 
+    double = jax.jit(lambda t: t * 2.0)
+
     return (
         lambda: jax.block_until_ready(train(trainable, non_trainable, x)),
         lambda: jax.block_until_ready(infer(trainable, non_trainable, x)),
+        lambda: jax.block_until_ready(double(x)),
     )
 
 
@@ -156,7 +167,12 @@ def _torch_steps(layer, x, dy):
         sync()
         return y
 
-    return train, infer
+    def double():
+        y = x * 2.0
+        sync()
+        return y
+
+    return train, infer, double
 
 
 def layer_steps(layer, shape, seed=0):
@@ -192,42 +208,47 @@ def run(rounds, quick):
     backend = keras.backend.backend()
     rows = []
 
-    def record(what, shape, timings):
+    def record(what, shape, timings, floor=None):
         (wall, cpu), pair = timings, ("bnlayers", "built-in")
-        rows.append(
-            {
-                "what": what,
-                "shape": list(shape),
-                "bnlayers_ms": 1e3 * statistics.median(wall["bnlayers"]),
-                "builtin_ms": 1e3 * statistics.median(wall["built-in"]),
-                "ratio": median_ratio(*(wall[name] for name in pair)),
-                # This process's CPU time: a check on the wall-time ratio on a
-                # shared machine (on a GPU it counts the host's work only).
-                "ratio_cpu": median_ratio(*(cpu[name] for name in pair)),
+        row = {
+            "what": what,
+            "shape": list(shape),
+            "bnlayers_ms": 1e3 * statistics.median(wall["bnlayers"]),
+            "builtin_ms": 1e3 * statistics.median(wall["built-in"]),
+            "ratio": median_ratio(*(wall[name] for name in pair)),
+            # This process's CPU time: a check on the wall-time ratio on a
+            # shared machine (on a GPU it counts the host's work only).
+            "ratio_cpu": median_ratio(*(cpu[name] for name in pair)),
+        }
+        if "pass" in wall:
+            # Time over that of one elementwise pass (x * 2: read x, write
+            # a tensor of its size), next to the least a step must do.
+            row["passes"] = {
+                name: median_ratio(wall[name], wall["pass"]) for name in pair
             }
-        )
+            row["floor_passes"] = floor
+        rows.append(row)
 
     for name, (shape, _) in (QUICK_SHAPES if quick else SHAPES).items():
-        ours_train, ours_infer = layer_steps(
+        ours_train, ours_infer, double = layer_steps(
             bnlayers.BatchNormalization(), shape
         )
-        builtin_train, builtin_infer = layer_steps(
+        builtin_train, builtin_infer, _ = layer_steps(
             keras.layers.BatchNormalization(), shape
         )
-        record(
-            f"{name}: training step",
-            shape,
-            interleaved(
-                {"bnlayers": ours_train, "built-in": builtin_train}, rounds
-            ),
-        )
-        record(
-            f"{name}: inference step",
-            shape,
-            interleaved(
-                {"bnlayers": ours_infer, "built-in": builtin_infer}, rounds
-            ),
-        )
+        for step, ours, builtin in (
+            ("training", ours_train, builtin_train),
+            ("inference", ours_infer, builtin_infer),
+        ):
+            record(
+                f"{name}: {step} step",
+                shape,
+                interleaved(
+                    {"bnlayers": ours, "built-in": builtin, "pass": double},
+                    rounds,
+                ),
+                FLOOR_PASSES[step],
+            )
 
     batch = 8 if quick else 64
     rng = np.random.default_rng(1)
@@ -280,14 +301,22 @@ def markdown(reports):
             f"**{report['backend']}** ({versions}; {report['machine']}; "
             f"{report['rounds']} rounds)",
             "",
-            "| | shape | bnlayers (ms) | built-in (ms) | ratio | ratio (CPU time) |",
-            "|---|---|---|---|---|---|",
+            "| | shape | bnlayers (ms) | built-in (ms) | ratio | ratio (CPU time) "
+            "| bnlayers passes | built-in passes | floor |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in report["rows"]:
             shape = "x".join(str(d) for d in row["shape"])
+            passes = row.get("passes")
+            extra = (
+                f"| {passes['bnlayers']:.1f} | {passes['built-in']:.1f} "
+                f"| {row['floor_passes']} |"
+                if passes
+                else "| | | |"
+            )
             lines.append(
                 f"| {row['what']} | {shape} | {row['bnlayers_ms']:.3f} | {row['builtin_ms']:.3f} "
-                f"| {row['ratio']:.2f} | {row['ratio_cpu']:.2f} |"
+                f"| {row['ratio']:.2f} | {row['ratio_cpu']:.2f} " + extra
             )
         lines.append("")
     return "\n".join(lines)

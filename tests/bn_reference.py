@@ -218,6 +218,21 @@ def step(
     return y, grads, new_state
 
 
+def offset_data(shape, feature_axes, offset, seed=0):
+    """float64 inputs ``offset + u + spread * N(0, 1)`` and an upstream gradient.
+
+    Per feature, `u` is uniform in [-1, 1] and `spread` uniform in [0.5, 2]:
+    data whose mean is `offset` and whose spread is of unit scale, the case
+    where a plain float32 sum of the inputs loses the spread's digits.
+    """
+    rng = np.random.default_rng(seed)
+    pshape = [shape[a] if a in feature_axes else 1 for a in range(len(shape))]
+    spread = rng.uniform(0.5, 2.0, pshape)
+    centre = offset + rng.uniform(-1.0, 1.0, pshape)
+    x = centre + spread * rng.standard_normal(shape)
+    return x, rng.standard_normal(shape)
+
+
 def feature_axes_of(axis, ndim):
     """The layer's `axis` argument (an int or a list) as sorted non-negative axes."""
     axes = axis if isinstance(axis, (list, tuple)) else [axis]

@@ -67,14 +67,9 @@ PATH_IDS = [f"fused={f}-{e}" for f, e in PATHS]
 
 
 def _data(shape, feature_axes, offset, seed):
-    """float32 inputs `offset + spread * N(0, 1)`, spread 0.5 to 2 per feature."""
-    rng = np.random.default_rng(seed)
-    pshape = [shape[a] if a in feature_axes else 1 for a in range(len(shape))]
-    spread = rng.uniform(0.5, 2.0, pshape)
-    centre = offset + rng.uniform(-1.0, 1.0, pshape)
-    x = (centre + spread * rng.standard_normal(shape)).astype("float32")
-    dy = rng.standard_normal(shape).astype("float32")
-    return x, dy
+    """float32 inputs and upstream gradient (`bn_reference.offset_data`)."""
+    x, dy = ref.offset_data(shape, feature_axes, offset, seed)
+    return x.astype("float32"), dy.astype("float32")
 
 
 def _step_function(layer, execution, masked):

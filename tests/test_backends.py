@@ -119,4 +119,8 @@ def test_benchmark_runs_on_this_backend():
             and row["builtin_ms"] > 0
             and row["ratio"] > 0
         )
+    for row in report["rows"][:2]:
+        assert set(row["passes"]) == {"bnlayers", "built-in"}
+        assert all(p > 0 for p in row["passes"].values())
+    assert [row["floor_passes"] for row in report["rows"][:2]] == [2.5, 1.0]
     assert f"**{BACKEND}**" in benchmark.markdown([report])

@@ -55,16 +55,7 @@ class _Spy:
 
 
 def _data(shape, axis, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    pshape = [1] * len(shape)
-    pshape[axis] = shape[axis]
-    spread = rng.uniform(0.5, 2.0, pshape)
-    x = (
-        OFFSET
-        + rng.uniform(-1, 1, pshape)
-        + spread * rng.standard_normal(shape)
-    )
-    dy = rng.standard_normal(shape)
+    x, dy = ref.offset_data(shape, [axis % len(shape)], OFFSET, seed)
     # The reference takes the inputs as the layer sees them, rounded.
     import jax.numpy as jnp
 

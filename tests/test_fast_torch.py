@@ -46,16 +46,7 @@ POLICY = {
 
 
 def _data(shape, axis, offset, seed=0):
-    rng = np.random.default_rng(seed)
-    pshape = [1] * len(shape)
-    pshape[axis] = shape[axis]
-    spread = rng.uniform(0.5, 2.0, pshape)
-    x = (
-        offset
-        + rng.uniform(-1.0, 1.0, pshape)
-        + spread * rng.normal(size=shape)
-    )
-    return x, rng.normal(size=shape)
+    return ref.offset_data(shape, [axis % len(shape)], offset, seed)
 
 
 def _step(fused, policy, x, dy, axis, momentum=0.5):
