@@ -8,28 +8,9 @@ geometry (which `axis`), the dtypes and assigns the moving statistics.
 this path; `implementation()` picks one implementation of the same
 computation, by backend (two on TensorFlow):
 
-- ``"xla"``: the batch-norm arithmetic written out here in TensorFlow ops,
-  forward and backward (a `tf.custom_gradient`), each compiled by XLA into
-  a few fused loops: a training step at the article's shape costs about
-  7 elementwise passes over the data, against 11 to 12 for the built-in
-  layer's chain of ops (`examples/benchmark.py`; XLA runs the reductions
-  on one thread and writes a temporary for each reduction of a product).
-  On CPU this beats TensorFlow's fused kernel, a chain of Eigen
-  expressions there (measured at 0.73x to 0.9x of the built-in's training
-  step, and 2x slower for channels_first, which it transposes). Inside a
-  function that is XLA-compiled as a whole (`jit_compile=True`) the same
-  ops are inlined.
-- ``"kernel"``: TensorFlow's fused batch-norm kernel, `FusedBatchNormV3`,
-  differentiated by its registered `FusedBatchNormGradV3`; on a GPU this is
-  cuDNN's batch norm. Used when a GPU is visible and the call is not under
-  XLA (XLA lowers this op with a one-pass variance, E[x^2] - E[x]^2, which
-  cancels to nothing when the mean is large next to the spread: a mean of
-  1e4 with variance 1 came out as variances of -34 and 87). In training the
-  kernel is fed ``x - s`` for the shift `s` of `_math.choose_shift` (the
-  first sample of each feature) and `s` is added back to its mean, so its
-  own summation never sees the offset of the data; it returns the unbiased
-  (n / (n - 1)) batch variance, and Keras' moving variance follows the
-  biased one, so the correction is undone.
+- ``"xla"`` and ``"kernel"``, on the TensorFlow backend: the arithmetic
+  written out in TensorFlow ops and compiled by XLA, or TensorFlow's fused
+  batch-norm kernel (on a GPU, outside XLA); see `_fast_tf`.
 - ``"jax"``, on the JAX backend: the same arithmetic in `jax.numpy` with a
   hand-written backward (`jax.custom_vjp`), compiled by XLA; see
   `_fast_jax`.
@@ -49,11 +30,11 @@ importing bnlayers on one Keras backend imports no other backend's
 framework.
 """
 
-import functools
 import importlib
 
 from keras import backend
 
+from bnlayers import _fast_tf
 from bnlayers import _geometry
 from bnlayers import _math
 
@@ -61,8 +42,8 @@ from bnlayers import _math
 _KERNEL_DTYPES = ("float16", "bfloat16", "float32")
 _FLOAT_DTYPES = _KERNEL_DTYPES + ("float64",)
 
-# The backends whose fast path is a module of its own, written in that
-# backend's framework (`_fast_jax`, `_fast_torch`).
+# The backends whose fast path is a module written in that backend's
+# framework (`_fast_jax`, `_fast_torch`), imported when it first runs.
 _OTHER_FRAMEWORKS = ("jax", "torch")
 
 
@@ -75,38 +56,14 @@ def _other_framework(implementation):
 KERNEL_MIN_EPSILON = 1.001e-5
 
 
-def _static_shape(inputs):
-    # Sizes that are ints already are kept: converting a traced PyTorch
-    # size would warn (TracerWarning) and bake it into the trace.
-    return tuple(
-        d if d is None or isinstance(d, int) else int(d) for d in inputs.shape
-    )
-
-
-def in_xla_context():
-    """True while tracing a function that XLA compiles (`jit_compile=True`)."""
-    import tensorflow as tf
-
-    if tf.executing_eagerly():
-        return False
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - private module moved
-        return False
-    return bool(
-        control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()
-        )
-    )
-
-
 def implementation():
     """The fast path's implementation for this backend and context, or None.
 
     On TensorFlow, "kernel" (FusedBatchNormV3) when a GPU is visible and
     not under XLA, else "xla". Under XLA it is always "xla": XLA's lowering
-    of the kernel loses the variance (see above). The device probe is
-    `_gpu_visible`, which the tests replace to run the kernel branch on CPU.
+    of the kernel loses the variance (see `_fast_tf`). The device probe is
+    `_fast_tf.gpu_visible`, which the tests replace to run the kernel
+    branch on CPU.
     On JAX, "jax" (`_fast_jax`); on PyTorch, "torch" (`_fast_torch`). None
     on a backend with no fast path. Only the running backend's framework
     is imported.
@@ -116,16 +73,9 @@ def implementation():
         return name
     if name != "tensorflow":
         return None
-    if in_xla_context():
+    if _fast_tf.in_xla_context():
         return "xla"
-    return "kernel" if _gpu_visible() else "xla"
-
-
-@functools.cache
-def _gpu_visible():
-    import tensorflow as tf
-
-    return bool(tf.config.list_logical_devices("GPU"))
+    return "kernel" if _fast_tf.gpu_visible() else "xla"
 
 
 # The input dtypes each implementation takes: the XLA, JAX and PyTorch
@@ -181,8 +131,8 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
 
     # Each implementation's own limits.
     if implementation == "xla":
-        shape = _static_shape(inputs)
-        if None in shape[1:] and not in_xla_context():
+        shape = _geometry.static_shape(inputs)
+        if None in shape[1:] and not _fast_tf.in_xla_context():
             return (
                 f"input shape {shape} has an unknown dimension besides the batch (a "
                 "variable length?): the XLA-compiled fast path would compile anew for "
@@ -194,18 +144,6 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
             "TensorFlow's fused kernel accepts on GPUs (cuDNN)"
         )
     return None
-
-
-def _parameters(x, axis, gamma, beta, dtype):
-    """gamma and beta in `dtype`, ones and zeros where they are None."""
-    import tensorflow as tf
-
-    def per_feature(v, fill):
-        if v is None:
-            return tf.fill([tf.shape(x)[axis]], tf.constant(fill, dtype))
-        return tf.cast(v, dtype)
-
-    return per_feature(gamma, 1.0), per_feature(beta, 0.0)
 
 
 def training(
@@ -223,60 +161,29 @@ def training(
     """Batch normalization with batch statistics, as one fused computation.
 
     Args:
-        x: the inputs (a TensorFlow tensor), any floating dtype the path
-            takes (see `ineligibility`).
+        x: the inputs (a tensor of the backend), any floating dtype the
+            path takes (see `ineligibility`).
         gamma, beta: per-feature vectors, or None for no scale / offset.
         moving_mean, moving_variance: the current moving statistics
             (vectors; variables are read).
         axis: the one feature axis, non-negative.
         epsilon, momentum: Python floats.
         out_dtype: the dtype of the outputs (the layer's compute dtype).
-        implementation: "xla", "kernel", "jax" or "torch", from `implementation()`.
+        implementation: "xla", "kernel", "jax" or "torch", from
+            `implementation()`.
 
     Returns:
         `(y, new_moving_mean, new_moving_variance)`; the moving statistics
         in the statistics dtype, unchanged where the batch is empty. Only
         `y` carries gradients (to `x`, `gamma` and `beta`).
     """
+    args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
     if implementation in _OTHER_FRAMEWORKS:
         return _other_framework(implementation).training(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_variance,
-            axis,
-            epsilon,
-            momentum,
-            out_dtype,
+            *args, momentum, out_dtype
         )
-    import tensorflow as tf
-
-    x = tf.convert_to_tensor(x)
-    if implementation == "kernel":
-        return _kernel_training(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_variance,
-            axis,
-            epsilon,
-            momentum,
-            out_dtype,
-        )
-    dtype = _math.statistics_dtype(x.dtype)
-    gamma, beta = _parameters(x, axis, gamma, beta, dtype)
-    return _xla_training(
-        x,
-        gamma,
-        beta,
-        tf.cast(moving_mean, dtype),
-        tf.cast(moving_variance, dtype),
-        tf.constant(epsilon, dtype),
-        tf.constant(momentum, dtype),
-        axis,
-        out_dtype,
+    return _fast_tf.training(
+        *args, momentum, out_dtype, kernel=implementation == "kernel"
     )
 
 
@@ -292,503 +199,12 @@ def inference(
     implementation,
 ):
     """Batch normalization with the moving statistics; arguments as `training`."""
+    args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
     if implementation in _OTHER_FRAMEWORKS:
-        return _other_framework(implementation).inference(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_variance,
-            axis,
-            epsilon,
-            out_dtype,
-        )
-    import tensorflow as tf
-
-    x = tf.convert_to_tensor(x)
-    if implementation == "kernel":
-        return _kernel_inference(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_variance,
-            axis,
-            epsilon,
-            out_dtype,
-        )
-    dtype = _math.statistics_dtype(x.dtype)
-    gamma, beta = _parameters(x, axis, gamma, beta, dtype)
-    return _xla_inference(
-        x,
-        tf.cast(moving_mean, dtype),
-        tf.cast(moving_variance, dtype),
-        gamma,
-        beta,
-        tf.constant(epsilon, dtype),
-        axis,
-        out_dtype,
+        return _other_framework(implementation).inference(*args, out_dtype)
+    return _fast_tf.inference(
+        *args, out_dtype, kernel=implementation == "kernel"
     )
-
-
-def _count(x, axis, dtype):
-    """Elements per feature: a constant when the shape is static."""
-    import tensorflow as tf
-
-    shape = _static_shape(x)
-    if None not in shape:
-        n = 1
-        for i, d in enumerate(shape):
-            if i != axis:
-                n *= d
-        return tf.constant(n, dtype)
-    return tf.cast(tf.size(x, out_type=tf.int64) // shape[axis], dtype)
-
-
-# ---------------------------------------------------------------- XLA path
-#
-# The compiled functions see the inputs as a matrix (rows, features) when
-# the features are the last axis, else as (before, features, after): XLA
-# reduces merged axes fastest (measured). They take the feature axis and
-# the output dtype as Python values (one trace each), the rest as tensors;
-# arithmetic is in the dtype of `gamma` (the statistics dtype).
-
-
-@functools.cache
-def _xla_functions():
-    """The four XLA-compiled functions, traced once per input signature.
-
-    Only graphs call them (fit(), a tf.function): there a compiled function
-    is traced once for the traced shape. Eager calls take plain ops
-    (`_plain_training`, `_plain_inference`) instead, which compile nothing
-    for a new input shape.
-    """
-    import tensorflow as tf
-
-    function = functools.partial(tf.function, jit_compile=True, autograph=False)
-
-    def merged(x, axis):
-        shape = tf.shape(x, out_type=tf.int64)
-        dims = [tf.reduce_prod(shape[:axis]), shape[axis]]
-        if axis < x.shape.rank - 1:
-            dims.append(tf.reduce_prod(shape[axis + 1 :]))
-        return tf.reshape(x, dims)
-
-    def stats_axes(x):
-        return [0] if x.shape.rank == 2 else [0, 2]
-
-    def per_feature(v, x):
-        return tf.reshape(v, [1, -1] if x.shape.rank == 2 else [1, -1, 1])
-
-    def first_sample(x):
-        """Each feature's first element (`_math.choose_shift`); 0 for an empty batch."""
-        # A slice and a concatenation, not a reduction: XLA fuses them into
-        # the loops that read the shift, where a reduction would be a loop
-        # of its own.
-        if x.shape.rank == 2:
-            rows = tf.concat([x[:1], tf.zeros([1, tf.shape(x)[1]], x.dtype)], 0)
-            return rows[0]
-        rows = tf.concat(
-            [x[:1, :, :1], tf.zeros([1, tf.shape(x)[1], 1], x.dtype)], 0
-        )
-        return rows[0, :, 0]
-
-    def count(x, dtype):
-        """Elements per feature, at least 1 (an empty batch gives zeros, not NaN)."""
-        n = tf.size(x, out_type=tf.int64) // tf.shape(x, out_type=tf.int64)[1]
-        return tf.cast(tf.maximum(n, 1), dtype)
-
-    @function
-    def forward(
-        x,
-        gamma,
-        beta,
-        moving_mean,
-        moving_var,
-        momentum,
-        epsilon,
-        axis,
-        out_dtype,
-    ):
-        """Outputs, the shift and residual mean, the variance, the new moving statistics."""
-        shape = tf.shape(x)
-        x = tf.cast(merged(x, axis), gamma.dtype)
-        n = count(x, gamma.dtype)
-        # Every sum is of x - shift, values of the order of the spread: the
-        # offset of the data never enters the rounding (see _math).
-        shift = first_sample(x)
-        d = x - per_feature(shift, x)
-        # Two passes on shifted values (_math.shifted_moments). The one-pass
-        # form (both sums in one read of x) measured slower here: XLA's CPU
-        # reductions take a materialized operand, so sum(d) and sum(d^2) cost
-        # two temporaries either way.
-        residual = tf.reduce_sum(d, stats_axes(x)) / n
-        centred = d - per_feature(residual, x)
-        var = tf.reduce_sum(tf.square(centred), stats_axes(x)) / n
-        y = centred * per_feature(
-            tf.math.rsqrt(var + epsilon) * gamma, x
-        ) + per_feature(beta, x)
-        # The Keras update rule, here rather than in a dozen small ops
-        # outside; an empty batch leaves the moving statistics as they are.
-        mean = shift + residual
-        counted = tf.size(x) > 0
-        new_mean = tf.where(
-            counted,
-            _math.moving_average(moving_mean, mean, momentum),
-            moving_mean,
-        )
-        new_var = tf.where(
-            counted, _math.moving_average(moving_var, var, momentum), moving_var
-        )
-        y = tf.reshape(tf.cast(y, out_dtype), shape)
-        return y, shift, residual, var, new_mean, new_var
-
-    @function
-    def backward(dy, x, shift, residual, var, gamma, epsilon, axis):
-        shape, dtype = tf.shape(x), x.dtype
-        x = tf.cast(merged(x, axis), gamma.dtype)
-        dy = tf.cast(merged(dy, axis), gamma.dtype)
-        n = count(x, gamma.dtype)
-        inv = tf.math.rsqrt(var + epsilon)
-        # (x - shift) - residual, as in the forward: exact at any offset.
-        centred = (x - per_feature(shift, x)) - per_feature(residual, x)
-        dbeta = tf.reduce_sum(dy, stats_axes(x))
-        dgamma = tf.reduce_sum(dy * centred, stats_axes(x)) * inv
-        # With xhat = (x - mean) * inv and the batch statistics depending on
-        # x, the derivative of gamma * xhat + beta is
-        # gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), and
-        # sum(dy * xhat) is dgamma.
-        dx = per_feature(gamma * inv, x) * (
-            dy
-            - per_feature(dbeta / n, x)
-            - centred * per_feature(inv * dgamma / n, x)
-        )
-        return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
-
-    @function
-    def inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
-        shape = tf.shape(x)
-        x = tf.cast(merged(x, axis), gamma.dtype)
-        # The mean is subtracted before scaling, as in the reference path
-        # (x * a + b would lose digits when the mean is large next to the spread).
-        y = (x - per_feature(mean, x)) * per_feature(
-            tf.math.rsqrt(var + epsilon) * gamma, x
-        )
-        return tf.reshape(tf.cast(y + per_feature(beta, x), out_dtype), shape)
-
-    @function
-    def inference_backward(dy, x, mean, var, gamma, epsilon, axis):
-        shape, dtype = tf.shape(x), x.dtype
-        x = tf.cast(merged(x, axis), gamma.dtype)
-        dy = tf.cast(merged(dy, axis), gamma.dtype)
-        inv = tf.math.rsqrt(var + epsilon)
-        dx = dy * per_feature(inv * gamma, x)
-        dgamma = (
-            tf.reduce_sum(dy * (x - per_feature(mean, x)), stats_axes(x)) * inv
-        )
-        dbeta = tf.reduce_sum(dy, stats_axes(x))
-        return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
-
-    return forward, backward, inference, inference_backward
-
-
-def _xla_training(
-    x, gamma, beta, moving_mean, moving_var, epsilon, momentum, axis, out_dtype
-):
-    import tensorflow as tf
-
-    if tf.executing_eagerly() or (_small(x) and not in_xla_context()):
-        return _plain_training(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_var,
-            epsilon,
-            momentum,
-            axis,
-            out_dtype,
-        )
-    forward, backward, _, _ = _xla_functions()
-
-    @tf.custom_gradient
-    def normalize(x, gamma, beta):
-        y, shift, residual, var, new_mean, new_var = forward(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_var,
-            momentum,
-            epsilon,
-            axis,
-            out_dtype,
-        )
-
-        def grad(dy, dmean, dvar):
-            # The moving statistics carry no gradient.
-            del dmean, dvar
-            return backward(dy, x, shift, residual, var, gamma, epsilon, axis)
-
-        return (y, new_mean, new_var), grad
-
-    y, new_mean, new_var = normalize(x, gamma, beta)
-    return y, tf.stop_gradient(new_mean), tf.stop_gradient(new_var)
-
-
-# Below this many elements (known when traced) a graph takes the plain ops
-# rather than the compiled call, whose fixed cost exceeds the work there:
-# measured on 2 CPU cores, the plain ops were the faster at (256, 128) and
-# (16, 2, 2, 1280), the compiled call from (16, 4, 4, 672) up (see the
-# performance page). Under `jit_compile=True` XLA compiles either form.
-PLAIN_MAX_ELEMENTS = 1 << 17
-
-
-def _small(x):
-    n = x.shape.num_elements()
-    return n is not None and n < PLAIN_MAX_ELEMENTS
-
-
-def _plain_training(
-    x, gamma, beta, moving_mean, moving_var, epsilon, momentum, axis, out_dtype
-):
-    """`forward` as plain eager ops on `x` in its own layout.
-
-    Eagerly there is nothing to fuse: a compiled call would compile for
-    every new input shape, and even a graph call costs more in dispatch
-    than these few ops; the tape differentiates them.
-    """
-    import tensorflow as tf
-
-    rank = x.shape.rank
-    reduction = [i for i in range(rank) if i != axis]
-    shape = _geometry.param_shape([axis], rank, [-1])
-    gamma, beta = tf.reshape(gamma, shape), tf.reshape(beta, shape)
-    x = tf.cast(x, gamma.dtype)
-    if x.shape.num_elements() == 0:
-        # An empty batch leaves the moving statistics as they are; gamma and
-        # beta still get their (zero) gradients.
-        return tf.cast(x * gamma + beta, out_dtype), moving_mean, moving_var
-    # Every sum is of x - shift (the first sample of each feature, as
-    # `_math.choose_shift`): the offset of the data never enters the rounding.
-    shift = tf.stop_gradient(
-        x[tuple(slice(None) if i == axis else slice(0, 1) for i in range(rank))]
-    )
-    d = x - shift
-    residual = tf.reduce_mean(d, reduction, keepdims=True)
-    centred = d - residual
-    var = tf.reduce_mean(tf.square(centred), reduction, keepdims=True)
-    y = centred * (tf.math.rsqrt(var + epsilon) * gamma) + beta
-    mean = tf.stop_gradient(tf.reshape(shift + residual, [-1]))
-    var = tf.stop_gradient(tf.reshape(var, [-1]))
-    return (
-        tf.cast(y, out_dtype),
-        _math.moving_average(moving_mean, mean, momentum),
-        _math.moving_average(moving_var, var, momentum),
-    )
-
-
-def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
-    """Outputs with the moving statistics.
-
-    Traced in a graph (Keras' `fit`, `evaluate` and `predict`, a user's
-    own `tf.function`) this calls the XLA-compiled `inference`, unless the
-    tensor is small (`_small`). Eagerly, for small tensors, and traced for
-    an exporter (`_tracing_for_export`: `model.export` for
-    SavedModel, LiteRT and ONNX, `tf.saved_model.save`, TensorFlow's LiteRT
-    converter, tf2onnx), it is the same arithmetic as a few plain
-    TensorFlow ops (`_plain_inference`): eagerly and on small tensors, a
-    compiled call costs more than these few ops;
-    converters cannot see into a nested XLA-compiled function, which
-    reaches them as an opaque `PartitionedCall`.
-    """
-    import tensorflow as tf
-
-    if tf.executing_eagerly() or (
-        not in_xla_context() and (_small(x) or _tracing_for_export())
-    ):
-        return _plain_inference(
-            x, mean, var, gamma, beta, epsilon, axis, out_dtype
-        )
-    _, _, inference, inference_backward = _xla_functions()
-
-    @tf.custom_gradient
-    def normalize(x, gamma, beta):
-        y = inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype)
-
-        def grad(dy):
-            return inference_backward(dy, x, mean, var, gamma, epsilon, axis)
-
-        return y, grad
-
-    return normalize(x, gamma, beta)
-
-
-def _plain_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
-    """`inference` as plain ops on `x` in its own layout (autodiff gives the gradients)."""
-    import tensorflow as tf
-
-    rank = x.shape.rank
-    if axis == rank - 1:
-
-        def per_feature(v):
-            return v
-
-    else:
-        shape = _geometry.param_shape([axis], rank, [-1])
-
-        def per_feature(v):
-            return tf.reshape(v, shape)
-
-    x = tf.cast(x, gamma.dtype)
-    # The mean is subtracted before scaling, as everywhere (x * a + b would
-    # lose digits when the mean is large next to the spread).
-    scale = tf.math.rsqrt(var + epsilon) * gamma
-    y = (x - per_feature(mean)) * per_feature(scale) + per_feature(beta)
-    return tf.cast(y, out_dtype)
-
-
-# Modules whose code traces functions in order to convert or save them.
-_EXPORTERS = (
-    "keras.src.export.",
-    "tensorflow.python.saved_model.",
-    "tensorflow.lite.",
-    "tf2onnx.",
-)
-
-
-def _tracing_for_export():
-    """True when an exporter's code is on the call stack (checked at trace time only).
-
-    `tf.saved_model.save` traces anew what it writes, so a SavedModel
-    always holds plain ops; a concrete function that the user's own code
-    traced and then hands to a converter keeps the compiled call.
-    """
-    import sys
-    import types
-
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if module.startswith(_EXPORTERS):
-            return True
-        frame = frame.f_back
-    return False
-
-
-# ------------------------------------------------------------- kernel path
-
-
-def _kernel_layout(shape, axis):
-    """How to present inputs of `shape` with feature `axis` to the kernel.
-
-    Returns `(kernel_shape, data_format)`; `kernel_shape` is None when the
-    inputs go in as they are. Every single feature axis fits by a reshape
-    alone (no data moves): the axes before it merge into N, those after it
-    into H, and the features sit last (NHWC) or second (NCHW).
-    """
-    rank = len(shape)
-    channels = shape[axis]
-    if axis == rank - 1:
-        return (None if rank == 4 else [-1, 1, 1, channels]), "NHWC"
-    if rank == 4 and axis == 1:
-        return None, "NCHW"
-    if None in shape[axis + 1 :]:
-        return "dynamic", "NCHW"
-    inner = 1
-    for d in shape[axis + 1 :]:
-        inner *= d
-    return [-1, channels, inner, 1], "NCHW"
-
-
-def _kernel_inputs(x, axis, out_dtype):
-    """`x` in the kernel's layout, with what is needed to undo it."""
-    import tensorflow as tf
-
-    if backend.standardize_dtype(x.dtype) != out_dtype:
-        # The reference path returns the compute dtype computed from float32
-        # statistics; a kernel run in the input dtype would round to it.
-        x = tf.cast(x, tf.float32)
-    shape = _static_shape(x)
-    kernel_shape, data_format = _kernel_layout(shape, axis)
-    if kernel_shape == "dynamic":
-        kernel_shape = tf.stack(
-            [-1, shape[axis], tf.reduce_prod(tf.shape(x)[axis + 1 :]), 1]
-        )
-    xk = x if kernel_shape is None else tf.reshape(x, kernel_shape)
-    return x, xk, kernel_shape, data_format
-
-
-def _kernel_training(
-    x, gamma, beta, moving_mean, moving_var, axis, epsilon, momentum, out_dtype
-):
-    import tensorflow as tf
-
-    x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
-    scale, offset = _parameters(x, axis, gamma, beta, tf.float32)
-    reduction = [i for i in range(len(x.shape)) if i != axis]
-    # The kernel sums what it is given; shifted by one sample per feature
-    # it never sees the offset of the data (_math.choose_shift). The
-    # shifted values stay float32: rounded back to float16 they would not
-    # be the inputs' exact differences (gradients off by 2e-4, measured).
-    shift = tf.reshape(
-        _math.choose_shift(tf.cast(x, tf.float32), reduction), [-1]
-    )
-    if data_format == "NHWC":
-        shift_k = tf.reshape(shift, [1, 1, 1, -1])
-    else:
-        shift_k = tf.reshape(shift, [1, -1, 1, 1])
-    dk = tf.cast(xk, tf.float32) - shift_k
-    y, residual, unbiased_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-        x=dk,
-        scale=scale,
-        offset=offset,
-        mean=tf.zeros([0], tf.float32),
-        variance=tf.zeros([0], tf.float32),
-        epsilon=epsilon,
-        data_format=data_format,
-        is_training=True,
-    )
-    count = _count(x, axis, tf.float32)
-    # Undo the kernel's n / (n - 1). With n = 1 it left the (zero)
-    # variance alone, and (n - 1) / n = 0 keeps it zero.
-    var = unbiased_var * (tf.maximum(count - 1.0, 0.0) / tf.maximum(count, 1.0))
-    mean = tf.stop_gradient(shift + residual)
-    var = tf.stop_gradient(var)
-    moving_mean = tf.cast(moving_mean, tf.float32)
-    moving_var = tf.cast(moving_var, tf.float32)
-    counted = count > 0
-    new_mean = tf.where(
-        counted, _math.moving_average(moving_mean, mean, momentum), moving_mean
-    )
-    new_var = tf.where(
-        counted, _math.moving_average(moving_var, var, momentum), moving_var
-    )
-    if kernel_shape is not None:
-        y = tf.reshape(y, tf.shape(x))
-    return tf.cast(y, out_dtype), new_mean, new_var
-
-
-def _kernel_inference(
-    x, gamma, beta, moving_mean, moving_var, axis, epsilon, out_dtype
-):
-    import tensorflow as tf
-
-    x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
-    scale, offset = _parameters(x, axis, gamma, beta, tf.float32)
-    y = tf.raw_ops.FusedBatchNormV3(
-        x=xk,
-        scale=scale,
-        offset=offset,
-        mean=tf.cast(moving_mean, tf.float32),
-        variance=tf.cast(moving_var, tf.float32),
-        epsilon=epsilon,
-        data_format=data_format,
-        is_training=False,
-    )[0]
-    if kernel_shape is not None:
-        y = tf.reshape(y, tf.shape(x))
-    return tf.cast(y, out_dtype)
 
 
 # ------------------------------------------------------------------ public
@@ -844,7 +260,7 @@ def fused_eligibility(layer, inputs, mask=None):
         import keras
 
         inputs = keras.KerasTensor(tuple(inputs), dtype=layer.compute_dtype)
-    shape = _static_shape(inputs)
+    shape = _geometry.static_shape(inputs)
     features = _geometry.feature_axes(
         layer.axis, len(shape), shape, layer.virtual_batch_size
     )

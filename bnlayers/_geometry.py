@@ -156,3 +156,12 @@ def expand_mask(mask, ndim, features, input_shape=None):
         f"`mask` must have {expected}, as Keras' masks do. Received: "
         f"mask.shape={mask_shape}, inputs.shape={_shape_text(input_shape)}"
     )
+
+
+def static_shape(inputs):
+    """`inputs.shape` as a tuple of ints and None (unknown sizes)."""
+    # Sizes that are ints already are kept: converting a traced PyTorch
+    # size would warn (TracerWarning) and bake it into the trace.
+    return tuple(
+        d if d is None or isinstance(d, int) else int(d) for d in inputs.shape
+    )

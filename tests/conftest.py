@@ -135,15 +135,15 @@ _FUSED_MODES = (
 def compiled_fast_path_in_graphs(monkeypatch):
     """On TensorFlow, graphs take the XLA-compiled fast path at every size.
 
-    By default tensors under `_fused.PLAIN_MAX_ELEMENTS` take the plain-op
+    By default tensors under `_fast_tf.PLAIN_MAX_ELEMENTS` take the plain-op
     form in a graph, as they do eagerly; the suite's tensors are all that
     small, and would otherwise never reach the compiled form in a graph.
     The plain form runs in every eager test, and test_fused.py checks the
     default routing by size.
     """
-    from bnlayers import _fused
+    from bnlayers import _fast_tf
 
-    monkeypatch.setattr(_fused, "PLAIN_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(_fast_tf, "PLAIN_MAX_ELEMENTS", 0)
 
 
 @pytest.fixture(params=_FUSED_MODES[0], ids=_FUSED_MODES[1])

@@ -95,7 +95,7 @@ def test_eager_calls_on_many_batch_sizes_trace_nothing():
     """
     import tensorflow as tf
 
-    from bnlayers import _fused
+    from bnlayers import _fast_tf
 
     records = []
 
@@ -122,7 +122,7 @@ def test_eager_calls_on_many_batch_sizes_trace_nothing():
         tf.get_logger().removeHandler(handler)
     assert not [m for m in records if "retracing" in m], records
 
-    compiled = _fused._xla_functions()
+    compiled = _fast_tf._xla_functions()
     before = [f.experimental_get_tracing_count() for f in compiled]
     calls(range(13, 23))
     # Eager calls run plain ops: 10 more batch sizes compiled nothing.

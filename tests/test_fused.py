@@ -1,11 +1,11 @@
-"""The fused fast path (`bnlayers/_fused.py`): when it is taken, and that it
-computes what the float64 reference and the built-in layer compute (through
-the parity harness, `parity.py`).
+"""The fused fast path on TensorFlow (`_fused.py`, `_fast_tf.py`): when it
+is taken, and that it computes what the float64 reference and the built-in
+layer compute (through the parity harness, `parity.py`).
 
 Both implementations run here on CPU: "xla" (the arithmetic compiled by
 XLA, what CPUs take) and "kernel" (TensorFlow's FusedBatchNormV3, what a GPU
 takes), chosen by pretending a GPU is or is not visible
-(`_fused._gpu_visible`). Layers are built with `fused=True`, which raises
+(`_fast_tf.gpu_visible`). Layers are built with `fused=True`, which raises
 unless the fast path is really taken.
 """
 
@@ -22,6 +22,7 @@ import bn_reference as ref
 import bnlayers
 import parity
 from article import article_model
+from bnlayers import _fast_tf
 from bnlayers import _fused
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(params=["xla", "kernel"])
 def implementation(request, monkeypatch):
     monkeypatch.setattr(
-        _fused, "_gpu_visible", lambda: request.param == "kernel"
+        _fast_tf, "gpu_visible", lambda: request.param == "kernel"
     )
     return request.param
 
@@ -268,7 +269,7 @@ def test_auto_takes_fast_path_in_parity_grid(monkeypatch):
 def test_jit_never_uses_the_kernel_op(monkeypatch):
     """Under XLA the kernel's lowering computes a one-pass variance: the XLA
     implementation is used even when the kernel is asked for."""
-    monkeypatch.setattr(_fused, "_gpu_visible", lambda: True)
+    monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: True)
     layer = _built(fused=True, momentum=0.0)
     step = tf.function(_train_step(layer).python_function, jit_compile=True)
     x = tf.constant(
@@ -348,7 +349,7 @@ def test_fast_path_matches_reference_and_builtin(
     """
     implementation = _other_implementation()
     monkeypatch.setattr(
-        _fused, "_gpu_visible", lambda: implementation == "kernel"
+        _fast_tf, "gpu_visible", lambda: implementation == "kernel"
     )
     if implementation == "kernel" and case.policy == "float64":
         pytest.skip(
@@ -575,7 +576,7 @@ def test_graphs_route_small_tensors_to_plain_ops(monkeypatch, elements):
     """In a graph a tensor under `PLAIN_MAX_ELEMENTS` takes the plain ops
     (no XLA-compiled function in the traced step), a larger one the
     compiled call; both give the reference path's outputs and gradients."""
-    monkeypatch.setattr(_fused, "PLAIN_MAX_ELEMENTS", 500)
+    monkeypatch.setattr(_fast_tf, "PLAIN_MAX_ELEMENTS", 500)
     shape = (4, 5, 5, 3) if elements == "small" else (8, 5, 5, 3)
     rng = np.random.default_rng(3)
     x = tf.constant(rng.normal(3.0, 2.0, shape).astype("float32"))
