@@ -37,6 +37,13 @@ from keras import backend
 from bnlayers import _geometry
 from bnlayers import _math
 
+# FusedBatchNormV3 computes in float32 (its `U` type) for these input types.
+KERNEL_DTYPES = ("float16", "bfloat16", "float32")
+
+# cuDNN rejects a smaller epsilon (CUDNN_BN_MIN_EPSILON is 1e-5; and
+# tf.nn.fused_batch_norm silently raises anything smaller to this value).
+KERNEL_MIN_EPSILON = 1.001e-5
+
 
 def in_xla_context():
     """True while tracing a function that XLA compiles (`jit_compile=True`)."""
@@ -87,11 +94,13 @@ def training(
     out_dtype,
     kernel=False,
 ):
-    """`_fused.training` on TensorFlow: the "xla" path, or the "kernel" one."""
+    """`_fused.training` on TensorFlow: the "kernel" implementation, or the
+    "xla" one in the form `_form` picks."""
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
-    if kernel:
+    form = "kernel" if kernel else _form(x, axis, epsilon)
+    if form == "kernel":
         return _kernel_training(
             x,
             gamma,
@@ -105,7 +114,8 @@ def training(
         )
     dtype = _math.statistics_dtype(x.dtype)
     gamma, beta = _parameters(x, axis, gamma, beta, dtype)
-    return _xla_training(
+    compute = _plain_training if form == "plain" else _xla_training
+    return compute(
         x,
         gamma,
         beta,
@@ -129,11 +139,13 @@ def inference(
     out_dtype,
     kernel=False,
 ):
-    """`_fused.inference` on TensorFlow: the "xla" path, or the "kernel" one."""
+    """`_fused.inference` on TensorFlow: the "kernel" implementation, or the
+    "xla" one in the form `_form` picks."""
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
-    if kernel:
+    form = "kernel" if kernel else _form(x, axis, epsilon, inference=True)
+    if form == "kernel":
         return _kernel_inference(
             x,
             gamma,
@@ -146,7 +158,8 @@ def inference(
         )
     dtype = _math.statistics_dtype(x.dtype)
     gamma, beta = _parameters(x, axis, gamma, beta, dtype)
-    return _xla_inference(
+    compute = _plain_inference if form == "plain" else _xla_inference
+    return compute(
         x,
         tf.cast(moving_mean, dtype),
         tf.cast(moving_variance, dtype),
@@ -156,6 +169,59 @@ def inference(
         axis,
         out_dtype,
     )
+
+
+def _form(x, axis, epsilon, inference=False):
+    """How the "xla" implementation computes this call.
+
+    - "plain": the arithmetic as plain TensorFlow ops, eagerly (a compiled
+      call would compile for every new input shape, and costs more than
+      these few ops), and in inference traced for an exporter
+      (`_tracing_for_export`: converters cannot see into a nested
+      XLA-compiled function, which reaches them as an opaque
+      `PartitionedCall`);
+    - "compiled": the XLA-compiled functions, inside a function that XLA
+      compiles as a whole (`jit_compile=True`), into which they are inlined;
+    - in a graph that TensorFlow runs op by op, `_graph_form`.
+    """
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return "plain"
+    if in_xla_context():
+        return "compiled"
+    if inference and _tracing_for_export():
+        return "plain"
+    return _graph_form(x, axis, epsilon)
+
+
+def _graph_form(x, axis, epsilon):
+    """The form of a call in a graph that TensorFlow runs op by op (Keras'
+    `fit`, `evaluate` and `predict` off a GPU, a user's own `tf.function`).
+
+    Chosen by what measured fastest on 2 CPU cores (`examples/benchmark.py`,
+    `examples/benchmark_models.py`; see the performance page):
+
+    - "plain" below `PLAIN_MAX_ELEMENTS` elements, where a compiled call's
+      fixed cost, and the kernel's, exceed the work;
+    - "kernel", the "kernel" implementation (FusedBatchNormV3 fed shifted
+      values, as on a GPU), for features on the last axis in float16,
+      bfloat16 or float32: in whole models it beat the compiled calls in
+      training and in inference;
+    - "compiled" otherwise: features on another axis (which the kernel
+      transposes on CPU), float64 (which it does not take), an epsilon
+      below its lower bound.
+    """
+    if _small(x):
+        return "plain"
+    dtype = backend.standardize_dtype(x.dtype)
+    if (
+        axis == x.shape.rank - 1
+        and dtype in KERNEL_DTYPES
+        and epsilon >= KERNEL_MIN_EPSILON
+    ):
+        return "kernel"
+    return "compiled"
 
 
 def _count(x, axis, dtype):
@@ -324,18 +390,6 @@ def _xla_training(
 ):
     import tensorflow as tf
 
-    if tf.executing_eagerly() or (_small(x) and not in_xla_context()):
-        return _plain_training(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_var,
-            epsilon,
-            momentum,
-            axis,
-            out_dtype,
-        )
     forward, backward, _, _ = _xla_functions()
 
     @tf.custom_gradient
@@ -363,11 +417,9 @@ def _xla_training(
     return y, tf.stop_gradient(new_mean), tf.stop_gradient(new_var)
 
 
-# Below this many elements (known when traced) a graph takes the plain ops
-# rather than the compiled call, whose fixed cost exceeds the work there:
-# measured on 2 CPU cores, the plain ops were the faster at (256, 128) and
-# (16, 2, 2, 1280), the compiled call from (16, 4, 4, 672) up (see the
-# performance page). Under `jit_compile=True` XLA compiles either form.
+# Below this many elements (known when traced) a graph takes the plain ops:
+# measured on 2 CPU cores, they were the faster at (256, 128) and
+# (16, 2, 2, 1280), the compiled call from (16, 4, 4, 672) up.
 PLAIN_MAX_ELEMENTS = 1 << 17
 
 
@@ -379,12 +431,8 @@ def _small(x):
 def _plain_training(
     x, gamma, beta, moving_mean, moving_var, epsilon, momentum, axis, out_dtype
 ):
-    """`forward` as plain eager ops on `x` in its own layout.
-
-    Eagerly there is nothing to fuse: a compiled call would compile for
-    every new input shape, and even a graph call costs more in dispatch
-    than these few ops; the tape differentiates them.
-    """
+    """`forward` as plain TensorFlow ops on `x` in its own layout (autodiff
+    gives the gradients)."""
     import tensorflow as tf
 
     rank = x.shape.rank
@@ -416,27 +464,9 @@ def _plain_training(
 
 
 def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
-    """Outputs with the moving statistics.
-
-    Traced in a graph (Keras' `fit`, `evaluate` and `predict`, a user's
-    own `tf.function`) this calls the XLA-compiled `inference`, unless the
-    tensor is small (`_small`). Eagerly, for small tensors, and traced for
-    an exporter (`_tracing_for_export`: `model.export` for
-    SavedModel, LiteRT and ONNX, `tf.saved_model.save`, TensorFlow's LiteRT
-    converter, tf2onnx), it is the same arithmetic as a few plain
-    TensorFlow ops (`_plain_inference`): eagerly and on small tensors, a
-    compiled call costs more than these few ops;
-    converters cannot see into a nested XLA-compiled function, which
-    reaches them as an opaque `PartitionedCall`.
-    """
+    """Outputs with the moving statistics, by the XLA-compiled `inference`."""
     import tensorflow as tf
 
-    if tf.executing_eagerly() or (
-        not in_xla_context() and (_small(x) or _tracing_for_export())
-    ):
-        return _plain_inference(
-            x, mean, var, gamma, beta, epsilon, axis, out_dtype
-        )
     _, _, inference, inference_backward = _xla_functions()
 
     @tf.custom_gradient

@@ -38,8 +38,7 @@ from bnlayers import _fast_tf
 from bnlayers import _geometry
 from bnlayers import _math
 
-# FusedBatchNormV3 computes in float32 (its `U` type) for these input types.
-_KERNEL_DTYPES = ("float16", "bfloat16", "float32")
+_KERNEL_DTYPES = _fast_tf.KERNEL_DTYPES
 _FLOAT_DTYPES = _KERNEL_DTYPES + ("float64",)
 
 # The backends whose fast path is a module written in that backend's
@@ -51,9 +50,7 @@ def _other_framework(implementation):
     return importlib.import_module(f"bnlayers._fast_{implementation}")
 
 
-# cuDNN rejects a smaller epsilon (CUDNN_BN_MIN_EPSILON is 1e-5; and
-# tf.nn.fused_batch_norm silently raises anything smaller to this value).
-KERNEL_MIN_EPSILON = 1.001e-5
+KERNEL_MIN_EPSILON = _fast_tf.KERNEL_MIN_EPSILON
 
 
 def implementation():

@@ -154,6 +154,7 @@ def bench_layer(case, rounds):
     import tensorflow as tf
 
     import bnlayers
+    from bnlayers import _fast_tf
     from bnlayers import _fused
 
     layers = {
@@ -175,6 +176,12 @@ def bench_layer(case, rounds):
     path = (
         f"fused ({_fused.implementation()})" if reason is None else "reference"
     )
+    if reason is None and _fused.implementation() == "xla":
+        # In a tf.function off a GPU: plain ops, the kernel or compiled calls.
+        form = _fast_tf._graph_form(
+            x, case.axis % len(case.shape), layers["bnlayers"].epsilon
+        )
+        path = f"fused (xla: {form})"
 
     times, cpu = interleaved(contenders, rounds)
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -223,8 +230,10 @@ def bench_layer(case, rounds):
 def bench_model(epochs, train_size):
     """Seconds per epoch of fit, each layer, epochs interleaved after a warm-up."""
     import keras
+    import tensorflow as tf
 
     import bnlayers
+    from bnlayers import _fast_tf
     from bnlayers import _fused
 
     x, y, _, _ = load_bundled()
@@ -247,13 +256,18 @@ def bench_model(epochs, train_size):
     }
     seconds, cpu = interleaved(epoch, epochs, min_block=0, warmup=1)
     bn = models["bnlayers"].layers[1]
+    spec = tf.TensorSpec((64, 26, 26, 32))
     return {
         "train_images": int(len(x)),
         "batch_size": 64,
         "steps_per_epoch": int(-(-len(x) // 64)),
         "epochs_timed": epochs,
-        "bnlayers_path": f"fused ({_fused.implementation()})"
-        if bnlayers.fused_eligibility(bn, (64, 26, 26, 32)) is None
+        "bnlayers_path": (
+            f"fused (xla: {_fast_tf._graph_form(spec, 3, bn.epsilon)})"
+            if _fused.implementation() == "xla"
+            else f"fused ({_fused.implementation()})"
+        )
+        if bnlayers.fused_eligibility(bn, spec) is None
         else "reference",
         "seconds_per_epoch": {
             name: statistics.median(t) for name, t in seconds.items()

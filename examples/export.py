@@ -218,14 +218,175 @@ def predict_all(run, x, batch):
     return np.concatenate(outputs)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def missing_runtimes():
+    """The export extra's packages that are not installed."""
     missing = []
     for module, package in RUNTIMES.items():
         try:
             __import__(module)
         except ImportError:
             missing.append(package)
+    return missing
+
+
+def export_all(model, folded, out, x_train, args, bnlayers):
+    """Every file this script writes: {kind: path}; the torch export may be absent."""
+    import tensorflow as tf
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "keras": out / "model.keras",
+        "folded": out / "folded.keras",
+        "savedmodel": out / "folded_savedmodel",
+        "litert": out / "folded.tflite",
+        "onnx": out / "folded.onnx",
+        "int8": out / "folded_int8.tflite",
+    }
+    model.save(paths["keras"])
+    folded.save(paths["folded"])
+    folded.export(
+        str(paths["savedmodel"]), format="tf_saved_model", verbose=False
+    )
+    folded.export(str(paths["litert"]), format="litert", verbose=False)
+    folded.export(str(paths["onnx"]), format="onnx", verbose=False)
+    onnx_torch = out / "folded_torch.onnx"
+    if export_onnx_with_torch(paths["folded"], onnx_torch, bnlayers):
+        paths["onnx_torch"] = onnx_torch
+
+    def representative():
+        for i in range(min(args.representative, len(x_train))):
+            yield [x_train[i : i + 1]]
+
+    folded.export(
+        str(paths["int8"]),
+        format="litert",
+        verbose=False,
+        optimizations=[tf.lite.Optimize.DEFAULT],
+        representative_dataset=representative,
+        target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+        inference_input_type=tf.int8,
+        inference_output_type=tf.int8,
+    )
+    return paths
+
+
+def runners(model, folded, paths, batch):
+    """{runtime: (file, predict function)}, the Keras model first."""
+    import onnxruntime
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(paths["savedmodel"]))
+
+    def onnx_runner(path):
+        session = onnxruntime.InferenceSession(str(path))
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+
+    found = {
+        "Keras (bnlayers BN)": (
+            paths["keras"],
+            lambda x: model.predict_on_batch(x),
+        ),
+        "Keras, folded": (
+            paths["folded"],
+            lambda x: folded.predict_on_batch(x),
+        ),
+        "SavedModel (tf.saved_model)": (
+            paths["savedmodel"],
+            lambda x: loaded.serve(x).numpy(),
+        ),
+        "LiteRT (ai_edge_litert)": (
+            paths["litert"],
+            litert_runner(paths["litert"], batch),
+        ),
+        "ONNX via tf2onnx (onnxruntime)": (
+            paths["onnx"],
+            onnx_runner(paths["onnx"]),
+        ),
+        "LiteRT int8 (ai_edge_litert)": (
+            paths["int8"],
+            litert_runner(paths["int8"], batch),
+        ),
+    }
+    if "onnx_torch" in paths:
+        found["ONNX via torch.onnx (onnxruntime)"] = (
+            paths["onnx_torch"],
+            onnx_runner(paths["onnx_torch"]),
+        )
+    else:
+        print(
+            "torch is not installed: no ONNX export from the PyTorch backend",
+            file=sys.stderr,
+        )
+    return found
+
+
+def measure(found, x_test, y_test, args):
+    """Per runtime: file size, largest difference from Keras, accuracy, times."""
+    b = args.batch
+    reference = predict_all(found["Keras (bnlayers BN)"][1], x_test, b)
+    results = {}
+    for name, (path, run) in found.items():
+        predictions = predict_all(run, x_test, b)
+        accuracy = (
+            None
+            if y_test is None
+            else float(np.mean(predictions.argmax(-1) == y_test))
+        )
+        results[name] = {
+            "size": size_of(path),
+            "diff": float(np.abs(predictions - reference).max()),
+            "accuracy": accuracy,
+            "times": [],
+        }
+
+    # Interleaved rounds: each runtime runs one batch per round, in turn
+    # (they have all run the test set above: no warm-up).
+    batch_x = x_test[:b]
+    calls = {
+        name: (lambda run=run: run(batch_x)) for name, (_, run) in found.items()
+    }
+    wall, _ = _common.interleaved(calls, args.rounds, min_block=0, warmup=0)
+    for name, times in wall.items():
+        results[name]["times"] = times
+    return results, float(np.abs(reference).max())
+
+
+def print_table(results, largest, n_test, has_labels, args):
+    keras_time = statistics.median(results["Keras (bnlayers BN)"]["times"])
+    title = (
+        f"article's model, {args.epochs} epoch(s)"
+        if args.model == "article"
+        else "MobileNetV3Small, 64x64x3"
+    )
+    if args.load is not None:
+        title = f"{args.load}"
+    print(
+        f"\n{title}; {n_test} test inputs, batches of {args.batch}, "
+        f"{args.rounds} interleaved rounds"
+    )
+    header = "| model / runtime | file size | max abs diff vs Keras | ms per batch | vs Keras |"
+    rule = "|---|---:|---:|---:|---:|"
+    if has_labels:
+        header += " test accuracy |"
+        rule += "---:|"
+    print(header)
+    print(rule)
+    for name, r in results.items():
+        t = statistics.median(r["times"])
+        row = (
+            f"| {name} | {r['size'] / 1e6:.2f} MB | {r['diff']:.1e} | {t * 1e3:.2f} "
+            f"| {t / keras_time:.2f}x |"
+        )
+        if has_labels:
+            row += f" {r['accuracy']:.4f} |"
+        print(row)
+    print(f"(the Keras model's outputs reach {largest:.2g} in absolute value)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    missing = missing_runtimes()
     if missing:
         print(
             f"needs the export extra (missing: {', '.join(missing)}): "
@@ -237,8 +398,6 @@ def main(argv=None):
     import logging
 
     import keras
-    import onnxruntime
-    import tensorflow as tf
 
     # tf2onnx logs a traceback when its optional transpose optimization
     # meets a scalar addition (MobileNetV3's hard-swish, with Keras' own
@@ -268,147 +427,13 @@ def main(argv=None):
         )
         y_test = None
     folded = bnlayers.fold_batchnorm(model)
-    folded.predict_on_batch(
-        x_test[:1]
-    )  # export needs a model that has been called
+    # Export needs a model that has been called.
+    folded.predict_on_batch(x_test[:1])
 
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "keras": out / "model.keras",
-        "folded": out / "folded.keras",
-        "savedmodel": out / "folded_savedmodel",
-        "litert": out / "folded.tflite",
-        "onnx": out / "folded.onnx",
-        "int8": out / "folded_int8.tflite",
-    }
-    model.save(paths["keras"])
-    folded.save(paths["folded"])
-    folded.export(
-        str(paths["savedmodel"]), format="tf_saved_model", verbose=False
-    )
-    folded.export(str(paths["litert"]), format="litert", verbose=False)
-    folded.export(str(paths["onnx"]), format="onnx", verbose=False)
-    paths["onnx_torch"] = out / "folded_torch.onnx"
-    with_torch = export_onnx_with_torch(
-        paths["folded"], paths["onnx_torch"], bnlayers
-    )
-
-    def representative():
-        for i in range(min(args.representative, len(x_train))):
-            yield [x_train[i : i + 1]]
-
-    folded.export(
-        str(paths["int8"]),
-        format="litert",
-        verbose=False,
-        optimizations=[tf.lite.Optimize.DEFAULT],
-        representative_dataset=representative,
-        target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
-        inference_input_type=tf.int8,
-        inference_output_type=tf.int8,
-    )
-
-    loaded = tf.saved_model.load(str(paths["savedmodel"]))
-    session = onnxruntime.InferenceSession(str(paths["onnx"]))
-    onnx_input = session.get_inputs()[0].name
-    b = args.batch
-    runners = {
-        "Keras (bnlayers BN)": (
-            paths["keras"],
-            lambda x: model.predict_on_batch(x),
-        ),
-        "Keras, folded": (
-            paths["folded"],
-            lambda x: folded.predict_on_batch(x),
-        ),
-        "SavedModel (tf.saved_model)": (
-            paths["savedmodel"],
-            lambda x: loaded.serve(x).numpy(),
-        ),
-        "LiteRT (ai_edge_litert)": (
-            paths["litert"],
-            litert_runner(paths["litert"], b),
-        ),
-        "ONNX via tf2onnx (onnxruntime)": (
-            paths["onnx"],
-            lambda x: session.run(None, {onnx_input: x})[0],
-        ),
-        "LiteRT int8 (ai_edge_litert)": (
-            paths["int8"],
-            litert_runner(paths["int8"], b),
-        ),
-    }
-    if with_torch:
-        torch_session = onnxruntime.InferenceSession(str(paths["onnx_torch"]))
-        torch_input = torch_session.get_inputs()[0].name
-        runners["ONNX via torch.onnx (onnxruntime)"] = (
-            paths["onnx_torch"],
-            lambda x: torch_session.run(None, {torch_input: x})[0],
-        )
-    else:
-        print(
-            "torch is not installed: no ONNX export from the PyTorch backend",
-            file=sys.stderr,
-        )
-
-    reference = predict_all(runners["Keras (bnlayers BN)"][1], x_test, b)
-    results = {}
-    for name, (path, run) in runners.items():
-        predictions = predict_all(run, x_test, b)
-        accuracy = (
-            None
-            if y_test is None
-            else float(np.mean(predictions.argmax(-1) == y_test))
-        )
-        results[name] = {
-            "size": size_of(path),
-            "diff": float(np.abs(predictions - reference).max()),
-            "accuracy": accuracy,
-            "times": [],
-        }
-
-    # Interleaved rounds: each runtime runs one batch per round, in turn
-    # (they have all run the test set above: no warm-up).
-    batch_x = x_test[:b]
-    calls = {
-        name: (lambda run=run: run(batch_x))
-        for name, (_, run) in runners.items()
-    }
-    wall, _ = _common.interleaved(calls, args.rounds, min_block=0, warmup=0)
-    for name, times in wall.items():
-        results[name]["times"] = times
-    keras_time = statistics.median(results["Keras (bnlayers BN)"]["times"])
-
-    title = (
-        f"article's model, {args.epochs} epoch(s)"
-        if args.model == "article"
-        else "MobileNetV3Small, 64x64x3"
-    )
-    if args.load is not None:
-        title = f"{args.load}"
-    print(
-        f"\n{title}; {len(x_test)} test inputs, batches of {b}, {args.rounds} interleaved rounds"
-    )
-    header = "| model / runtime | file size | max abs diff vs Keras | ms per batch | vs Keras |"
-    rule = "|---|---:|---:|---:|---:|"
-    if y_test is not None:
-        header += " test accuracy |"
-        rule += "---:|"
-    print(header)
-    print(rule)
-    for name, r in results.items():
-        t = statistics.median(r["times"])
-        row = (
-            f"| {name} | {r['size'] / 1e6:.2f} MB | {r['diff']:.1e} | {t * 1e3:.2f} "
-            f"| {t / keras_time:.2f}x |"
-        )
-        if y_test is not None:
-            row += f" {r['accuracy']:.4f} |"
-        print(row)
-    print(
-        f"(the Keras model's outputs reach {np.abs(reference).max():.2g} in absolute value)"
-    )
+    paths = export_all(model, folded, args.out, x_train, args, bnlayers)
+    found = runners(model, folded, paths, args.batch)
+    results, largest = measure(found, x_test, y_test, args)
+    print_table(results, largest, len(x_test), y_test is not None, args)
     bad = [
         name
         for name, r in results.items()

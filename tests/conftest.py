@@ -133,17 +133,20 @@ _FUSED_MODES = (
 
 @pytest.fixture(autouse=True)
 def compiled_fast_path_in_graphs(monkeypatch):
-    """On TensorFlow, graphs take the XLA-compiled fast path at every size.
+    """On TensorFlow, graphs take the XLA-compiled form of the fast path.
 
-    By default tensors under `_fast_tf.PLAIN_MAX_ELEMENTS` take the plain-op
-    form in a graph, as they do eagerly; the suite's tensors are all that
-    small, and would otherwise never reach the compiled form in a graph.
-    The plain form runs in every eager test, and test_fused.py checks the
-    default routing by size.
+    By default a graph that TensorFlow runs op by op picks a form by size,
+    axis and dtype (`_fast_tf._graph_form`): plain ops for the suite's
+    small tensors, which would then never reach the compiled form outside
+    `jit_compile=True`. The plain form runs in every eager test, the
+    kernel form wherever test_fused.py runs the "kernel" implementation,
+    and test_fused.py checks the default choice.
     """
     from bnlayers import _fast_tf
 
-    monkeypatch.setattr(_fast_tf, "PLAIN_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(
+        _fast_tf, "_graph_form", lambda x, axis, epsilon: "compiled"
+    )
 
 
 @pytest.fixture(params=_FUSED_MODES[0], ids=_FUSED_MODES[1])
