@@ -2,17 +2,6 @@
 
 `_fused` decides when it runs and which of its two implementations:
 
-- ``"xla"``: the batch-norm arithmetic written out here in TensorFlow ops,
-  forward and backward (a `tf.custom_gradient`), each compiled by XLA into
-  a few fused loops: a training step at the article's shape costs about
-  7 elementwise passes over the data, against 11 to 12 for the built-in
-  layer's chain of ops (`examples/benchmark.py`; XLA runs the reductions
-  on one thread and writes a temporary for each reduction of a product).
-  On CPU this beats TensorFlow's fused kernel, a chain of Eigen
-  expressions there (measured at 0.73x to 0.9x of the built-in's training
-  step, and 2x slower for channels_first, which it transposes). Inside a
-  function that is XLA-compiled as a whole (`jit_compile=True`) the same
-  ops are inlined.
 - ``"kernel"``: TensorFlow's fused batch-norm kernel, `FusedBatchNormV3`,
   differentiated by its registered `FusedBatchNormGradV3`; on a GPU this is
   cuDNN's batch norm. Used when a GPU is visible and the call is not under
@@ -23,7 +12,16 @@
   first sample of each feature) and `s` is added back to its mean, so its
   own summation never sees the offset of the data; it returns the unbiased
   (n / (n - 1)) batch variance, and Keras' moving variance follows the
-  biased one, so the correction is undone.
+  biased one, so the correction is undone. In inference it subtracts the
+  mean before scaling.
+- ``"xla"``, everywhere else: one computation in one of three forms
+  (`_form`). Compiled: the batch-norm arithmetic written out here in
+  TensorFlow ops, forward and backward (a `tf.custom_gradient`), each
+  compiled by XLA into a few fused loops, inlined into a function that is
+  XLA-compiled as a whole (`jit_compile=True`). Plain: the same arithmetic
+  as plain TensorFlow ops, eagerly, for small tensors and for exporters.
+  Kernel: the "kernel" implementation's code, on CPU, in a graph that
+  TensorFlow runs op by op, where it measured fastest in whole models.
 
 Both compute what the reference path in `_math` computes (see `_fused`).
 TensorFlow is imported inside the functions, so that importing bnlayers on

@@ -234,10 +234,11 @@ def fused_eligibility(layer, inputs, mask=None):
     Training and inference (`training=False`, or `trainable=False`) are
     covered; on TensorFlow `tf.function` and `jit_compile=True`, on JAX
     `jax.jit` (Keras' `fit`, `stateless_call`) and eager calls. On
-    TensorFlow on a GPU the fast path is TensorFlow's fused batch-norm
-    kernel (cuDNN); elsewhere on TensorFlow, and inside XLA-compiled
-    functions, it is the same computation compiled by XLA into a few fused
-    loops; on JAX it is that computation in `jax.numpy` with a hand-written
+    TensorFlow the fast path is TensorFlow's fused batch-norm kernel on a
+    GPU (cuDNN), the same computation compiled by XLA inside XLA-compiled
+    functions, and off a GPU whichever of the kernel, the compiled
+    computation and plain ops measured fastest for the call (see the
+    `fused` argument); on JAX it is that computation in `jax.numpy` with a hand-written
     backward, compiled by XLA; on PyTorch it is a few native kernels per
     eager call, with autograd (`_fast_torch`).
 

@@ -207,11 +207,13 @@ class BatchNormalization(keras.layers.Layer):
             False (always use the reference `keras.ops` path). The fast
             path computes the same thing in a few fused loops. On
             TensorFlow: on a GPU with TensorFlow's fused batch-norm kernel
-            (cuDNN), elsewhere and under `jit_compile=True` with the
-            arithmetic compiled by XLA (eager calls off a GPU, and tensors
-            of fewer than 2**17 elements in a graph, run the same
-            arithmetic as plain TensorFlow ops, whose fixed cost is
-            lower). On JAX: the arithmetic in `jax.numpy` with a
+            (cuDNN); under `jit_compile=True` with the arithmetic compiled
+            by XLA; off a GPU, in a `tf.function` (Keras' `fit`,
+            `evaluate`, `predict`) with the same fused kernel for features
+            on the last axis in float16, bfloat16 or float32, the
+            arithmetic compiled by XLA otherwise, and as plain TensorFlow
+            ops for tensors of fewer than 2**17 elements and in eager
+            calls (whatever measured fastest). On JAX: the arithmetic in `jax.numpy` with a
             hand-written backward, compiled by XLA, under `jax.jit` and
             eagerly alike. On PyTorch: a few native kernels per call
             (statistics by pairwise sums on values shifted by one sample,
