@@ -97,32 +97,15 @@ def training(
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
+    args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
     form = "kernel" if kernel else _form(x, axis, epsilon)
     if form == "kernel":
-        return _kernel_training(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_variance,
-            axis,
-            epsilon,
-            momentum,
-            out_dtype,
-        )
-    dtype = _math.statistics_dtype(x.dtype)
-    gamma, beta = _parameters(x, axis, gamma, beta, dtype)
+        return _kernel_training(*args, momentum, out_dtype)
+    gamma, beta, mean, var, epsilon = _in_statistics_dtype(*args)
     compute = _plain_training if form == "plain" else _xla_training
+    momentum = tf.constant(momentum, gamma.dtype)
     return compute(
-        x,
-        gamma,
-        beta,
-        tf.cast(moving_mean, dtype),
-        tf.cast(moving_variance, dtype),
-        tf.constant(epsilon, dtype),
-        tf.constant(momentum, dtype),
-        axis,
-        out_dtype,
+        x, gamma, beta, mean, var, epsilon, momentum, axis, out_dtype
     )
 
 
@@ -142,30 +125,31 @@ def inference(
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
+    args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
     form = "kernel" if kernel else _form(x, axis, epsilon, inference=True)
     if form == "kernel":
-        return _kernel_inference(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_variance,
-            axis,
-            epsilon,
-            out_dtype,
-        )
+        return _kernel_inference(*args, out_dtype)
+    gamma, beta, mean, var, epsilon = _in_statistics_dtype(*args)
+    compute = _plain_inference if form == "plain" else _xla_inference
+    return compute(x, mean, var, gamma, beta, epsilon, axis, out_dtype)
+
+
+def _in_statistics_dtype(
+    x, gamma, beta, moving_mean, moving_variance, axis, epsilon
+):
+    """gamma, beta (ones and zeros where None), the moving statistics and
+    epsilon as tensors in the statistics dtype of `x`: the inputs of the
+    "xla" implementation's forms."""
+    import tensorflow as tf
+
     dtype = _math.statistics_dtype(x.dtype)
     gamma, beta = _parameters(x, axis, gamma, beta, dtype)
-    compute = _plain_inference if form == "plain" else _xla_inference
-    return compute(
-        x,
-        tf.cast(moving_mean, dtype),
-        tf.cast(moving_variance, dtype),
+    return (
         gamma,
         beta,
+        tf.cast(moving_mean, dtype),
+        tf.cast(moving_variance, dtype),
         tf.constant(epsilon, dtype),
-        axis,
-        out_dtype,
     )
 
 
