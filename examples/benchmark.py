@@ -173,15 +173,20 @@ def bench_layer(case, rounds):
     double = tf.function(lambda t: t * 2.0)
     contenders["pass"] = lambda: double(x)
     reason = bnlayers.fused_eligibility(layers["bnlayers"], x)
-    path = (
-        f"fused ({_fused.implementation()})" if reason is None else "reference"
-    )
-    if reason is None and _fused.implementation() == "xla":
+
+    def path(step):
+        if reason is not None:
+            return "reference"
+        if _fused.implementation() != "xla":
+            return f"fused ({_fused.implementation()})"
         # In a tf.function off a GPU: plain ops, the kernel or compiled calls.
         form = _fast_tf._graph_form(
-            x, case.axis % len(case.shape), layers["bnlayers"].epsilon
+            x,
+            case.axis % len(case.shape),
+            layers["bnlayers"].epsilon,
+            inference=step == "infer",
         )
-        path = f"fused (xla: {form})"
+        return f"fused (xla: {form})"
 
     times, cpu = interleaved(contenders, rounds)
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -194,7 +199,7 @@ def bench_layer(case, rounds):
                 "shape": list(case.shape),
                 "axis": case.axis,
                 "step": step,
-                "bnlayers_path": path,
+                "bnlayers_path": path(step),
                 "bnlayers_path_reason": reason,
                 "ms": {
                     "keras": median[f"keras/{step}"] * 1e3,

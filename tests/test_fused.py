@@ -620,3 +620,54 @@ def test_graphs_pick_the_form_by_size_axis_and_dtype(monkeypatch, case):
         # 1.2e-5 on beta's and gamma's (of 15 to 21: 8e-7 relative); sums in
         # other orders. float64: 2.5e-14.
         np.testing.assert_allclose(auto, reference, rtol=8e-6, atol=4e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, form", [((8, 5, 5, 3), "kernel"), ((16, 10, 10, 3), "compiled")]
+)
+def test_inference_takes_the_compiled_call_above_the_kernel_limit(
+    monkeypatch, shape, form
+):
+    """In inference the kernel form stops at `KERNEL_INFERENCE_MAX_ELEMENTS`
+    (lowered here to 1000 elements) and larger inputs take the compiled
+    call; training keeps the kernel. Either way the outputs and gradients
+    are the reference path's."""
+    monkeypatch.undo()  # the suite's own choice (conftest.py) is lifted
+    monkeypatch.setattr(_fast_tf, "PLAIN_MAX_ELEMENTS", 100)
+    monkeypatch.setattr(_fast_tf, "KERNEL_INFERENCE_MAX_ELEMENTS", 1000)
+    monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: False)
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(1e4, 2.0, shape).astype("float32"))
+    dy = tf.constant(rng.normal(size=shape).astype("float32"))
+    weights = [
+        rng.uniform(0.5, 2.0, 3),
+        rng.normal(size=3),
+        1e4 + rng.normal(size=3),
+        rng.uniform(0.5, 4.0, 3),
+    ]
+    results = {}
+    for fused in (None, False):
+        layer = bnlayers.BatchNormalization(fused=fused)
+        layer.build(shape)
+        layer.set_weights(weights)
+
+        @tf.function
+        def infer(x, dy, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=False)
+            params = [v.value for v in layer.trainable_weights]
+            return [y] + tape.gradient(y, [x] + params, output_gradients=dy)
+
+        if fused is None:
+            ops = _graph_ops(infer, x, dy)
+            assert ("FusedBatchNormV3" in ops) == (form == "kernel"), ops
+            train_ops = _graph_ops(_train_step(layer), x, dy)
+            assert "FusedBatchNormV3" in train_ops, train_ops
+        results[fused] = [t.numpy() for t in infer(x, dy)]
+    for auto, reference in zip(results[None], results[False], strict=True):
+        # Measured, relative to each result's largest value: up to 1.0e-7
+        # on the outputs and 8.4e-7 on gamma's gradient (sums in another
+        # order); the mean is subtracted before scaling on both paths.
+        scale = np.max(np.abs(reference))
+        np.testing.assert_allclose(auto, reference, rtol=0, atol=1e-5 * scale)
