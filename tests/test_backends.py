@@ -91,21 +91,25 @@ def test_automatic_choice_is_the_reference_path(renorm):
         np.testing.assert_array_equal(a, b)
 
 
+def _example(name):
+    """The script examples/NAME.py, imported as a module."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    examples = pathlib.Path(__file__).resolve().parents[1] / "examples"
+    if str(examples) not in sys.path:
+        sys.path.insert(0, str(examples))  # for the scripts' own `_common`
+    spec = importlib.util.spec_from_file_location(name, examples / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_benchmark_runs_on_this_backend():
     """examples/benchmark_backends.py, one round on tiny shapes: every row
     timed for both layers (the figures themselves are the benchmark's)."""
-    import importlib.util
-    import pathlib
-
-    path = (
-        pathlib.Path(__file__).resolve().parents[1]
-        / "examples"
-        / "benchmark_backends.py"
-    )
-    spec = importlib.util.spec_from_file_location("benchmark_backends", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    report = benchmark.run(rounds=1, quick=True)
+    report = _example("benchmark_backends").run(rounds=1, quick=True)
     assert report["backend"] == BACKEND
     assert [row["what"] for row in report["rows"]] == [
         "tiny: training step",
@@ -124,3 +128,28 @@ def test_benchmark_runs_on_this_backend():
         assert all(p > 0 for p in row["passes"].values())
     assert [row["floor_passes"] for row in report["rows"][:2]] == [2.5, 1.0]
     assert f"**{BACKEND}**" in benchmark.markdown([report])
+
+
+@pytest.mark.backends(
+    "torch",
+    reason="the script is the same Keras code on every backend; PyTorch runs "
+    "its model steps eagerly, in seconds where TensorFlow traces for a minute",
+)
+def test_model_benchmark_quick_run(tmp_path):
+    """examples/benchmark_models.py --quick runs and reports both steps of
+    its model (the figures themselves are the benchmark's)."""
+    import math
+
+    out = tmp_path / "models"
+    report = _example("benchmark_models").main(["--quick", "--out", str(out)])
+    assert [(r["model"], r["step"]) for r in report["rows"]] == [
+        ("MobileNetV3Small", "train_on_batch"),
+        ("MobileNetV3Small", "predict_on_batch"),
+    ]
+    for row in report["rows"]:
+        assert row["input"] == [2, 32, 32, 3]
+        assert row["bnlayers_ms"] > 0 and row["builtin_ms"] > 0
+        assert math.isfinite(row["ratio"]) and math.isfinite(row["ratio_cpu"])
+    text = out.with_suffix(".md").read_text()
+    assert "| MobileNetV3Small | train_on_batch | 2x32x32x3 |" in text
+    assert "benchmark_models.py --quick" in text
