@@ -145,7 +145,9 @@ def compiled_fast_path_in_graphs(monkeypatch):
     from bnlayers import _fast_tf
 
     monkeypatch.setattr(
-        _fast_tf, "_graph_form", lambda x, axis, epsilon, inference=False: "compiled"
+        _fast_tf,
+        "_graph_form",
+        lambda x, axis, epsilon, inference=False: "compiled",
     )
 
 

@@ -109,7 +109,8 @@ def _example(name):
 def test_benchmark_runs_on_this_backend():
     """examples/benchmark_backends.py, one round on tiny shapes: every row
     timed for both layers (the figures themselves are the benchmark's)."""
-    report = _example("benchmark_backends").run(rounds=1, quick=True)
+    benchmark = _example("benchmark_backends")
+    report = benchmark.run(rounds=1, quick=True)
     assert report["backend"] == BACKEND
     assert [row["what"] for row in report["rows"]] == [
         "tiny: training step",
