@@ -97,16 +97,33 @@ def training(
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
-    args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
     form = "kernel" if kernel else _form(x, axis, epsilon)
-    if form == "kernel":
-        return _kernel_training(*args, momentum, out_dtype)
-    gamma, beta, mean, var, epsilon = _in_statistics_dtype(*args)
-    compute = _plain_training if form == "plain" else _xla_training
-    momentum = tf.constant(momentum, gamma.dtype)
-    return compute(
-        x, gamma, beta, mean, var, epsilon, momentum, axis, out_dtype
-    )
+    if form == "by_size":
+        gamma, beta, moving_mean, moving_variance = _read_outside(
+            gamma, beta, moving_mean, moving_variance
+        )
+    args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
+
+    def compute(form):
+        if form == "kernel":
+            return _kernel_training(*args, momentum, out_dtype)
+        gamma_, beta_, mean, var, epsilon_ = _in_statistics_dtype(*args)
+        run = _plain_training if form == "plain" else _xla_training
+        return run(
+            x,
+            gamma_,
+            beta_,
+            mean,
+            var,
+            epsilon_,
+            tf.constant(momentum, gamma_.dtype),
+            axis,
+            out_dtype,
+        )
+
+    if form == "by_size":
+        return _by_size(x, axis, epsilon, False, compute)
+    return compute(form)
 
 
 def inference(
@@ -125,13 +142,23 @@ def inference(
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
-    args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
     form = "kernel" if kernel else _form(x, axis, epsilon, inference=True)
-    if form == "kernel":
-        return _kernel_inference(*args, out_dtype)
-    gamma, beta, mean, var, epsilon = _in_statistics_dtype(*args)
-    compute = _plain_inference if form == "plain" else _xla_inference
-    return compute(x, mean, var, gamma, beta, epsilon, axis, out_dtype)
+    if form == "by_size":
+        gamma, beta, moving_mean, moving_variance = _read_outside(
+            gamma, beta, moving_mean, moving_variance
+        )
+    args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
+
+    def compute(form):
+        if form == "kernel":
+            return _kernel_inference(*args, out_dtype)
+        gamma_, beta_, mean, var, epsilon_ = _in_statistics_dtype(*args)
+        run = _plain_inference if form == "plain" else _xla_inference
+        return run(x, mean, var, gamma_, beta_, epsilon_, axis, out_dtype)
+
+    if form == "by_size":
+        return _by_size(x, axis, epsilon, True, compute)
+    return compute(form)
 
 
 def _in_statistics_dtype(
@@ -164,7 +191,10 @@ def _form(x, axis, epsilon, inference=False):
       `PartitionedCall`);
     - "compiled": the XLA-compiled functions, inside a function that XLA
       compiles as a whole (`jit_compile=True`), into which they are inlined;
-    - in a graph that TensorFlow runs op by op, `_graph_form`.
+    - in a graph that TensorFlow runs op by op, `_graph_form`; "by_size"
+      where the size of `x` is not known when traced (Keras' `fit`,
+      `evaluate` and `predict` trace with an unknown batch size): then
+      `_by_size` makes `_graph_form`'s choice when the graph runs.
     """
     import tensorflow as tf
 
@@ -196,17 +226,54 @@ def _graph_form(x, axis, epsilon, inference=False):
       transposes on CPU), float64 (which it does not take), an epsilon
       below its lower bound.
     """
-    if _small(x):
+    return _form_for_size(
+        x.shape.num_elements(), x.shape.rank, x.dtype, axis, epsilon, inference
+    )
+
+
+def _form_for_size(n, rank, dtype, axis, epsilon, inference):
+    """`_graph_form` for `n` elements; "by_size" when `n` is None."""
+    if n is None:
+        return "by_size"
+    if n < PLAIN_MAX_ELEMENTS:
         return "plain"
-    dtype = backend.standardize_dtype(x.dtype)
     if (
-        axis == x.shape.rank - 1
-        and dtype in KERNEL_DTYPES
+        axis == rank - 1
+        and backend.standardize_dtype(dtype) in KERNEL_DTYPES
         and epsilon >= KERNEL_MIN_EPSILON
-        and not (inference and _large(x))
+        and not (inference and n > KERNEL_INFERENCE_MAX_ELEMENTS)
     ):
         return "kernel"
     return "compiled"
+
+
+def _read_outside(*variables):
+    """The values of `variables` (None stays None), read before `_by_size`'s
+    branches: a variable read inside one leaves its gradient without a way
+    back out of the branch."""
+    import tensorflow as tf
+
+    return tuple(v if v is None else tf.convert_to_tensor(v) for v in variables)
+
+
+def _by_size(x, axis, epsilon, inference, compute):
+    """`compute(form)` in the form `_graph_form` would give `x` if its size
+    were known when traced, chosen when the graph runs (`tf.switch_case`;
+    the branch not taken costs nothing)."""
+    import tensorflow as tf
+
+    # One representative size per range of the rule: below the plain limit,
+    # up to the kernel's inference limit, above it.
+    sizes = (0, PLAIN_MAX_ELEMENTS, KERNEL_INFERENCE_MAX_ELEMENTS + 1)
+    forms = [
+        _form_for_size(n, x.shape.rank, x.dtype, axis, epsilon, inference)
+        for n in sizes
+    ]
+    n = tf.size(x, out_type=tf.int64)
+    index = tf.cast(n >= PLAIN_MAX_ELEMENTS, tf.int32) + tf.cast(
+        n > KERNEL_INFERENCE_MAX_ELEMENTS, tf.int32
+    )
+    return tf.switch_case(index, [lambda f=f: compute(f) for f in forms])
 
 
 def _count(x, axis, dtype):
@@ -414,21 +481,6 @@ PLAIN_MAX_ELEMENTS = 1 << 17
 # and below (16, 16, 16, 256) the two were level, and in whole models
 # (ResNet50, DenseNet121 and EfficientNetB0 at 64x64) the kernel the faster.
 KERNEL_INFERENCE_MAX_ELEMENTS = 1 << 20
-
-
-def _elements(x):
-    """Elements of `x`, None when its shape is not fully known when traced."""
-    return x.shape.num_elements()
-
-
-def _small(x):
-    n = _elements(x)
-    return n is not None and n < PLAIN_MAX_ELEMENTS
-
-
-def _large(x):
-    n = _elements(x)
-    return n is not None and n > KERNEL_INFERENCE_MAX_ELEMENTS
 
 
 def _plain_training(

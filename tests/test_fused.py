@@ -196,6 +196,12 @@ def _graph_ops(fn, *args):
     return ops
 
 
+def _compiled(fn, *args):
+    """Whether the graph of `fn` calls a function that XLA must compile."""
+    library = fn.get_concrete_function(*args).graph.as_graph_def().library
+    return any(f.attr["_XlaMustCompile"].b for f in library.function)
+
+
 def _train_step(layer):
     @tf.function
     def step(x, dy):
@@ -606,13 +612,7 @@ def test_graphs_pick_the_form_by_size_axis_and_dtype(monkeypatch, case):
         step = _train_step(layer)
         ops = _graph_ops(step, x, dy)
         if fused is None:
-            compiled = any(
-                f.attr["_XlaMustCompile"].b
-                for f in step.get_concrete_function(x, dy)
-                .graph.as_graph_def()
-                .library.function
-            )
-            assert compiled == (form == "compiled"), ops
+            assert _compiled(step, x, dy) == (form == "compiled"), ops
             assert ("FusedBatchNormV3" in ops) == (form == "kernel"), ops
         results[fused] = [t.numpy() for t in step(x, dy)]
     for auto, reference in zip(results[None], results[False], strict=True):
@@ -622,16 +622,26 @@ def test_graphs_pick_the_form_by_size_axis_and_dtype(monkeypatch, case):
         np.testing.assert_allclose(auto, reference, rtol=8e-6, atol=4e-6)
 
 
-@pytest.mark.parametrize(
-    "shape, form", [((8, 5, 5, 3), "kernel"), ((16, 10, 10, 3), "compiled")]
-)
-def test_inference_takes_the_compiled_call_above_the_kernel_limit(
-    monkeypatch, shape, form
-):
-    """In inference the kernel form stops at `KERNEL_INFERENCE_MAX_ELEMENTS`
-    (lowered here to 1000 elements) and larger inputs take the compiled
-    call; training keeps the kernel. Either way the outputs and gradients
-    are the reference path's."""
+# (shape, form in inference, form in training) with the limits lowered to
+# 100 elements (plain below) and 1000 (the kernel's inference limit).
+SIZED_FORMS = {
+    "small": ((2, 4, 4, 3), "plain", "plain"),
+    "mid": ((8, 5, 5, 3), "kernel", "kernel"),
+    "large": ((16, 10, 10, 3), "compiled", "kernel"),
+}
+
+
+@pytest.mark.parametrize("batch", ["known", "unknown"])
+@pytest.mark.parametrize("case", list(SIZED_FORMS))
+def test_forms_by_size_when_traced_and_when_run(monkeypatch, case, batch):
+    """The size rule of `_graph_form`, with its limits lowered: plain ops
+    below `PLAIN_MAX_ELEMENTS`, the kernel, and in inference the compiled
+    call above `KERNEL_INFERENCE_MAX_ELEMENTS`. With the batch size unknown
+    when traced (as Keras' `fit`, `evaluate` and `predict` trace), the
+    choice is made when the graph runs. Either way each step's outputs,
+    moving statistics and gradients are the reference path's, at a mean
+    offset of 1e4."""
+    shape, inference_form, training_form = SIZED_FORMS[case]
     monkeypatch.undo()  # the suite's own choice (conftest.py) is lifted
     monkeypatch.setattr(_fast_tf, "PLAIN_MAX_ELEMENTS", 100)
     monkeypatch.setattr(_fast_tf, "KERNEL_INFERENCE_MAX_ELEMENTS", 1000)
@@ -645,29 +655,44 @@ def test_inference_takes_the_compiled_call_above_the_kernel_limit(
         1e4 + rng.normal(size=3),
         rng.uniform(0.5, 4.0, 3),
     ]
+    spec = tf.TensorSpec((None,) + shape[1:] if batch == "unknown" else shape)
     results = {}
     for fused in (None, False):
-        layer = bnlayers.BatchNormalization(fused=fused)
+        layer = bnlayers.BatchNormalization(fused=fused, momentum=0.5)
         layer.build(shape)
         layer.set_weights(weights)
 
-        @tf.function
-        def infer(x, dy, layer=layer):
+        def step(x, dy, training, layer=layer):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                y = layer(x, training=False)
+                y = layer(x, training=training)
             params = [v.value for v in layer.trainable_weights]
             return [y] + tape.gradient(y, [x] + params, output_gradients=dy)
 
+        infer = tf.function(
+            lambda x, dy, step=step: step(x, dy, False),
+            input_signature=[spec, spec],
+        )
+        train = tf.function(
+            lambda x, dy, step=step: step(x, dy, True),
+            input_signature=[spec, spec],
+        )
         if fused is None:
-            ops = _graph_ops(infer, x, dy)
-            assert ("FusedBatchNormV3" in ops) == (form == "kernel"), ops
-            train_ops = _graph_ops(_train_step(layer), x, dy)
-            assert "FusedBatchNormV3" in train_ops, train_ops
-        results[fused] = [t.numpy() for t in infer(x, dy)]
+            for fn, form in ((infer, inference_form), (train, training_form)):
+                ops = _graph_ops(fn, x, dy)
+                if batch == "unknown":
+                    assert ops & {"Case", "StatelessCase"}, ops
+                else:
+                    assert ("FusedBatchNormV3" in ops) == (form == "kernel"), (
+                        ops
+                    )
+                    assert _compiled(fn, x, dy) == (form == "compiled"), ops
+                    assert not ops & {"Case", "StatelessCase"}, ops
+        results[fused] = [t.numpy() for t in infer(x, dy) + train(x, dy)]
+        results[fused] += [w.numpy() for w in layer.non_trainable_weights]
     for auto, reference in zip(results[None], results[False], strict=True):
         # Measured, relative to each result's largest value: up to 1.0e-7
         # on the outputs and 8.4e-7 on gamma's gradient (sums in another
-        # order); the mean is subtracted before scaling on both paths.
+        # order); every path takes its statistics on shifted values.
         scale = np.max(np.abs(reference))
         np.testing.assert_allclose(auto, reference, rtol=0, atol=1e-5 * scale)
