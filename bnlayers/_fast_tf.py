@@ -96,34 +96,26 @@ def training(
     "xla" one in the form `_form` picks."""
     import tensorflow as tf
 
-    x = tf.convert_to_tensor(x)
-    form = "kernel" if kernel else _form(x, axis, epsilon)
-    if form == "by_size":
-        gamma, beta, moving_mean, moving_variance = _read_outside(
-            gamma, beta, moving_mean, moving_variance
-        )
-    args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
-
-    def compute(form):
+    def compute(form, x, gamma, beta, moving_mean, moving_variance):
+        args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
         if form == "kernel":
             return _kernel_training(*args, momentum, out_dtype)
-        gamma_, beta_, mean, var, epsilon_ = _in_statistics_dtype(*args)
+        gamma, beta, mean, var, eps = _in_statistics_dtype(*args)
         run = _plain_training if form == "plain" else _xla_training
         return run(
             x,
-            gamma_,
-            beta_,
+            gamma,
+            beta,
             mean,
             var,
-            epsilon_,
-            tf.constant(momentum, gamma_.dtype),
+            eps,
+            tf.constant(momentum, gamma.dtype),
             axis,
             out_dtype,
         )
 
-    if form == "by_size":
-        return _by_size(x, axis, epsilon, False, compute)
-    return compute(form)
+    params = (gamma, beta, moving_mean, moving_variance)
+    return _in_chosen_form(x, params, axis, epsilon, kernel, False, compute)
 
 
 def inference(
@@ -139,26 +131,34 @@ def inference(
 ):
     """`_fused.inference` on TensorFlow: the "kernel" implementation, or the
     "xla" one in the form `_form` picks."""
+
+    def compute(form, x, gamma, beta, moving_mean, moving_variance):
+        args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
+        if form == "kernel":
+            return _kernel_inference(*args, out_dtype)
+        gamma, beta, mean, var, eps = _in_statistics_dtype(*args)
+        run = _plain_inference if form == "plain" else _xla_inference
+        return run(x, mean, var, gamma, beta, eps, axis, out_dtype)
+
+    params = (gamma, beta, moving_mean, moving_variance)
+    return _in_chosen_form(x, params, axis, epsilon, kernel, True, compute)
+
+
+def _in_chosen_form(x, params, axis, epsilon, kernel, inference, compute):
+    """`compute(form, x, *params)` (`params`: gamma, beta and the moving
+    statistics) in the form this call takes: the kernel where asked for,
+    else `_form`'s choice, made when the graph runs where `_form` says
+    "by_size" (`_by_size`)."""
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
-    form = "kernel" if kernel else _form(x, axis, epsilon, inference=True)
-    if form == "by_size":
-        gamma, beta, moving_mean, moving_variance = _read_outside(
-            gamma, beta, moving_mean, moving_variance
-        )
-    args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
-
-    def compute(form):
-        if form == "kernel":
-            return _kernel_inference(*args, out_dtype)
-        gamma_, beta_, mean, var, epsilon_ = _in_statistics_dtype(*args)
-        run = _plain_inference if form == "plain" else _xla_inference
-        return run(x, mean, var, gamma_, beta_, epsilon_, axis, out_dtype)
-
-    if form == "by_size":
-        return _by_size(x, axis, epsilon, True, compute)
-    return compute(form)
+    form = "kernel" if kernel else _form(x, axis, epsilon, inference)
+    if form != "by_size":
+        return compute(form, x, *params)
+    params = _read_outside(*params)
+    return _by_size(
+        x, axis, epsilon, inference, lambda f: compute(f, x, *params)
+    )
 
 
 def _in_statistics_dtype(

@@ -238,8 +238,8 @@ def fused_eligibility(layer, inputs, mask=None):
     GPU (cuDNN), the same computation compiled by XLA inside XLA-compiled
     functions, and off a GPU whichever of the kernel, the compiled
     computation and plain ops measured fastest for the call (see the
-    `fused` argument); on JAX it is that computation in `jax.numpy` with a hand-written
-    backward, compiled by XLA; on PyTorch it is a few native kernels per
+    `fused` argument); on JAX it is that computation in `jax.numpy` with a
+    hand-written backward, compiled by XLA; on PyTorch it is a few native kernels per
     eager call, with autograd (`_fast_torch`).
 
     Args:

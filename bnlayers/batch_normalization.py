@@ -210,12 +210,13 @@ class BatchNormalization(keras.layers.Layer):
             (cuDNN); under `jit_compile=True` with the arithmetic compiled
             by XLA; off a GPU, in a `tf.function` (Keras' `fit`,
             `evaluate`, `predict`) with the same fused kernel for features
-            on the last axis in float16, bfloat16 or float32, the
-            arithmetic compiled by XLA otherwise, and as plain TensorFlow
-            ops for tensors of fewer than 2**17 elements and in eager
-            calls (whatever measured fastest). On JAX: the arithmetic in `jax.numpy` with a
-            hand-written backward, compiled by XLA, under `jax.jit` and
-            eagerly alike. On PyTorch: a few native kernels per call
+            on the last axis in float16, bfloat16 or float32 (in
+            inference up to 2**20 elements), the arithmetic compiled by
+            XLA otherwise, and as plain TensorFlow ops for tensors of
+            fewer than 2**17 elements and in eager calls (whatever
+            measured fastest). On JAX: the arithmetic in `jax.numpy`
+            with a hand-written backward, compiled by XLA, under `jax.jit`
+            and eagerly alike. On PyTorch: a few native kernels per call
             (statistics by pairwise sums on values shifted by one sample,
             normalizing by a couple of elementwise passes, the backward by
             PyTorch's batch-norm kernel) in place of the reference path's
