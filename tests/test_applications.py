@@ -8,14 +8,11 @@ built-in's. The bounds are the script's (`applications.BOUNDS`), about ten
 times the largest figure measured.
 """
 
-import pathlib
-import sys
-
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import applications  # noqa: E402
+from example_scripts import example_module
+
+applications = example_module("applications")
 
 # MobileNetV3Small: depthwise convolutions, squeeze-and-excitation, hard
 # swish; built without its dropout layer so that its first training-mode

@@ -15,6 +15,7 @@ import bnlayers
 from backend_ops import BACKEND
 from backend_ops import to_numpy
 from backend_ops import value_and_grads
+from example_scripts import example_module
 
 OTHER_BACKENDS = pytest.mark.backends(
     "jax", "torch", reason="what TensorFlow has and they lack"
@@ -91,25 +92,10 @@ def test_automatic_choice_is_the_reference_path(renorm):
         np.testing.assert_array_equal(a, b)
 
 
-def _example(name):
-    """The script examples/NAME.py, imported as a module."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    examples = pathlib.Path(__file__).resolve().parents[1] / "examples"
-    if str(examples) not in sys.path:
-        sys.path.insert(0, str(examples))  # for the scripts' own `_common`
-    spec = importlib.util.spec_from_file_location(name, examples / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_runs_on_this_backend():
     """examples/benchmark_backends.py, one round on tiny shapes: every row
     timed for both layers (the figures themselves are the benchmark's)."""
-    benchmark = _example("benchmark_backends")
+    benchmark = example_module("benchmark_backends")
     report = benchmark.run(rounds=1, quick=True)
     assert report["backend"] == BACKEND
     assert [row["what"] for row in report["rows"]] == [
@@ -142,7 +128,9 @@ def test_model_benchmark_quick_run(tmp_path):
     import math
 
     out = tmp_path / "models"
-    report = _example("benchmark_models").main(["--quick", "--out", str(out)])
+    report = example_module("benchmark_models").main(
+        ["--quick", "--out", str(out)]
+    )
     assert [(r["model"], r["step"]) for r in report["rows"]] == [
         ("MobileNetV3Small", "train_on_batch"),
         ("MobileNetV3Small", "predict_on_batch"),

@@ -11,7 +11,6 @@ training: they fail before TensorFlow loads.
 """
 
 import gzip
-import importlib
 import json
 import os
 import pathlib
@@ -24,6 +23,8 @@ import time
 
 import numpy as np
 import pytest
+
+from example_scripts import example_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "mnist_cnn.py"
@@ -82,13 +83,6 @@ def sections(stdout):
         elif current is not None:
             parts[current].append(line)
     return {name: "\n".join(lines) for name, lines in parts.items()}
-
-
-def example_module(name):
-    """examples/<name>.py, imported as the scripts import each other (from their folder)."""
-    if str(REPO / "examples") not in sys.path:
-        sys.path.insert(0, str(REPO / "examples"))
-    return importlib.import_module(name)
 
 
 # ------------------------------------------------------------------ the runs

@@ -9,9 +9,7 @@ takes), chosen by pretending a GPU is or is not visible
 unless the fast path is really taken.
 """
 
-import importlib.util
 import json
-import pathlib
 
 import keras
 import numpy as np
@@ -24,8 +22,7 @@ import parity
 from article import article_model
 from bnlayers import _fast_tf
 from bnlayers import _fused
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from example_scripts import example_module
 
 
 @pytest.fixture(params=["xla", "kernel"])
@@ -489,11 +486,7 @@ def test_article_model_fits_alike_with_jit_and_without():
 
 def test_benchmark_quick_run(tmp_path):
     """The benchmark script runs end to end and writes what it says (no timing asserted)."""
-    spec = importlib.util.spec_from_file_location(
-        "benchmark", REPO / "examples" / "benchmark.py"
-    )
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = example_module("benchmark")
     out = tmp_path / "bench"
     report = benchmark.main(
         ["--quick", "--rounds", "1", "--epochs", "1", "--out", str(out)]
