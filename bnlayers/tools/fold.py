@@ -195,7 +195,9 @@ def _fixed_affine(bn):
     if ndim:
         axes = _geometry.feature_axes(bn.axis, ndim)
     else:
-        axes = list(bn.axis) if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+        axes = (
+            list(bn.axis) if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+        )
     if len(axes) != 1:
         config = {"axis": bn.axis, "name": bn.name, "dtype": bn.dtype_policy}
         return ChannelAffine.from_config(config), [scale, offset]
@@ -471,9 +473,7 @@ def _problem_before(producer, bn, usage):
         return producer
     name = repr(producer.name)
     if type(producer) not in _FOLDABLE_BEFORE:
-        return (
-            f"{name} is a {type(producer).__name__}, not a Dense or convolution"
-        )
+        return f"{name} is {_a(type(producer))}, not a Dense or convolution"
     common = _common_problem(producer, bn, usage)
     if common:
         return common
@@ -542,6 +542,12 @@ def _carry(graph, key, scale, offset, usage, targets, passed):
     return None
 
 
+def _a(kind):
+    """ "a ReLU", "an Add": a class name with its article."""
+    name = kind.__name__
+    return f"{'an' if name[0] in 'AEIOU' else 'a'} {name}"
+
+
 def _after(passed):
     return f" (after {', '.join(map(repr, passed))})" if passed else ""
 
@@ -592,6 +598,14 @@ def _through(layer, scale, offset, shape, kwargs):
     """`(problem, (scale, offset))`: the map after `layer`, where `layer` commutes with it."""
     name = repr(layer.name)
     kind = type(layer)
+    if kind is L.ActivityRegularization:
+        # Its penalty is its activity regularizer; without one it is an identity.
+        if not layer.l1 and not layer.l2:
+            return None, (scale, offset)
+        return (
+            f"{name} penalizes its inputs (l1={layer.l1}, l2={layer.l2})",
+            None,
+        )
     if getattr(layer, "activity_regularizer", None) is not None:
         return f"{name} has an activity regularizer", None
     if kwargs.get("training") is True:
@@ -601,13 +615,6 @@ def _through(layer, scale, offset, shape, kwargs):
     if kind is L.Activation:
         if keras.activations.serialize(layer.activation) == "linear":
             return None, (scale, offset)
-    elif kind is L.ActivityRegularization:
-        if not layer.l1 and not layer.l2:
-            return None, (scale, offset)
-        return (
-            f"{name} penalizes its inputs (l1={layer.l1}, l2={layer.l2})",
-            None,
-        )
     elif (
         kind
         in _MAX_POOLS
@@ -641,7 +648,7 @@ def _through(layer, scale, offset, shape, kwargs):
     elif kind is L.RepeatVector:
         return None, (scale[None], offset[None])
     return (
-        f"{name} is a {kind.__name__}, which does not commute with x * scale + offset",
+        f"{name} is {_a(kind)}, which does not commute with x * scale + offset",
         None,
     )
 
