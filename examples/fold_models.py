@@ -168,15 +168,24 @@ def main():
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     folder = pathlib.Path(tempfile.mkdtemp(prefix="fold_models_"))
+    backend = keras.backend.backend()
     print(
-        f"keras {keras.__version__}, backend {keras.backend.backend()}, input {args.size}x{args.size}"
+        f"keras {keras.__version__}, {backend}, applications at {args.size}x{args.size}"
     )
     print(
-        "model | BN layers | after folding: trainable BN, multiply-adds left | max |diff| / max |output|"
+        "model | BN layers | left after folding: trainable BN, multiply-adds "
+        "| max |diff| / max |output|"
     )
     outputs, kept = {}, {}
     for name in args.models:
         model, x = build(name, args.size, args.seed)
+        if name == "article":
+            from bnlayers.tools._common import inference_scale_offset
+
+            scale = inference_scale_offset(model.layers[1])[0]
+            print(
+                f"article: trained BN scales from {scale.min():.3f} to {scale.max():.3f}"
+            )
         handler.messages.clear()
         folded = bnlayers.fold_batchnorm(model)
         before = count(model)[0]

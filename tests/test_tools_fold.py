@@ -372,7 +372,11 @@ def test_folded_model_exports_directly(tmp_path):
 
     keras.utils.set_random_seed(23)
     model = randomize_bn(article_model(OURS(), filters=4), seed=23)
+    weights = model.layers[1].get_weights()
+    weights[0][2] = -weights[0][2]  # kept as Keras' layer, which must export
+    model.layers[1].set_weights(weights)
     folded = bnlayers.fold_batchnorm(model)
+    assert type(folded.layers[1]) is BUILTIN
     # Exported before anything calls the folded model, as a user would.
     onnx = all(importlib.util.find_spec(m) for m in ("onnxruntime", "tf2onnx"))
     if onnx:
