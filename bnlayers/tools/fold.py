@@ -59,8 +59,9 @@ _GLOBAL_AVERAGE_POOLS = (
     L.GlobalAveragePooling2D,
     L.GlobalAveragePooling3D,
 )
-# Each output is one channel's value at some position or, for bilinear and
-# other interpolations, a mean with weights summing to 1.
+# Each output is one channel's value at some position or, for bilinear
+# interpolation, a mean with weights summing to 1 (other interpolations
+# are left out: their kernels are not all checked here).
 _SELECTIONS = (
     L.Cropping1D,
     L.Cropping2D,
@@ -106,7 +107,7 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
        - `MaxPooling1D/2D/3D` and `GlobalMaxPooling1D/2D/3D` where every
          channel's scale is >= 0 (a negative scale turns a maximum into a
          minimum);
-       - `Cropping1D/2D/3D` and `UpSampling1D/2D/3D` (any interpolation);
+       - `Cropping1D/2D/3D` and `UpSampling1D/2D/3D` (nearest or bilinear);
        - `ZeroPadding1D/2D/3D` only where every offset is 0, which keeps
          the padded zeros at 0;
        - `Flatten`, `Reshape`, `Permute` and `RepeatVector`, which move each
@@ -355,7 +356,8 @@ def _place(graph, bn, in_key, out_key, problem, usage, plan):
             producer.name,
         )
         return "before"
-    targets, passed = [], []
+    targets: list[tuple] = []
+    passed: list[str] = []
     forward = problem or _problem_forward(
         graph, bn, in_key, out_key, usage, targets, passed
     )
@@ -536,7 +538,10 @@ def _carry(graph, key, scale, offset, usage, targets, passed):
         if out_key is None:
             return f"{name} has several outputs"
         passed.append(layer.name)
-        problem = _carry(graph, out_key, *carried, usage, targets, passed)
+        next_scale, next_offset = carried
+        problem = _carry(
+            graph, out_key, next_scale, next_offset, usage, targets, passed
+        )
         if problem:
             return problem
     return None
@@ -624,15 +629,21 @@ def _through(layer, scale, offset, shape, kwargs):
     ):
         return _through_pooling(layer, scale, offset)
     elif kind in _SELECTIONS or kind in _ZERO_PADDINGS:
-        axis = _feature_channel_axis(layer, scale.ndim)
-        if (
-            _per_channel(scale, axis) is None
-            or _per_channel(offset, axis) is None
+        if getattr(layer, "interpolation", "nearest") not in (
+            "nearest",
+            "bilinear",
         ):
+            return f"{name} interpolates with {layer.interpolation!r}", None
+        axis = _feature_channel_axis(layer, scale.ndim)
+        scale_c, offset_c = (
+            _per_channel(scale, axis),
+            _per_channel(offset, axis),
+        )
+        if scale_c is None or offset_c is None:
             return f"{name} moves values along axes the map varies on", None
-        if kind in _ZERO_PADDINGS and np.any(offset != 0):
+        if kind in _ZERO_PADDINGS and np.any(offset_c != 0):
             return f"{name} pads with zeros, which the offset would shift", None
-        return None, (scale, offset)
+        return None, _along(axis, scale.ndim, scale_c, offset_c)
     elif kind in (L.Flatten, L.Reshape):
         if shape is None or None in shape:
             return f"{name} reshapes inputs of an unknown shape {shape}", None
@@ -669,9 +680,14 @@ def _through_pooling(layer, scale, offset):
         )
     if kind in _GLOBAL_MAX_POOLS + _GLOBAL_AVERAGE_POOLS and not layer.keepdims:
         return None, (scale_c, offset_c)
-    param = [1] * scale.ndim
-    param[axis] = scale_c.size
-    return None, (scale_c.reshape(param), offset_c.reshape(param))
+    return None, _along(axis, scale.ndim, scale_c, offset_c)
+
+
+def _along(axis, rank, *vectors):
+    """Each vector as an array of `rank` axes that varies along `axis` only."""
+    param = [1] * rank
+    param[axis] = vectors[0].size
+    return tuple(v.reshape(param) for v in vectors)
 
 
 def _per_channel(values, axis):
