@@ -45,7 +45,7 @@ def test_fold_article_model_leaves_nothing(bn, mnist_subset, tmp_path, caplog):
     assert "through 'max_pooling2d" in caplog.text
     ref = infer(model, x)
     out = infer(folded, x)
-    # Measured: 5.1e-7 and 7.1e-7 (softmax outputs).
+    # Measured: 7.3e-7 with either BN class (softmax outputs).
     assert relative(out, ref) <= AGREE
 
     path = tmp_path / "folded.keras"
@@ -535,7 +535,7 @@ def test_fold_through_layers_that_commute(case, caplog):
         type(layer) for layer in model.layers if layer is not bn
     ]
     x = np.random.default_rng(31).normal(size=(6, *shape)).astype("float32")
-    # Measured: at most 4.2e-7 of the output over these cases.
+    # Measured: at most 2.1e-7 of the output over these cases.
     assert relative(infer(folded, x), infer(model, x)) <= AGREE
 
 
@@ -580,6 +580,7 @@ def test_fold_into_every_path_of_a_shared_output(caplog):
     ]
     assert all(f"'{name}'" in line for name in "abc")
     x = np.random.default_rng(33).normal(size=(4, 8, 8, 3)).astype("float32")
+    # Measured: at most 2.2e-7 of each output.
     for out, ref in zip(infer(folded, x), infer(model, x), strict=True):
         assert relative(out, ref) <= AGREE
 
@@ -690,6 +691,7 @@ def test_fold_keeps_what_does_not_commute_as_keras_layer(case, caplog):
     (kept,) = bn_layers(folded)
     assert type(kept) is BUILTIN and not kept.trainable
     x = np.random.default_rng(34).normal(size=(4, 6, 6, 3)).astype("float32")
+    # Measured: at most 2.0e-7 of the output over these cases.
     assert relative(infer(folded, x), infer(model, x)) <= AGREE
 
 
