@@ -295,6 +295,12 @@ _FORWARD = {
         keras.layers.Conv2D(4, 2, dilation_rate=2, activation="tanh"),
     ],
     "conv3d": lambda: [keras.layers.Conv3D(4, 2)],
+    "depthwise2d": lambda: [
+        keras.layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2)
+    ],
+    "separable1d": lambda: [
+        keras.layers.SeparableConv1D(5, 3, depth_multiplier=2, use_bias=False)
+    ],
 }
 _FORWARD_INPUTS = {
     "dense": (6,),
@@ -302,6 +308,8 @@ _FORWARD_INPUTS = {
     "conv1d": (12, 6),
     "conv2d_strided_dilated": (11, 11, 6),
     "conv3d": (5, 5, 5, 6),
+    "depthwise2d": (9, 9, 6),
+    "separable1d": (12, 6),
 }
 
 

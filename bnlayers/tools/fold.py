@@ -27,7 +27,7 @@ _SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
 # Layers a following BN merges into (by output channel).
 _FOLDABLE_BEFORE = (L.Dense,) + _CONVS + _DEPTHWISE + _SEPARABLE
 # Layers a preceding BN merges into (by input channel).
-_FOLDABLE_AFTER = (L.Dense,) + _CONVS
+_FOLDABLE_AFTER = _FOLDABLE_BEFORE
 
 # Layers that a per-channel affine map `x * scale + offset` passes through
 # unchanged, at inference. Exact types: a subclass may compute anything.
@@ -92,9 +92,10 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     2. **Into the layers after, through what lies between.** Otherwise the
        affine map is carried forward, along every path its output takes,
        through layers that commute with it, to a `Dense` layer or a
-       `Conv1D`, `Conv2D` or `Conv3D` layer with `groups=1`, where it is
-       merged into the kernel (each input channel's slice times its scale)
-       and the bias (the offsets passed through the kernel). The layers it
+       convolution of one of the types above (a `Conv` with `groups=1`),
+       where it is merged into the kernel (each input channel's slice
+       times its scale) and the bias (the offsets passed through the
+       kernel). The layers it
        passes through, at inference:
 
        - identities: `Dropout`, `SpatialDropout1D/2D/3D`, `GaussianNoise`,
@@ -116,7 +117,7 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
          from);
 
        all with the map varying along the channel axis only, where they
-       pool or pad. A `Conv` with `padding="same"` or `"causal"` takes the
+       pool or pad. A convolution with `padding="same"` or `"causal"` takes the
        map only where every offset is 0: its padded zeros would otherwise
        be shifted too. The whole forward move is made only where every
        path allows it; a BN output that is also a model output, or that
@@ -272,14 +273,28 @@ def _output_channels(layer):
 
 
 def _merge_input_affine(layer, weights, scale, offset):
-    """`layer(x * scale + offset)` as `layer'(x)`: Dense, or a Conv padding nothing or offset 0."""
-    kernel = weights["kernel"]  # (*kernel_size, in_channels, out_channels)
-    weights["kernel"] = kernel * scale[:, None]
-    # Every output position sums the whole kernel over real inputs (or the
-    # offsets are 0), so the offsets add the same amount everywhere.
-    # (in_channels, out_channels): the kernel summed over its positions.
-    per_channel = kernel.reshape((-1,) + kernel.shape[-2:]).sum(axis=0)
-    weights["bias"] = weights["bias"] + offset @ per_channel
+    """`layer(x * scale + offset)` as `layer'(x)`: Dense, or a convolution padding
+    nothing or with offsets 0.
+
+    Every output position then sums the whole kernel over real inputs (or
+    the offsets are 0), so the offsets add the same amount everywhere.
+    """
+    name = "depthwise_kernel" if isinstance(layer, _SEPARABLE) else "kernel"
+    # (*kernel_size, in_channels, out_channels), or for a depthwise kernel
+    # (*kernel_size, in_channels, multiplier).
+    kernel = weights[name]
+    weights[name] = kernel * scale[:, None]
+    # The kernel summed over its positions: (in_channels, out_channels).
+    summed = kernel.reshape((-1,) + kernel.shape[-2:]).sum(axis=0)
+    if isinstance(layer, _DEPTHWISE + _SEPARABLE):
+        # Depthwise output channel c * multiplier + m reads input channel c.
+        shift = (offset[:, None] * summed).reshape(-1)
+        if isinstance(layer, _SEPARABLE):
+            pointwise = weights["pointwise_kernel"]
+            shift = shift @ pointwise.reshape(-1, pointwise.shape[-1])
+        weights["bias"] = weights["bias"] + shift
+    else:
+        weights["bias"] = weights["bias"] + offset @ summed
 
 
 def _merge_output_affine(layer, weights, scale, offset):
@@ -575,19 +590,24 @@ def _into_linear(layer, scale, offset, usage):
             f"{name} takes channels on one axis and the map varies along others",
             None,
         )
-    if isinstance(layer, _CONVS):
-        if layer.groups != 1:
-            return (
-                f"{name} is a grouped convolution (groups={layer.groups})",
-                None,
-            )
+    if isinstance(layer, _CONVS) and layer.groups != 1:
+        return (
+            f"{name} is a grouped convolution (groups={layer.groups})",
+            None,
+        )
+    if not isinstance(layer, L.Dense):
         if layer.padding != "valid" and np.any(offset_c != 0):
             return (
                 f"{name} pads with zeros (padding={layer.padding!r}), which merging "
                 "the offset would shift",
                 None,
             )
-    channels = layer.kernel.shape[-2]
+    kernel = (
+        layer.depthwise_kernel
+        if isinstance(layer, _SEPARABLE)
+        else layer.kernel
+    )
+    channels = kernel.shape[-2]
     if scale_c.size not in (1, channels):
         return (
             f"{name} takes {channels} channels, the map has {scale_c.size}",
