@@ -206,7 +206,8 @@ def recalibration_figures():
             f"accuracy {acc0:.2%} -> {acc1:.2%} ({seconds:.1f} s)"
         )
         print(
-            f"fold  this model (BN after ReLU, max pooling -> Dense): softmax max |diff| {diff:.2e}"
+            "fold  this model (BN carried through max pooling into the Dense): "
+            f"softmax max |diff| {diff:.2e}"
         )
 
 

@@ -7,8 +7,9 @@ and fvcore have tools for and Keras does not:
   turned into `bnlayers.BatchNormalization` or the built-in one, optimizer
   state included.
 - `fold_batchnorm(model)`: an inference-only copy with BN merged into the
-  adjacent linear layer where that is exact, a fixed multiply-add
-  (`ChannelAffine`) elsewhere.
+  linear layers before or after it (through pooling, `Flatten` and other
+  layers that commute with it) where that is exact, and a frozen Keras BN
+  layer computing a fixed multiply-add elsewhere.
 - `recalibrate(model, data)`: the moving statistics replaced by the exact
   population statistics over `data` (as fvcore's PreciseBN does).
 - `freeze_batchnorm(model)`: every BN layer in inference mode and

@@ -19,7 +19,11 @@ class ChannelAffine(keras.layers.Layer):
 
     What a BatchNormalization layer computes at inference, with its four
     per-feature vectors reduced to two. `fold_batchnorm` puts one in place
-    of every BN layer it cannot merge into an adjacent linear layer. It has
+    of a `bnlayers.BatchNormalization` over several axes that it cannot
+    merge into a linear layer; every other BN layer it cannot merge becomes
+    a frozen `keras.layers.BatchNormalization`, which loads without
+    bnlayers. Models that earlier versions folded hold one in place of
+    each such layer, and still load. It has
     no statistics and no training behaviour: it computes the same thing in
     training and inference, and its two weights are not trainable.
 

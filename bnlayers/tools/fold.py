@@ -20,13 +20,58 @@ from bnlayers.tools.channel_affine import ChannelAffine
 
 logger = logging.getLogger("bnlayers")
 
-_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
-_SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+L = keras.layers
+_CONVS = (L.Conv1D, L.Conv2D, L.Conv3D)
+_DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
+_SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
 # Layers a following BN merges into (by output channel).
-_FOLDABLE_BEFORE = (keras.layers.Dense,) + _CONVS + _DEPTHWISE + _SEPARABLE
+_FOLDABLE_BEFORE = (L.Dense,) + _CONVS + _DEPTHWISE + _SEPARABLE
 # Layers a preceding BN merges into (by input channel).
-_FOLDABLE_AFTER = (keras.layers.Dense,) + _CONVS
+_FOLDABLE_AFTER = _FOLDABLE_BEFORE
+
+# Layers that a per-channel affine map `x * scale + offset` passes through
+# unchanged, at inference. Exact types: a subclass may compute anything.
+_IDENTITIES = (
+    L.Dropout,
+    L.SpatialDropout1D,
+    L.SpatialDropout2D,
+    L.SpatialDropout3D,
+    L.GaussianNoise,
+    L.GaussianDropout,
+    L.AlphaDropout,
+    L.Identity,
+)
+# Each output is a maximum over a window of one channel: commutes where the
+# scale is >= 0 (a negative scale turns the maximum into a minimum).
+_MAX_POOLS = (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)
+_GLOBAL_MAX_POOLS = (
+    L.GlobalMaxPooling1D,
+    L.GlobalMaxPooling2D,
+    L.GlobalMaxPooling3D,
+)
+# Each output is a weighted mean of one channel's values with weights that
+# sum to 1: Keras' average pooling divides by the number of real values in
+# each window on every backend (padded positions are not counted), and a
+# mask only changes which values are averaged. Commutes with any affine map.
+_AVERAGE_POOLS = (L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D)
+_GLOBAL_AVERAGE_POOLS = (
+    L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D,
+    L.GlobalAveragePooling3D,
+)
+# Each output is one channel's value at some position or, for bilinear
+# interpolation, a mean with weights summing to 1 (other interpolations
+# are left out: their kernels are not all checked here).
+_SELECTIONS = (
+    L.Cropping1D,
+    L.Cropping2D,
+    L.Cropping3D,
+    L.UpSampling1D,
+    L.UpSampling2D,
+    L.UpSampling3D,
+)
+# Add positions of value 0: commute only with an affine map that keeps 0 at 0.
+_ZERO_PADDINGS = (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D)
 
 
 def fold_batchnorm(model: keras.Model) -> keras.Model:
@@ -35,31 +80,67 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     At inference a BN layer is a fixed per-feature affine map,
     `x * scale + offset` with `scale = gamma / sqrt(moving_variance +
     epsilon)` and `offset = beta - moving_mean * scale`. This function
-    removes that work from the model:
+    removes that work from the model, trying for each BN layer in turn:
 
-    - a BN layer that directly follows a `Dense`, `Conv1D`, `Conv2D`,
-      `Conv3D`, `DepthwiseConv1D`, `DepthwiseConv2D`, `SeparableConv1D` or
-      `SeparableConv2D` layer with a linear activation, normalizes that
-      layer's channel axis (last for `channels_last`, 1 for
-      `channels_first`), and is the only consumer of its output, is merged
-      into that layer's kernel and bias (a bias is added if it had none);
-    - otherwise, a BN layer whose output goes only to a `Dense` layer (BN
-      on its last axis) or to a `Conv1D`, `Conv2D` or `Conv3D` layer with
-      `padding="valid"` and `groups=1` (BN on its channel axis) is merged
-      into that layer: each input channel's kernel slice is multiplied by
-      its scale, and the offsets, passed through the kernel, are added to
-      the bias. With `padding="same"` or `"causal"` this would not be
-      exact (the zeros padded at the borders would be shifted too), so
-      such a BN stays a multiply-add;
-    - every other BN layer (for instance one after a ReLU and before a
-      pooling layer, as in the article's `Conv2D(..., activation="relu")`,
-      BN, `MaxPooling2D`) becomes a `bnlayers.tools.ChannelAffine`: a
-      multiply-add with fixed weights, no statistics and no training
-      branch.
+    1. **Into the layer before.** A BN layer that directly follows a
+       `Dense`, `Conv1D`, `Conv2D`, `Conv3D`, `DepthwiseConv1D`,
+       `DepthwiseConv2D`, `SeparableConv1D` or `SeparableConv2D` layer with
+       a linear activation, normalizes that layer's channel axis (last for
+       `channels_last`, 1 for `channels_first`), and is the only consumer
+       of its output, is merged into that layer's kernel and bias (a bias
+       is added if it had none).
+    2. **Into the layers after, through what lies between.** Otherwise the
+       affine map is carried forward, along every path its output takes,
+       through layers that commute with it, to a `Dense` layer or a
+       convolution of one of the types above (a `Conv` with `groups=1`),
+       where it is merged into the kernel (each input channel's slice
+       times its scale) and the bias (the offsets passed through the
+       kernel). The layers it
+       passes through, at inference:
 
-    Which case each BN layer took, and why a layer was not merged, is
-    logged at INFO level on the `"bnlayers"` logger, one line per layer
-    (`logging.basicConfig(level=logging.INFO)` shows them).
+       - identities: `Dropout`, `SpatialDropout1D/2D/3D`, `GaussianNoise`,
+         `GaussianDropout`, `AlphaDropout`, `Identity`, `Activation` with a
+         linear activation, and `ActivityRegularization` without a penalty
+         (a penalty would be computed on other values, and `evaluate`
+         reports it);
+       - `AveragePooling1D/2D/3D` and `GlobalAveragePooling1D/2D/3D`, any
+         padding (Keras averages only the real values of each window);
+       - `MaxPooling1D/2D/3D` and `GlobalMaxPooling1D/2D/3D` where every
+         channel's scale is >= 0 (a negative scale turns a maximum into a
+         minimum);
+       - `Cropping1D/2D/3D` and `UpSampling1D/2D/3D` (nearest or bilinear);
+       - `ZeroPadding1D/2D/3D` only where every offset is 0, which keeps
+         the padded zeros at 0;
+       - `Flatten`, `Reshape`, `Permute` and `RepeatVector`, which move each
+         value's scale and offset with it (after a `Flatten`, the following
+         `Dense` takes the scale and offset of the row each input comes
+         from);
+
+       all with the map varying along the channel axis only, where they
+       pool or pad. A convolution with `padding="same"` or `"causal"` takes the
+       map only where every offset is 0: its padded zeros would otherwise
+       be shifted too. The whole forward move is made only where every
+       path allows it; a BN output that is also a model output, or that
+       reaches any other layer (a `ReLU`, an `Add`, a `Concatenate`, ...),
+       stays.
+    3. **Kept.** Every other BN layer (one followed by a `ReLU`, as in
+       pre-activation ResNets, or one after a `Concatenate`, as in
+       DenseNet) becomes a `keras.layers.BatchNormalization` that only
+       computes `x * scale + offset`: `gamma = scale`, `beta = offset`,
+       `moving_mean = 0`, and `moving_variance = 1 - epsilon` rounded so
+       that `moving_variance + epsilon` is exactly 1, frozen
+       (`trainable=False`, so training mode runs the same computation).
+       On every backend Keras computes that as `x * gamma + beta`, the
+       very arithmetic of the multiply-add, so the folded model needs only
+       Keras wherever it is loaded, and exporters and converters see a
+       layer they all know. A `bnlayers.BatchNormalization` normalizing
+       several axes cannot be written as Keras' layer, which takes one
+       axis: it becomes a `bnlayers.tools.ChannelAffine`, which needs
+       bnlayers to load.
+
+    Which case each BN layer took, why a layer was not merged, and a
+    summary per model, are logged at INFO level on the `"bnlayers"`
+    logger (`logging.basicConfig(level=logging.INFO)` shows them).
 
     The folding is computed in float64 and rounded once, so the copy
     predicts what the original predicts in inference mode within float32
@@ -68,8 +149,7 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     (Keras' export otherwise refuses a model that was never called). It is
     meant for `predict` and export; if the original was compiled the copy
     is compiled with the same settings so that `evaluate` works too.
-    Training it would not train batch
-    normalization, which is gone.
+    Training it would not train batch normalization, which is gone.
 
     ```python
     fast = bnlayers.fold_batchnorm(model)
@@ -83,46 +163,98 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
             kinds of layers cannot be reached and raise a `ValueError`.
 
     Returns:
-        A new `keras.Model` of the same kind, without BN layers.
+        A new `keras.Model` of the same kind, whose only BN layers are the
+        frozen multiply-adds of case 3.
     """
     check_model(model, "fold_batchnorm")
     check_rebuildable(model, "fold_batchnorm")
     check_built(model, "fold_batchnorm")
-    following, preceding = _plan(model)
+    plan = _plan(model)
 
     def convert(layer):
-        if id(layer) in following or id(layer) in preceding:
+        key = id(layer)
+        if key in plan.following or key in plan.preceding:
             return _merged(
-                layer, preceding.get(id(layer)), following.get(id(layer))
+                layer, plan.preceding.get(key), plan.following.get(key)
             )
         if is_batchnorm(layer):
-            return _channel_affine(layer)
+            return _fixed_affine(layer)
         return copy_layer(layer)
 
     rebuilder = Rebuilder(convert, "fold_batchnorm")
-    merged = (*following.values(), *preceding.values())
-    rebuilder.skipped = {id(bn) for bn in merged}
+    rebuilder.skipped = plan.merged
     return rebuilder.rebuild(model)
 
 
-def _channel_affine(bn):
+def _fixed_affine(bn):
+    """The Keras layer (or, for several axes, the bnlayers one) computing `bn` at inference."""
     if not bn.built:
         raise ValueError(
             f"`fold_batchnorm` needs every BN layer built; {bn.name!r} is not."
         )
     scale, offset = inference_scale_offset(bn)
-    config = {"axis": bn.axis, "name": bn.name, "dtype": bn.dtype_policy}
-    return ChannelAffine.from_config(config), [scale, offset]
+    ndim = bn.input_spec.ndim if bn.input_spec is not None else None
+    if ndim:
+        axes = _geometry.feature_axes(bn.axis, ndim)
+    else:
+        axes = (
+            list(bn.axis) if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+        )
+    if len(axes) != 1:
+        config = {"axis": bn.axis, "name": bn.name, "dtype": bn.dtype_policy}
+        return ChannelAffine.from_config(config), [scale, offset]
+    epsilon = 1e-3
+    layer = L.BatchNormalization(
+        axis=axes[0],
+        epsilon=epsilon,
+        name=bn.name,
+        dtype=bn.dtype_policy,
+        trainable=False,
+    )
+    variable_dtype = np.dtype(
+        keras.backend.standardize_dtype(bn.moving_variance.dtype)
+    )
+    variance = _unit_variance(epsilon, variable_dtype)
+    weights = {
+        "gamma": scale,
+        "beta": offset,
+        "moving_mean": np.zeros_like(scale),
+        "moving_variance": np.full_like(scale, variance),
+    }
+    return layer, weights
+
+
+def _unit_variance(epsilon, dtype):
+    """The `dtype` value `v` closest to `1 - epsilon` with `v + epsilon == 1` in `dtype`.
+
+    Then `rsqrt(v + epsilon)` is exactly 1 and Keras' BN computes
+    `x * gamma + beta` with no rounding of its own.
+    """
+    one, eps = dtype.type(1), dtype.type(epsilon)
+    v = dtype.type(one - eps)
+    for _ in range(8):
+        total = dtype.type(v + eps)
+        if total == one:
+            return v
+        v = np.nextafter(
+            v, dtype.type(-np.inf) if total > one else dtype.type(np.inf)
+        )
+    raise AssertionError(
+        f"no variance sums to 1 with epsilon={epsilon} in {dtype}"
+    )
 
 
 def _merged(layer, bn_before, bn_after):
-    """`layer` with a BN before it (input side) and/or after it (output side) merged in."""
+    """`layer` with an affine map before it (input side) and/or a BN after it merged in.
+
+    `bn_before` is `(scale, offset)` over `layer`'s input channels.
+    """
     config = layer.get_config()
     config["use_bias"] = True
     weights = {v.name: to_numpy64(v) for v in layer.weights}
     weights.setdefault("bias", 0.0)
     if bn_before is not None:
-        _merge_input_affine(layer, weights, *inference_scale_offset(bn_before))
+        _merge_input_affine(layer, weights, *bn_before)
     if bn_after is not None:
         _merge_output_affine(layer, weights, *inference_scale_offset(bn_after))
     weights["bias"] = np.broadcast_to(
@@ -141,14 +273,28 @@ def _output_channels(layer):
 
 
 def _merge_input_affine(layer, weights, scale, offset):
-    """`layer(x * scale + offset)` as `layer'(x)`: Dense or a Conv with valid padding."""
-    kernel = weights["kernel"]  # (*kernel_size, in_channels, out_channels)
-    weights["kernel"] = kernel * scale[:, None]
-    # Every output position sums the whole kernel over real inputs (no
-    # padding), so the offsets add the same amount everywhere.
-    # (in_channels, out_channels): the kernel summed over its positions.
-    per_channel = kernel.reshape((-1,) + kernel.shape[-2:]).sum(axis=0)
-    weights["bias"] = weights["bias"] + offset @ per_channel
+    """`layer(x * scale + offset)` as `layer'(x)`: Dense, or a convolution padding
+    nothing or with offsets 0.
+
+    Every output position then sums the whole kernel over real inputs (or
+    the offsets are 0), so the offsets add the same amount everywhere.
+    """
+    name = "depthwise_kernel" if isinstance(layer, _SEPARABLE) else "kernel"
+    # (*kernel_size, in_channels, out_channels), or for a depthwise kernel
+    # (*kernel_size, in_channels, multiplier).
+    kernel = weights[name]
+    weights[name] = kernel * scale[:, None]
+    # The kernel summed over its positions: (in_channels, out_channels).
+    summed = kernel.reshape((-1,) + kernel.shape[-2:]).sum(axis=0)
+    if isinstance(layer, _DEPTHWISE + _SEPARABLE):
+        # Depthwise output channel c * multiplier + m reads input channel c.
+        shift = (offset[:, None] * summed).reshape(-1)
+        if isinstance(layer, _SEPARABLE):
+            pointwise = weights["pointwise_kernel"]
+            shift = shift @ pointwise.reshape(-1, pointwise.shape[-1])
+        weights["bias"] = weights["bias"] + shift
+    else:
+        weights["bias"] = weights["bias"] + offset @ summed
 
 
 def _merge_output_affine(layer, weights, scale, offset):
@@ -168,109 +314,174 @@ def _merge_output_affine(layer, weights, scale, offset):
 # ------------------------------------------------------------------ planning
 
 
-def _plan(model):
-    """`(following, preceding)`: id(layer) -> the BN that follows / precedes it, merged in.
+class _Plan:
+    """What happens to each BN layer, by id."""
 
-    Logs the case each BN layer takes.
-    """
+    def __init__(self):
+        self.following = {}  # id(linear layer) -> the BN after it, merged in
+        self.preceding = {}  # id(linear layer) -> (scale, offset) over its inputs
+        self.merged = set()  # BN layers left out of the copy
+        self.kept = set()  # BN layers that stay as a fixed multiply-add
+
+
+def _plan(model):
+    """Decides, for each BN call, where its affine map goes, and logs why."""
     usage = _graph_usage(model)
-    following, preceding = {}, {}
-    for m in [model] + [
+    plan = _Plan()
+    graphs = [model] + [
         sub
         for sub in internals.sublayers(model)
         if internals.is_graph_model(sub)
-    ]:
-        for bn, producer, consumer in _neighbours(m):
-            backward = _problem_before(producer, bn, usage)
-            forward = (
-                _problem_after(bn, consumer, usage)
-                if backward
-                else "not needed"
+    ]
+    for m in graphs:
+        graph = (
+            _SequentialGraph(m)
+            if isinstance(m, keras.Sequential)
+            else _FunctionalGraph(m)
+        )
+        outcomes = collections.defaultdict(list)
+        for bn, in_key, out_key, problem in graph.bn_calls():
+            outcome = _place(graph, bn, in_key, out_key, problem, usage, plan)
+            outcomes[outcome].append(bn.name)
+        if outcomes:
+            kept = outcomes["kept"]
+            logger.info(
+                "fold_batchnorm: model %r: %d BN layers, %d merged into the layer "
+                "before, %d into the layers after, %d kept as multiply-adds%s",
+                m.name,
+                sum(len(v) for v in outcomes.values()),
+                len(outcomes["before"]),
+                len(outcomes["after"]),
+                len(kept),
+                f" ({', '.join(map(repr, kept))})" if kept else "",
             )
-            if backward is None:
-                following[id(producer)] = bn
-                logger.info(
-                    "fold_batchnorm: %r merged into the preceding %r",
-                    bn.name,
-                    producer.name,
-                )
-            elif forward is None:
-                preceding[id(consumer)] = bn
-                logger.info(
-                    "fold_batchnorm: %r merged into the following %r (input side)",
-                    bn.name,
-                    consumer.name,
-                )
-            else:
-                logger.info(
-                    "fold_batchnorm: %r kept as a ChannelAffine: not into the preceding layer "
-                    "(%s), nor into the following one (%s)",
-                    bn.name,
-                    backward,
-                    forward,
-                )
-    return following, preceding
+    return plan
 
 
-def _neighbours(model):
-    """`(bn, producer, consumer)` for each BN call in `model`'s own graph.
+def _place(graph, bn, in_key, out_key, problem, usage, plan):
+    """Plans one BN call; returns "before", "after" or "kept"."""
+    producer = problem or graph.producer(in_key)
+    backward = _problem_before(producer, bn, usage)
+    if backward is None:
+        plan.following[id(producer)] = bn
+        plan.merged.add(id(bn))
+        logger.info(
+            "fold_batchnorm: %r merged into the preceding %r",
+            bn.name,
+            producer.name,
+        )
+        return "before"
+    targets: list[tuple] = []
+    passed: list[str] = []
+    forward = problem or _problem_forward(
+        graph, bn, in_key, out_key, usage, targets, passed
+    )
+    if forward is None:
+        for layer, scale, offset in targets:
+            plan.preceding[id(layer)] = (scale, offset)
+        plan.merged.add(id(bn))
+        through = f" through {', '.join(map(repr, passed))}" if passed else ""
+        logger.info(
+            "fold_batchnorm: %r merged into the following %s (input side)%s",
+            bn.name,
+            ", ".join(repr(layer.name) for layer, _, _ in targets),
+            through,
+        )
+        return "after"
+    plan.kept.add(id(bn))
+    logger.info(
+        "fold_batchnorm: %r kept as a multiply-add: not into the preceding layer "
+        "(%s), nor forward (%s)",
+        bn.name,
+        backward,
+        forward,
+    )
+    return "kept"
 
-    `producer` (or `consumer`) is the layer whose output is the BN's only
-    input (whose only input is the BN's output), where that tensor goes
-    nowhere else; a string saying why not otherwise.
-    """
-    if isinstance(model, keras.Sequential):
-        yield from _sequential_neighbours(model.layers)
-    else:
-        yield from _functional_neighbours(model)
+
+class _SequentialGraph:
+    """A Sequential model's layers as a graph; a key is a layer's index (its output)."""
+
+    def __init__(self, model):
+        self.layers = list(model.layers)
+
+    def bn_calls(self):
+        for i, layer in enumerate(self.layers):
+            if is_batchnorm(layer):
+                yield layer, i - 1, i, None
+
+    def producer(self, key):
+        return self.layers[key] if key >= 0 else "it is the model's first layer"
+
+    def consumers(self, key):
+        if key + 1 < len(self.layers):
+            return [(self.layers[key + 1], key + 1, 1, {})]
+        return []
+
+    def is_output(self, key):
+        return key == len(self.layers) - 1
+
+    def shape(self, key):
+        """The shape of the tensor `key` without its batch axis, or None if unknown."""
+        try:
+            if key < 0:
+                return tuple(self.layers[0].input.shape[1:])
+            return tuple(self.layers[key].output.shape[1:])
+        except (AttributeError, ValueError):
+            return None
 
 
-def _sequential_neighbours(layers):
-    for i, layer in enumerate(layers):
-        if is_batchnorm(layer):
-            producer = (
-                layers[i - 1] if i > 0 else "it is the model's first layer"
-            )
-            consumer = (
-                layers[i + 1]
-                if i + 1 < len(layers)
-                else "it is the model's last layer"
-            )
-            yield layer, producer, consumer
+class _FunctionalGraph:
+    """A Functional model's own graph; a key is the id of a symbolic tensor."""
 
+    def __init__(self, model):
+        self.nodes = internals.graph_nodes(model)
+        self.readers = collections.defaultdict(list)
+        self.tensors = {}
+        for node in self.nodes:
+            for tensor in (*node.input_tensors, *node.output_tensors):
+                self.tensors[id(tensor)] = tensor
+            for tensor in node.input_tensors:
+                self.readers[id(tensor)].append(node)
+        self.outputs = {id(t) for t in model.outputs}
 
-def _functional_neighbours(model):
-    # Which nodes read each tensor (reads as a model output are checked apart).
-    nodes = internals.graph_nodes(model)
-    consumers = collections.defaultdict(list)
-    for node in nodes:
-        for tensor in node.input_tensors:
-            consumers[id(tensor)].append(node)
-    outputs = {id(t) for t in model.outputs}
-    for node in nodes:
-        if node.is_input or not is_batchnorm(node.operation):
-            continue
-        if len(node.input_tensors) != 1:
+    def bn_calls(self):
+        for node in self.nodes:
+            if node.is_input or not is_batchnorm(node.operation):
+                continue
+            if len(node.input_tensors) != 1 or len(node.output_tensors) != 1:
+                yield node.operation, None, None, "it takes several inputs"
+                continue
             yield (
                 node.operation,
-                "it takes several inputs",
-                "it takes several inputs",
+                id(node.input_tensors[0]),
+                id(node.output_tensors[0]),
+                None,
             )
-            continue
-        tensor = node.input_tensors[0]
-        if len(consumers[id(tensor)]) != 1 or id(tensor) in outputs:
-            producer = "its input goes to other layers too"
-        else:
-            producer = internals.producer(tensor)
-        out = node.output_tensors[0]
-        users = consumers[id(out)]
-        if len(users) != 1 or id(out) in outputs:
-            consumer = "its output goes to several places, or out of the model"
-        elif len(users[0].input_tensors) != 1:
-            consumer = f"{users[0].operation.name!r} takes several inputs"
-        else:
-            consumer = users[0].operation
-        yield node.operation, producer, consumer
+
+    def producer(self, key):
+        if len(self.readers[key]) != 1 or key in self.outputs:
+            return "its input goes to other layers too"
+        return internals.producer(self.tensors[key])
+
+    def consumers(self, key):
+        return [
+            (
+                node.operation,
+                id(node.output_tensors[0])
+                if len(node.output_tensors) == 1
+                else None,
+                len(node.input_tensors),
+                node.arguments.kwargs,
+            )
+            for node in self.readers[key]
+        ]
+
+    def is_output(self, key):
+        return key in self.outputs
+
+    def shape(self, key):
+        return tuple(self.tensors[key].shape[1:])
 
 
 def _problem_before(producer, bn, usage):
@@ -279,9 +490,7 @@ def _problem_before(producer, bn, usage):
         return producer
     name = repr(producer.name)
     if type(producer) not in _FOLDABLE_BEFORE:
-        return (
-            f"{name} is a {type(producer).__name__}, not a Dense or convolution"
-        )
+        return f"{name} is {_a(type(producer))}, not a Dense or convolution"
     common = _common_problem(producer, bn, usage)
     if common:
         return common
@@ -290,25 +499,231 @@ def _problem_before(producer, bn, usage):
     return _axis_problem(producer, bn, "outputs")
 
 
-def _problem_after(bn, consumer, usage):
-    """Why `consumer(bn(x))` cannot be merged into `consumer`, or None if it can."""
-    if isinstance(consumer, str):
-        return consumer
-    name = repr(consumer.name)
-    if type(consumer) not in _FOLDABLE_AFTER:
-        return f"{name} is a {type(consumer).__name__}, not a Dense or Conv1D/2D/3D"
-    common = _common_problem(consumer, bn, usage)
-    if common:
-        return common
-    if isinstance(consumer, _CONVS):
-        if consumer.padding != "valid":
+def _problem_forward(graph, bn, in_key, out_key, usage, targets, passed):
+    """Why `bn`'s map cannot be carried to the linear layers after it, or None.
+
+    Where it can, `targets` receives `(layer, scale, offset)` for each
+    layer it merges into (over that layer's input channels) and `passed`
+    the names of the layers it passes through.
+    """
+    if usage[id(bn)] != 1:
+        return "it is called in more than one place"
+    if not bn.built:
+        return "it is not built"
+    shape = graph.shape(in_key)
+    if shape is None:
+        if bn.input_spec is None or bn.input_spec.ndim is None:
+            return "its input rank is unknown"
+        shape = (None,) * (bn.input_spec.ndim - 1)
+    axes = _geometry.feature_axes(bn.axis, len(shape) + 1)
+    if 0 in axes:
+        return "it normalizes the batch axis"
+    # The map as arrays over the features (no batch axis), broadcasting
+    # along the axes it does not vary on.
+    scale, offset = inference_scale_offset(bn)
+    param = [1] * len(shape)
+    for a, size in zip(axes, scale.shape, strict=True):
+        param[a - 1] = size
+    scale, offset = scale.reshape(param), offset.reshape(param)
+    return _carry(graph, out_key, scale, offset, usage, targets, passed)
+
+
+def _carry(graph, key, scale, offset, usage, targets, passed):
+    """Carries `x * scale + offset` on tensor `key` along every path to linear layers."""
+    if graph.is_output(key):
+        return "its output is an output of the model" + _after(passed)
+    users = graph.consumers(key)
+    if not users:
+        return "its output is not used" + _after(passed)
+    for layer, out_key, n_inputs, kwargs in users:
+        name = repr(layer.name)
+        if n_inputs != 1:
+            return f"{name} takes several inputs"
+        if type(layer) in _FOLDABLE_AFTER:
+            problem, vectors = _into_linear(layer, scale, offset, usage)
+            if problem:
+                return problem
+            targets.append((layer, *vectors))
+            continue
+        problem, carried = _through(
+            layer, scale, offset, graph.shape(key), kwargs
+        )
+        if problem:
+            return problem
+        if out_key is None:
+            return f"{name} has several outputs"
+        passed.append(layer.name)
+        next_scale, next_offset = carried
+        problem = _carry(
+            graph, out_key, next_scale, next_offset, usage, targets, passed
+        )
+        if problem:
+            return problem
+    return None
+
+
+def _a(kind):
+    """ "a ReLU", "an Add": a class name with its article."""
+    name = kind.__name__
+    return f"{'an' if name[0] in 'AEIOU' else 'a'} {name}"
+
+
+def _after(passed):
+    return f" (after {', '.join(map(repr, passed))})" if passed else ""
+
+
+def _into_linear(layer, scale, offset, usage):
+    """`(problem, (scale, offset))`: the map over `layer`'s input channels, or why not."""
+    name = repr(layer.name)
+    if usage[id(layer)] != 1:
+        return f"{name} is called in more than one place", None
+    if not layer.built:
+        return f"{name} is not built", None
+    if getattr(layer, "lora_enabled", False) or getattr(
+        layer, "quantization_mode", None
+    ):
+        return f"{name} is quantized or has LoRA weights", None
+    axis = _feature_channel_axis(layer, scale.ndim)
+    scale_c, offset_c = _per_channel(scale, axis), _per_channel(offset, axis)
+    if scale_c is None or offset_c is None:
+        return (
+            f"{name} takes channels on one axis and the map varies along others",
+            None,
+        )
+    if isinstance(layer, _CONVS) and layer.groups != 1:
+        return (
+            f"{name} is a grouped convolution (groups={layer.groups})",
+            None,
+        )
+    if not isinstance(layer, L.Dense):
+        if layer.padding != "valid" and np.any(offset_c != 0):
             return (
-                f"{name} pads with zeros (padding={consumer.padding!r}), which merging "
-                "the offset would shift"
+                f"{name} pads with zeros (padding={layer.padding!r}), which merging "
+                "the offset would shift",
+                None,
             )
-        if consumer.groups != 1:
-            return f"{name} is a grouped convolution (groups={consumer.groups})"
-    return _axis_problem(consumer, bn, "takes")
+    kernel = (
+        layer.depthwise_kernel
+        if isinstance(layer, _SEPARABLE)
+        else layer.kernel
+    )
+    channels = kernel.shape[-2]
+    if scale_c.size not in (1, channels):
+        return (
+            f"{name} takes {channels} channels, the map has {scale_c.size}",
+            None,
+        )
+    return None, (
+        np.broadcast_to(scale_c, (channels,)),
+        np.broadcast_to(offset_c, (channels,)),
+    )
+
+
+def _through(layer, scale, offset, shape, kwargs):
+    """`(problem, (scale, offset))`: the map after `layer`, where `layer` commutes with it."""
+    name = repr(layer.name)
+    kind = type(layer)
+    if kind is L.ActivityRegularization:
+        # Its penalty is its activity regularizer; without one it is an identity.
+        if not layer.l1 and not layer.l2:
+            return None, (scale, offset)
+        return (
+            f"{name} penalizes its inputs (l1={layer.l1}, l2={layer.l2})",
+            None,
+        )
+    if getattr(layer, "activity_regularizer", None) is not None:
+        return f"{name} has an activity regularizer", None
+    if kwargs.get("training") is True:
+        return f"{name} is called with training=True", None
+    if kind in _IDENTITIES:
+        return None, (scale, offset)
+    if kind is L.Activation:
+        if keras.activations.serialize(layer.activation) == "linear":
+            return None, (scale, offset)
+    elif (
+        kind
+        in _MAX_POOLS
+        + _GLOBAL_MAX_POOLS
+        + _AVERAGE_POOLS
+        + _GLOBAL_AVERAGE_POOLS
+    ):
+        return _through_pooling(layer, scale, offset)
+    elif kind in _SELECTIONS or kind in _ZERO_PADDINGS:
+        if getattr(layer, "interpolation", "nearest") not in (
+            "nearest",
+            "bilinear",
+        ):
+            return f"{name} interpolates with {layer.interpolation!r}", None
+        axis = _feature_channel_axis(layer, scale.ndim)
+        scale_c, offset_c = (
+            _per_channel(scale, axis),
+            _per_channel(offset, axis),
+        )
+        if scale_c is None or offset_c is None:
+            return f"{name} moves values along axes the map varies on", None
+        if kind in _ZERO_PADDINGS and np.any(offset_c != 0):
+            return f"{name} pads with zeros, which the offset would shift", None
+        return None, _along(axis, scale.ndim, scale_c, offset_c)
+    elif kind in (L.Flatten, L.Reshape):
+        if shape is None or None in shape:
+            return f"{name} reshapes inputs of an unknown shape {shape}", None
+        full = [np.broadcast_to(a, shape) for a in (scale, offset)]
+        if kind is L.Flatten:
+            if layer.data_format == "channels_first" and len(shape) > 0:
+                full = [np.moveaxis(a, 0, -1) for a in full]
+            return None, tuple(a.reshape(-1) for a in full)
+        return None, tuple(a.reshape(layer.target_shape) for a in full)
+    elif kind is L.Permute:
+        order = [d - 1 for d in layer.dims]
+        return None, (np.transpose(scale, order), np.transpose(offset, order))
+    elif kind is L.RepeatVector:
+        return None, (scale[None], offset[None])
+    return (
+        f"{name} is {_a(kind)}, which does not commute with x * scale + offset",
+        None,
+    )
+
+
+def _through_pooling(layer, scale, offset):
+    name = repr(layer.name)
+    kind = type(layer)
+    axis = _feature_channel_axis(layer, scale.ndim)
+    scale_c, offset_c = _per_channel(scale, axis), _per_channel(offset, axis)
+    if scale_c is None or offset_c is None:
+        return f"{name} pools along axes the map varies on", None
+    if kind in _MAX_POOLS + _GLOBAL_MAX_POOLS and np.any(scale_c < 0):
+        return (
+            f"{name} takes maxima, and the scale is negative in "
+            f"{int(np.sum(scale_c < 0))} of {scale_c.size} channels (a maximum "
+            "would become a minimum)",
+            None,
+        )
+    if kind in _GLOBAL_MAX_POOLS + _GLOBAL_AVERAGE_POOLS and not layer.keepdims:
+        return None, (scale_c, offset_c)
+    return None, _along(axis, scale.ndim, scale_c, offset_c)
+
+
+def _along(axis, rank, *vectors):
+    """Each vector as an array of `rank` axes that varies along `axis` only."""
+    param = [1] * rank
+    param[axis] = vectors[0].size
+    return tuple(v.reshape(param) for v in vectors)
+
+
+def _per_channel(values, axis):
+    """`values` as a vector along `axis`, or None if it varies along another axis."""
+    moved = np.moveaxis(values, axis, -1)
+    rows = moved.reshape(-1, moved.shape[-1])
+    if np.all(rows == rows[:1]):
+        return rows[0]
+    return None
+
+
+def _feature_channel_axis(layer, rank):
+    """The channel axis of `layer`'s inputs, counted without the batch axis."""
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return 0
+    return rank - 1
 
 
 def _common_problem(layer, bn, usage):
