@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 from typing import TypeAlias
@@ -14,85 +13,19 @@ from keras import initializers
 from keras import ops
 from keras import regularizers
 
+from bnlayers import _checks
+from bnlayers import _fused
 from bnlayers import _geometry
+from bnlayers import _ghost
 from bnlayers import _math
+from bnlayers import _renorm
 from bnlayers import _sync
-
-_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 # What the constructor takes for each, as `keras.initializers.get` and the
 # like do: a name, a config dict, or an instance.
 Initializer: TypeAlias = "str | dict[str, Any] | keras.initializers.Initializer"
 Regularizer: TypeAlias = "str | dict[str, Any] | keras.regularizers.Regularizer"
 Constraint: TypeAlias = "str | dict[str, Any] | keras.constraints.Constraint"
-
-
-def _check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"`{name}` must be a float in [0, 1]. Received: {name}={value!r}"
-        )
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(
-            f"`{name}` must be in [0, 1]. Received: {name}={value!r}"
-        )
-    return float(value)
-
-
-def _check_axis(axis):
-    """An int, or a non-empty list of distinct ints (returned as a list)."""
-    if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
-        return int(axis)
-    if isinstance(axis, (list, tuple)) and axis:
-        if all(
-            isinstance(a, numbers.Integral) and not isinstance(a, bool)
-            for a in axis
-        ):
-            if len(set(int(a) for a in axis)) != len(axis):
-                raise ValueError(
-                    f"`axis` must not repeat an axis. Received: axis={axis!r}"
-                )
-            return [int(a) for a in axis]
-    raise TypeError(
-        "`axis` must be an int or a non-empty list of ints. "
-        f"Received: axis={axis!r}"
-    )
-
-
-def _check_renorm_clipping(renorm_clipping):
-    if renorm_clipping is None:
-        return None
-    if not isinstance(renorm_clipping, dict):
-        raise TypeError(
-            "`renorm_clipping` must be a dict with keys among "
-            f"{list(_RENORM_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
-        )
-    # Each message also carries the built-in layer's phrase ("Received
-    # invalid keys", "rmax should be", "dmax should be non-negative"), so
-    # that code and tests matching the built-in's errors match these.
-    unknown = sorted(
-        set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS), key=repr
-    )
-    if unknown:
-        raise ValueError(
-            f"Unknown keys {unknown} in `renorm_clipping`; the keys are "
-            f"{list(_RENORM_CLIPPING_KEYS)}. Received invalid keys for `renorm_clipping`: "
-            f"renorm_clipping={renorm_clipping!r}"
-        )
-    rmax = renorm_clipping.get("rmax")
-    rmin = renorm_clipping.get("rmin")
-    dmax = renorm_clipping.get("dmax")
-    if rmax is not None and rmin is not None and rmax < rmin:
-        raise ValueError(
-            "`renorm_clipping` needs rmax >= rmin (rmax should be greater than or equal "
-            f"to rmin). Received: renorm_clipping={renorm_clipping!r} (rmax={rmax}, rmin={rmin})"
-        )
-    if dmax is not None and dmax < 0:
-        raise ValueError(
-            "`renorm_clipping` needs dmax >= 0 (dmax should be non-negative). "
-            f"Received: renorm_clipping={renorm_clipping!r} (dmax={dmax})"
-        )
-    return dict(renorm_clipping)
 
 
 def _clone_initializer(initializer):
@@ -319,17 +252,9 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.axis = _check_axis(axis)
-        self.momentum = _check_fraction("momentum", momentum)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-            raise TypeError(
-                f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}"
-            )
-        if not float(epsilon) > 0.0:
-            raise ValueError(
-                f"`epsilon` must be > 0. Received: epsilon={epsilon!r}"
-            )
-        self.epsilon = float(epsilon)
+        self.axis = _checks.axis(axis)
+        self.momentum = _checks.fraction("momentum", momentum)
+        self.epsilon = _checks.epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)
@@ -342,53 +267,20 @@ class BatchNormalization(keras.layers.Layer):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
-
         self.renorm = bool(renorm)
-        self.renorm_clipping = _check_renorm_clipping(renorm_clipping)
+        self.renorm_clipping = _checks.renorm_clipping(renorm_clipping)
         if self.renorm and self.renorm_clipping is None:
             self.renorm_clipping = {}
-        self.renorm_momentum = _check_fraction(
+        self.renorm_momentum = _checks.fraction(
             "renorm_momentum", renorm_momentum
         )
-
-        if synchronized and backend.backend() != "tensorflow":
-            raise ValueError(
-                "`synchronized=True` needs the TensorFlow backend (tf.distribute); "
-                f"the Keras backend is {backend.backend()!r}. "
-                f"Received: synchronized={synchronized!r}"
-            )
-        self.synchronized = bool(synchronized)
-
-        if virtual_batch_size is not None:
-            if (
-                isinstance(virtual_batch_size, bool)
-                or not isinstance(virtual_batch_size, numbers.Integral)
-                or virtual_batch_size < 1
-            ):
-                raise ValueError(
-                    "`virtual_batch_size` must be None or a positive int. "
-                    f"Received: virtual_batch_size={virtual_batch_size!r}"
-                )
-            virtual_batch_size = int(virtual_batch_size)
-            if self.renorm:
-                raise ValueError(
-                    "`virtual_batch_size` cannot be combined with `renorm=True`. "
-                    f"Received: virtual_batch_size={virtual_batch_size}, renorm=True"
-                )
-            if self.synchronized:
-                raise ValueError(
-                    "`virtual_batch_size` cannot be combined with `synchronized=True`: "
-                    "ghost batches are per-replica by definition. "
-                    f"Received: virtual_batch_size={virtual_batch_size}, synchronized=True"
-                )
-        self.virtual_batch_size = virtual_batch_size
-
-        if fused not in (None, True, False):
-            raise ValueError(
-                f"`fused` must be None, True or False. Received: fused={fused!r}"
-            )
-        self.fused = fused
-
+        self.synchronized = _checks.synchronized(
+            synchronized, backend.backend()
+        )
+        self.virtual_batch_size = _checks.virtual_batch_size(
+            virtual_batch_size, self.renorm, self.synchronized
+        )
+        self.fused = _checks.fused(fused)
         self.supports_masking = True
         # Variables once built (`build`); None before.
         self.gamma: Any = None
@@ -497,24 +389,24 @@ class BatchNormalization(keras.layers.Layer):
             inputs = ops.cast(
                 inputs, _math.statistics_dtype(self.compute_dtype)
             )
-        weights = _geometry.expand_mask(
+        mask = _geometry.expand_mask(
             mask, len(inputs.shape), self._feature_axes, inputs.shape
         )
-        return inputs, weights
+        return inputs, mask
 
     def call(
         self, inputs: Any, training: bool | None = None, mask: Any = None
     ) -> Any:
-        inputs, weights = self._prepare_call_inputs(inputs, mask)
+        # From here on `mask` broadcasts against the inputs.
+        inputs, mask = self._prepare_call_inputs(inputs, mask)
         use_batch_statistics = bool(training) and self.trainable
 
-        fast = self._fast_path(inputs, weights)
+        fast = self._fast_path(inputs, mask)
         if fast is not None:
             return self._fast_call(inputs, use_batch_statistics, fast)
 
-        ndim = len(inputs.shape)
         param_shape = _geometry.param_shape(
-            self._feature_axes, ndim, self.moving_mean.shape
+            self._feature_axes, len(inputs.shape), self.moving_mean.shape
         )
         stats_dtype = _math.statistics_dtype(inputs.dtype)
         x = ops.cast(inputs, stats_dtype)
@@ -535,31 +427,53 @@ class BatchNormalization(keras.layers.Layer):
                 self.epsilon,
             )
         elif self.virtual_batch_size is not None:
-            outputs = self._ghost_batch_call(x, weights, gamma, beta)
+            outputs, count, mean, var = _ghost.normalize(
+                x,
+                mask,
+                self.virtual_batch_size,
+                self._reduction_axes,
+                gamma,
+                beta,
+                self.epsilon,
+            )
+            self._update_moving(
+                count,
+                (self.moving_mean, mean, self.momentum),
+                (self.moving_variance, var, self.momentum),
+            )
         else:
             replicas = _sync.replica_context() if self.synchronized else None
             if replicas is None:
                 count, shift, residual, m2 = _math.shifted_moments(
-                    x, self._reduction_axes, weights
+                    x, self._reduction_axes, mask
                 )
             else:
                 count, shift, residual, m2 = _sync.cross_replica_moments(
-                    replicas, x, self._reduction_axes, weights
+                    replicas, x, self._reduction_axes, mask
                 )
             mean = shift + residual
-            # The residual is the part of the mean a float32 shift cannot
-            # hold; subtracting the two in turn keeps it (see _math).
-            centred, offset = x - shift, residual
             var = _math.variance(count, m2)
             if self.renorm:
-                gamma, beta = self._renorm_transform(
-                    mean, var, gamma, beta, param_shape
+                r, d = _renorm.correction(
+                    mean,
+                    var,
+                    per_feature(self.renorm_mean),
+                    per_feature(self.renorm_stddev),
+                    self.epsilon,
+                    self.renorm_clipping or {},
                 )
+                gamma, beta = _renorm.fold(r, d, gamma, beta)
                 self._update_renorm_statistics(count, mean, var)
             else:
-                self._update_moving_statistics(count, mean, var)
+                self._update_moving(
+                    count,
+                    (self.moving_mean, mean, self.momentum),
+                    (self.moving_variance, var, self.momentum),
+                )
+            # The residual is the part of the mean a float32 shift cannot
+            # hold; subtracting the two in turn keeps it (see _math).
             outputs = _math.normalize(
-                centred, offset, var, gamma, beta, self.epsilon
+                x - shift, residual, var, gamma, beta, self.epsilon
             )
         return ops.cast(outputs, self.compute_dtype)
 
@@ -567,8 +481,6 @@ class BatchNormalization(keras.layers.Layer):
         """The fast path's implementation for this call (see `_fused`), or None."""
         if self.fused is False:
             return None
-        from bnlayers import _fused
-
         implementation = _fused.implementation()
         reason = _fused.ineligibility(
             self, inputs, mask, self._feature_axes, implementation
@@ -583,8 +495,6 @@ class BatchNormalization(keras.layers.Layer):
         return None
 
     def _fast_call(self, inputs, use_batch_statistics, implementation):
-        from bnlayers import _fused
-
         args = dict(
             x=inputs,
             gamma=self.gamma if self.scale else None,
@@ -601,169 +511,75 @@ class BatchNormalization(keras.layers.Layer):
         outputs, new_mean, new_var = _fused.training(
             momentum=self.momentum, **args
         )
-        for variable, value in (
-            (self.moving_mean, new_mean),
-            (self.moving_variance, new_var),
-        ):
+        self._update_moving(
+            None,
+            (self.moving_mean, new_mean, None),
+            (self.moving_variance, new_var, None),
+        )
+        return outputs
+
+    # ------------------------------------------------------- moving statistics
+
+    def _update_moving(self, count, *updates):
+        """The one update of the moving statistics, for every path.
+
+        Each update is `(variable, value, momentum)`: with a momentum,
+        `value` is a batch statistic, averaged into the variable by the
+        Keras rule (`_math.moving_average`); with None, `value` is the new
+        moving value itself, as the fused fast path computes it in its own
+        fused loops (with the layer's `momentum`). `count` is the number of
+        elements each feature's statistic was taken over, or None where
+        the caller has applied this rule itself: where it is 0 (a fully
+        masked or empty batch) the variable keeps its value rather than
+        decay towards zero.
+
+        A per-step momentum (a zero-debiased average, (1 - m) / (1 - m**t)
+        at step t, or a cumulative one, 1 / t) belongs here: every path's
+        average is taken here or, on the fast path, with the momentum it
+        is handed.
+
+        Returns the averaged values (before the `count` rule), for
+        statistics derived from them.
+        """
+        counted = None
+        averaged = []
+        for variable, value, momentum in updates:
+            if tuple(value.shape) != tuple(variable.shape):
+                value = ops.reshape(value, variable.shape)
+            if momentum is not None or count is not None:
+                current = ops.cast(variable, value.dtype)
+            if momentum is not None:
+                value = _math.moving_average(current, value, momentum)
+            averaged.append(value)
+            if count is not None:
+                if counted is None:
+                    # Counts are per feature on every path.
+                    counted = ops.reshape(count > 0, variable.shape)
+                value = ops.where(counted, value, current)
             # (A cast of the same dtype still costs a Keras op per call.)
             if backend.standardize_dtype(value.dtype) != variable.dtype:
                 value = ops.cast(value, variable.dtype)
             variable.assign(value)
-        return outputs
-
-    def _ghost_batch_call(self, x, weights, gamma, beta):
-        """Training step with the batch split into ghost batches.
-
-        The batch axis is padded up to a multiple of `virtual_batch_size`
-        and the padding masked out, so a batch that is not a multiple ends
-        with one smaller ghost batch and the same code serves both cases.
-        """
-        size = self.virtual_batch_size
-        shape = ops.shape(x)
-        batch = shape[0]
-        pad = (-batch) % size
-        keep = ops.reshape(
-            ops.ones(shape[:1], dtype="bool"), [-1] + [1] * (len(x.shape) - 1)
-        )
-        if weights is not None:
-            keep = ops.logical_and(keep, ops.cast(weights, "bool"))
-        keep = ops.broadcast_to(keep, shape)
-        padding = [(0, pad)] + [(0, 0)] * (len(x.shape) - 1)
-        x_padded = ops.pad(x, padding)
-        keep_padded = ops.pad(keep, padding, constant_values=False)
-
-        groups = (batch + pad) // size
-        grouped_shape = [groups, size] + list(shape[1:])
-        xg = ops.reshape(x_padded, grouped_shape)
-        kg = ops.reshape(keep_padded, grouped_shape)
-        # Axis 0 of the inputs became axes 0 (groups) and 1 (within a group).
-        group_axes = [1] + [a + 1 for a in self._reduction_axes if a != 0]
-        count, shift, residual, m2 = _math.shifted_moments(xg, group_axes, kg)
-        mean = shift + residual
-
-        def expand(t):
-            return None if t is None else ops.expand_dims(t, 0)
-
-        var = _math.variance(count, m2)
-        yg = _math.normalize(
-            xg - shift, residual, var, expand(gamma), expand(beta), self.epsilon
-        )
-        outputs = ops.reshape(yg, [groups * size] + list(shape[1:]))[:batch]
-
-        total, merged_mean, _ = _math.merge_moments(count, mean, m2, axis=0)
-        pooled_var = ops.sum(m2, axis=0, keepdims=True) / ops.maximum(
-            total, 1.0
-        )
-        self._update_moving_statistics(total, merged_mean, pooled_var)
-        return outputs
-
-    def _assign_counted(self, variable, value, counted):
-        """Assign `value` to `variable`, except for features where nothing counted.
-
-        A fully masked batch has no statistics; the moving averages keep
-        what they had rather than decay towards zero.
-        """
-        value = ops.reshape(value, variable.shape)
-        current = ops.cast(variable, value.dtype)
-        variable.assign(
-            ops.cast(ops.where(counted, value, current), variable.dtype)
-        )
-
-    def _counted(self, count, like):
-        """Per-feature boolean, True where at least one element counted."""
-        counted = ops.broadcast_to(
-            ops.cast(count, like.dtype) > 0, ops.shape(like)
-        )
-        return ops.reshape(counted, self.moving_mean.shape)
-
-    def _update_moving_statistics(self, count, mean, var):
-        counted = self._counted(count, mean)
-        for variable, value in (
-            (self.moving_mean, mean),
-            (self.moving_variance, var),
-        ):
-            current = ops.reshape(
-                ops.cast(variable, value.dtype), ops.shape(value)
-            )
-            self._assign_counted(
-                variable,
-                _math.moving_average(current, value, self.momentum),
-                counted,
-            )
-
-    # ----------------------------------------------------------------- renorm
-
-    def _renorm_transform(self, mean, var, gamma, beta, param_shape):
-        """Fold the renorm correction (r, d) into gamma and beta.
-
-        With x_hat the batch-normalized input, renorm outputs
-        `(x_hat * r + d) * gamma + beta`, i.e. a scale of `r * gamma` and an
-        offset of `d * gamma + beta`; r and d carry no gradient.
-        """
-        dtype = mean.dtype
-        stddev = ops.sqrt(var + self.epsilon)
-        renorm_mean = ops.reshape(
-            ops.cast(self.renorm_mean, dtype), param_shape
-        )
-        renorm_stddev = ops.reshape(
-            ops.cast(self.renorm_stddev, dtype), param_shape
-        )
-        # Keep the divisor away from zero early in training.
-        renorm_stddev = ops.maximum(
-            renorm_stddev, ops.sqrt(ops.cast(self.epsilon, dtype))
-        )
-        r = stddev / renorm_stddev
-        d = (mean - renorm_mean) / renorm_stddev
-        clipping = self.renorm_clipping or {}
-        if clipping.get("rmin") is not None:
-            r = ops.maximum(r, clipping["rmin"])
-        if clipping.get("rmax") is not None:
-            r = ops.minimum(r, clipping["rmax"])
-        if clipping.get("dmax") is not None:
-            d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
-        r = ops.stop_gradient(r)
-        d = ops.stop_gradient(d)
-        if gamma is None:
-            scale, offset = r, d
-        else:
-            scale, offset = r * gamma, d * gamma
-        if beta is not None:
-            offset = offset + beta
-        return scale, offset
+        return averaged
 
     def _update_renorm_statistics(self, count, mean, var):
-        counted = self._counted(count, mean)
-        shape = self.moving_mean.shape
-        mean = ops.reshape(mean, shape)
-        stddev = ops.reshape(ops.sqrt(var + self.epsilon), shape)
-
-        def ema(variable, value, momentum):
-            current = ops.cast(variable, value.dtype)
-            return _math.moving_average(current, value, momentum)
-
-        self._assign_counted(
-            self.renorm_mean,
-            ema(self.renorm_mean, mean, self.renorm_momentum),
-            counted,
+        """Renorm's statistics: means and standard deviations, each at its momentum."""
+        stddev = _renorm.stddev(var, self.epsilon)
+        *_, moving_stddev = self._update_moving(
+            count,
+            (self.renorm_mean, mean, self.renorm_momentum),
+            (self.renorm_stddev, stddev, self.renorm_momentum),
+            (self.moving_mean, mean, self.momentum),
+            (self.moving_stddev, stddev, self.momentum),
         )
-        self._assign_counted(
-            self.renorm_stddev,
-            ema(self.renorm_stddev, stddev, self.renorm_momentum),
-            counted,
-        )
-        self._assign_counted(
-            self.moving_mean,
-            ema(self.moving_mean, mean, self.momentum),
-            counted,
-        )
-        new_stddev = ema(self.moving_stddev, stddev, self.momentum)
-        self._assign_counted(self.moving_stddev, new_stddev, counted)
-        # The inference variance follows the moving stddev; the ReLU guards
-        # against rounding taking it below zero.
-        self._assign_counted(
-            self.moving_variance,
-            ops.relu(new_stddev * new_stddev - self.epsilon),
-            counted,
+        # The inference variance follows the moving stddev.
+        self._update_moving(
+            count,
+            (
+                self.moving_variance,
+                _renorm.variance(moving_stddev, self.epsilon),
+                None,
+            ),
         )
 
     # ----------------------------------------------------------------- config
