@@ -35,6 +35,31 @@ def _clone_initializer(initializer):
     return initializer
 
 
+def _stddev_initializer(variance_initializer):
+    """Renorm's standard deviations start at the square root of the variance's start, as Keras'."""
+
+    def initializer(shape, dtype=None):
+        variance = _clone_initializer(variance_initializer)
+        return ops.sqrt(variance(shape, dtype=dtype))
+
+    return initializer
+
+
+# `get_config`'s keys, in the order the built-in writes its own, and how
+# the arguments that Keras resolves to objects are written.
+_CONFIG_KEYS = (
+    "axis momentum epsilon center scale beta_initializer gamma_initializer "
+    "moving_mean_initializer moving_variance_initializer beta_regularizer "
+    "gamma_regularizer beta_constraint gamma_constraint synchronized renorm "
+    "renorm_clipping renorm_momentum virtual_batch_size fused"
+).split()
+_SERIALIZERS = {
+    "initializer": initializers.serialize,
+    "regularizer": regularizers.serialize,
+    "constraint": constraints.serialize,
+}
+
+
 @keras.saving.register_keras_serializable(package="bnlayers")
 class BatchNormalization(keras.layers.Layer):
     """Normalizes each feature with batch statistics in training, moving ones at inference.
@@ -122,47 +147,22 @@ class BatchNormalization(keras.layers.Layer):
         virtual_batch_size: None (default) or a positive int. In training,
             the batch is split into consecutive "ghost" batches of this many
             examples, each normalized with its own statistics (Hoffer et
-            al., 2017). A batch that is not a multiple ends with one smaller
-            ghost batch rather than raising: the last batch of an epoch in
-            `fit()` is usually short, and tf-keras, whose reshape needed a
-            multiple (at inference too), failed there.
-            Its examples are normalized with the statistics of fewer
-            examples (with rank-2 inputs a last ghost batch of one example
-            outputs `beta`, as any batch of one does); a batch size that is
-            a multiple, or `drop_remainder=True`, avoids that. The moving mean is updated with
+            al., 2017); a batch that is not a multiple ends with one smaller
+            ghost batch rather than raising. The moving mean is updated with
             the mean over all ghost batches and the moving variance with
-            their pooled (count-weighted) within-batch variance, i.e. the
-            variance the ghost batches were normalized with. At inference
-            ghost batches play no part, so any batch size works. Cannot be
-            combined with `renorm` or `synchronized`.
+            their pooled (count-weighted) within-batch variance. At
+            inference ghost batches play no part, so any batch size works.
+            Cannot be combined with `renorm` or `synchronized`. More in
+            [Ghost batches](distributed.md#ghost-batches-virtual_batch_size).
         fused: None (default: take the fused fast path whenever it is
             eligible), True (require it; raise if it is not eligible), or
             False (always use the reference `keras.ops` path). The fast
-            path computes the same thing in a few fused loops. On
-            TensorFlow: on a GPU with TensorFlow's fused batch-norm kernel
-            (cuDNN); under `jit_compile=True` with the arithmetic compiled
-            by XLA; off a GPU, in a `tf.function` (Keras' `fit`,
-            `evaluate`, `predict`) with the same fused kernel for features
-            on the last axis in float16, bfloat16 or float32 (in
-            inference up to 2**20 elements), the arithmetic compiled by
-            XLA otherwise, and as plain TensorFlow ops for tensors of
-            fewer than 2**17 elements and in eager calls (whatever
-            measured fastest). On JAX: the arithmetic in `jax.numpy`
-            with a hand-written backward, compiled by XLA, under `jax.jit`
-            and eagerly alike. On PyTorch: a few native kernels per call
-            (statistics by pairwise sums on values shifted by one sample,
-            normalizing by a couple of elementwise passes, the backward by
-            PyTorch's batch-norm kernel) in place of the reference path's
-            chain of small eager operations. It is eligible on every one of
-            the three backends with a single feature axis, no mask, no
-            `renorm`, no `virtual_batch_size` and no `synchronized` strategy
-            of several replicas;
-            `bnlayers.fused_eligibility(layer, inputs)` gives the reason
-            when it is not. On TensorFlow off a GPU, inference in a graph
-            traced by an exporter (`model.export` for SavedModel, LiteRT
-            and ONNX, `tf.saved_model.save`, TensorFlow's LiteRT converter,
-            tf2onnx) is written as plain TensorFlow ops, which converters
-            know.
+            path computes the same thing in a few fused operations on each
+            backend; inference in a graph traced by an exporter is written
+            as plain TensorFlow ops, which converters know.
+            `bnlayers.fused_eligibility(layer, inputs)` says why a call
+            would not take it. What runs on each backend, and when:
+            [The fused fast path](performance.md#the-fused-fast-path).
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:
@@ -302,70 +302,47 @@ class BatchNormalization(keras.layers.Layer):
         )
         shape = tuple(input_shape[a] for a in self._feature_axes)
 
-        if self.scale:
-            self.gamma = self.add_weight(
+        def weight(name, initializer, trainable=False, **kwargs):
+            return self.add_weight(
                 shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
+                name=name,
+                initializer=initializer,
+                trainable=trainable,
+                autocast=False,
+                **kwargs,
+            )
+
+        # In the built-in's order, which `get_weights` and files follow.
+        if self.scale:
+            self.gamma = weight(
+                "gamma",
+                self.gamma_initializer,
+                trainable=True,
                 regularizer=self.gamma_regularizer,
                 constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
             )
         if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
+            self.beta = weight(
+                "beta",
+                self.beta_initializer,
+                trainable=True,
                 regularizer=self.beta_regularizer,
                 constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
             )
-        self.moving_mean = self.add_weight(
-            shape=shape,
-            name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape,
-            name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            trainable=False,
-            autocast=False,
+        self.moving_mean = weight("moving_mean", self.moving_mean_initializer)
+        self.moving_variance = weight(
+            "moving_variance", self.moving_variance_initializer
         )
         if self.renorm:
-            # Renorm tracks standard deviations, started at the square root
-            # of what the variance initializer gives (as Keras does).
-            def stddev_initializer(shape, dtype=None):
-                variance_init = _clone_initializer(
-                    self.moving_variance_initializer
-                )
-                return ops.sqrt(variance_init(shape, dtype=dtype))
-
-            self.moving_stddev = self.add_weight(
-                shape=shape,
-                name="moving_stddev",
-                initializer=stddev_initializer,
-                trainable=False,
-                autocast=False,
+            stddev_initializer = _stddev_initializer(
+                self.moving_variance_initializer
             )
-            self.renorm_mean = self.add_weight(
-                shape=shape,
-                name="renorm_mean",
-                initializer=_clone_initializer(self.moving_mean_initializer),
-                trainable=False,
-                autocast=False,
+            self.moving_stddev = weight("moving_stddev", stddev_initializer)
+            self.renorm_mean = weight(
+                "renorm_mean",
+                _clone_initializer(self.moving_mean_initializer),
             )
-            self.renorm_stddev = self.add_weight(
-                shape=shape,
-                name="renorm_stddev",
-                initializer=stddev_initializer,
-                trainable=False,
-                autocast=False,
-            )
+            self.renorm_stddev = weight("renorm_stddev", stddev_initializer)
         self.input_spec = keras.layers.InputSpec(
             ndim=ndim, axes={a: input_shape[a] for a in self._feature_axes}
         )
@@ -586,41 +563,8 @@ class BatchNormalization(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update(
-            {
-                "axis": self.axis,
-                "momentum": self.momentum,
-                "epsilon": self.epsilon,
-                "center": self.center,
-                "scale": self.scale,
-                "beta_initializer": initializers.serialize(
-                    self.beta_initializer
-                ),
-                "gamma_initializer": initializers.serialize(
-                    self.gamma_initializer
-                ),
-                "moving_mean_initializer": initializers.serialize(
-                    self.moving_mean_initializer
-                ),
-                "moving_variance_initializer": initializers.serialize(
-                    self.moving_variance_initializer
-                ),
-                "beta_regularizer": regularizers.serialize(
-                    self.beta_regularizer
-                ),
-                "gamma_regularizer": regularizers.serialize(
-                    self.gamma_regularizer
-                ),
-                "beta_constraint": constraints.serialize(self.beta_constraint),
-                "gamma_constraint": constraints.serialize(
-                    self.gamma_constraint
-                ),
-                "synchronized": self.synchronized,
-                "renorm": self.renorm,
-                "renorm_clipping": self.renorm_clipping,
-                "renorm_momentum": self.renorm_momentum,
-                "virtual_batch_size": self.virtual_batch_size,
-                "fused": self.fused,
-            }
-        )
+        for name in _CONFIG_KEYS:
+            serialize = _SERIALIZERS.get(name.rsplit("_", 1)[-1])
+            value = getattr(self, name)
+            config[name] = value if serialize is None else serialize(value)
         return config
