@@ -65,10 +65,10 @@ def epsilon(value):
     return float(value)
 
 
-def renorm_clipping(value):
-    """None, or a copy of a dict with keys among `RENORM_CLIPPING_KEYS`."""
+def renorm_clipping(value, renorm):
+    """A copy of a dict with keys among `RENORM_CLIPPING_KEYS`; None as {} with `renorm`."""
     if value is None:
-        return None
+        return {} if renorm else None
     keys = list(RENORM_CLIPPING_KEYS)
     if not isinstance(value, dict):
         raise TypeError(

@@ -1,12 +1,14 @@
-"""Batch renormalization (Ioffe, 2017) as pure functions over `keras.ops`.
+"""Batch renormalization (Ioffe, 2017): pure functions over `keras.ops`.
 
 In training the batch-normalized values ``x_hat`` are corrected to
 ``x_hat * r + d``, with ``r = stddev / renorm_stddev`` and ``d = (mean -
 renorm_mean) / renorm_stddev`` taken from moving statistics, clipped, and
 carrying no gradient. The layer tracks standard deviations rather than
 variances for renorm; the inference variance follows the moving stddev.
+The initializers of those weights are here too.
 """
 
+from keras import initializers
 from keras import ops
 
 
@@ -58,3 +60,20 @@ def variance(stddev, epsilon):
     The ReLU guards against rounding taking it below zero.
     """
     return ops.relu(stddev * stddev - epsilon)
+
+
+def clone_initializer(initializer):
+    """A fresh copy, so a seeded initializer used twice draws the same values."""
+    if isinstance(initializer, initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer
+
+
+def stddev_initializer(variance_initializer):
+    """Renorm's standard deviations start at the square root of the variance's start, as Keras'."""
+
+    def initializer(shape, dtype=None):
+        variance = clone_initializer(variance_initializer)
+        return ops.sqrt(variance(shape, dtype=dtype))
+
+    return initializer

@@ -28,23 +28,6 @@ Regularizer: TypeAlias = "str | dict[str, Any] | keras.regularizers.Regularizer"
 Constraint: TypeAlias = "str | dict[str, Any] | keras.constraints.Constraint"
 
 
-def _clone_initializer(initializer):
-    """A fresh copy, so a seeded initializer used twice draws the same values."""
-    if isinstance(initializer, initializers.Initializer):
-        return initializer.__class__.from_config(initializer.get_config())
-    return initializer
-
-
-def _stddev_initializer(variance_initializer):
-    """Renorm's standard deviations start at the square root of the variance's start, as Keras'."""
-
-    def initializer(shape, dtype=None):
-        variance = _clone_initializer(variance_initializer)
-        return ops.sqrt(variance(shape, dtype=dtype))
-
-    return initializer
-
-
 # `get_config`'s keys, in the order the built-in writes its own, and how
 # the arguments that Keras resolves to objects are written.
 _CONFIG_KEYS = (
@@ -64,14 +47,12 @@ _SERIALIZERS = {
 class BatchNormalization(keras.layers.Layer):
     """Normalizes each feature with batch statistics in training, moving ones at inference.
 
-    A from-scratch implementation of Batch Normalization (Ioffe & Szegedy,
-    2015) that is interchangeable with `keras.layers.BatchNormalization`:
-    the same constructor, the same weights (names, shapes, order), the same
-    training and inference behaviour, and `.weights.h5` files that load
-    either way. On top of that it adds a fused fast path on TensorFlow, JAX
-    and PyTorch, ghost batches (`virtual_batch_size`), cross-replica
-    statistics that stay exact whatever the mean of the data, and a list of
-    feature axes.
+    A from-scratch Batch Normalization (Ioffe & Szegedy, 2015),
+    interchangeable with `keras.layers.BatchNormalization`: the same
+    constructor, weights (names, shapes, order), training and inference
+    behaviour, and `.weights.h5` files that load either way; and a fused
+    fast path on TensorFlow, JAX and PyTorch, ghost batches, cross-replica
+    statistics exact whatever the mean of the data, and lists of axes.
 
     **In training** (`fit()`, or calling the layer with `training=True`),
     each feature (each index along `axis`) is normalized with the mean and
@@ -85,10 +66,9 @@ class BatchNormalization(keras.layers.Layer):
         moving_variance = moving_variance * momentum + var(x) * (1 - momentum)
 
     `var` is the biased (population) variance. Both statistics are taken
-    on the inputs shifted by one of their own values per feature, and the
-    normalization subtracts the shift first, so they stay exact to float32
-    rounding whatever the mean of the data (e.g. mean 1e6, standard
-    deviation 1), on every path.
+    on inputs shifted by one of their own values per feature, so they stay
+    exact to float32 rounding whatever the mean of the data, on every path
+    ([Accuracy](accuracy.md)).
 
     **At inference** (`evaluate()`, `predict()`, `training=False` or
     `None`), the moving statistics take the place of the batch ones and
@@ -96,13 +76,10 @@ class BatchNormalization(keras.layers.Layer):
 
         y = gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta
 
-    **`trainable = False` means inference mode.** As with Keras' own layer,
-    setting `layer.trainable = False` (directly, or on a model that contains
-    the layer) freezes gamma and beta *and* makes the layer normalize with
-    its moving statistics even when called with `training=True`; the moving
-    statistics are then never updated. This is what fine-tuning wants. If
-    the model was already compiled, compile it again for the change to take
-    effect.
+    **`trainable = False` means inference mode**, as with Keras' own layer:
+    it freezes gamma and beta *and* makes the layer normalize with its
+    moving statistics, never updated, even with `training=True`, as
+    fine-tuning wants. Compile a compiled model again for it to take effect.
 
     Statistics are computed in float32 for float16 and bfloat16 inputs (and
     under the `mixed_float16` / `mixed_bfloat16` policies), so large values
@@ -148,10 +125,8 @@ class BatchNormalization(keras.layers.Layer):
             the batch is split into consecutive "ghost" batches of this many
             examples, each normalized with its own statistics (Hoffer et
             al., 2017); a batch that is not a multiple ends with one smaller
-            ghost batch rather than raising. The moving mean is updated with
-            the mean over all ghost batches and the moving variance with
-            their pooled (count-weighted) within-batch variance. At
-            inference ghost batches play no part, so any batch size works.
+            ghost batch rather than raising. At inference ghost batches play
+            no part, so any batch size works.
             Cannot be combined with `renorm` or `synchronized`. More in
             [Ghost batches](distributed.md#ghost-batches-virtual_batch_size).
         fused: None (default: take the fused fast path whenever it is
@@ -207,27 +182,6 @@ class BatchNormalization(keras.layers.Layer):
     ```
     """
 
-    # The configuration, as `__init__` resolves it.
-    axis: int | list[int]
-    momentum: float
-    epsilon: float
-    center: bool
-    scale: bool
-    beta_initializer: Any
-    gamma_initializer: Any
-    moving_mean_initializer: Any
-    moving_variance_initializer: Any
-    beta_regularizer: Any
-    gamma_regularizer: Any
-    beta_constraint: Any
-    gamma_constraint: Any
-    renorm: bool
-    renorm_clipping: dict[str, float] | None
-    renorm_momentum: float
-    synchronized: bool
-    virtual_batch_size: int | None
-    fused: bool | None
-
     def __init__(
         self,
         axis: int | Sequence[int] = -1,
@@ -268,9 +222,9 @@ class BatchNormalization(keras.layers.Layer):
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.renorm = bool(renorm)
-        self.renorm_clipping = _checks.renorm_clipping(renorm_clipping)
-        if self.renorm and self.renorm_clipping is None:
-            self.renorm_clipping = {}
+        self.renorm_clipping = _checks.renorm_clipping(
+            renorm_clipping, self.renorm
+        )
         self.renorm_momentum = _checks.fraction(
             "renorm_momentum", renorm_momentum
         )
@@ -334,13 +288,13 @@ class BatchNormalization(keras.layers.Layer):
             "moving_variance", self.moving_variance_initializer
         )
         if self.renorm:
-            stddev_initializer = _stddev_initializer(
+            stddev_initializer = _renorm.stddev_initializer(
                 self.moving_variance_initializer
             )
             self.moving_stddev = weight("moving_stddev", stddev_initializer)
             self.renorm_mean = weight(
                 "renorm_mean",
-                _clone_initializer(self.moving_mean_initializer),
+                _renorm.clone_initializer(self.moving_mean_initializer),
             )
             self.renorm_stddev = weight("renorm_stddev", stddev_initializer)
         self.input_spec = keras.layers.InputSpec(
@@ -382,28 +336,30 @@ class BatchNormalization(keras.layers.Layer):
         if fast is not None:
             return self._fast_call(inputs, use_batch_statistics, fast)
 
-        param_shape = _geometry.param_shape(
-            self._feature_axes, len(inputs.shape), self.moving_mean.shape
-        )
-        stats_dtype = _math.statistics_dtype(inputs.dtype)
-        x = ops.cast(inputs, stats_dtype)
-
-        def per_feature(variable):
-            return ops.reshape(ops.cast(variable, stats_dtype), param_shape)
-
-        gamma = per_feature(self.gamma) if self.scale else None
-        beta = per_feature(self.beta) if self.center else None
-
-        if not use_batch_statistics:
-            outputs = _math.normalize(
-                x,
-                per_feature(self.moving_mean),
-                per_feature(self.moving_variance),
-                gamma,
-                beta,
-                self.epsilon,
+        x = ops.cast(inputs, _math.statistics_dtype(inputs.dtype))
+        if use_batch_statistics:
+            outputs = self._training_call(x, mask)
+        else:
+            mean, var, gamma, beta = self._per_feature(
+                x, self.moving_mean, self.moving_variance, self.gamma, self.beta
             )
-        elif self.virtual_batch_size is not None:
+            outputs = _math.normalize(x, mean, var, gamma, beta, self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _per_feature(self, x, *variables):
+        """Each variable (or None) in the dtype of `x`, shaped to broadcast against it."""
+        shape = _geometry.param_shape(
+            self._feature_axes, len(x.shape), self.moving_mean.shape
+        )
+        return [
+            None if v is None else ops.reshape(ops.cast(v, x.dtype), shape)
+            for v in variables
+        ]
+
+    def _training_call(self, x, mask):
+        """Normalize `x` with batch statistics; update the moving ones."""
+        gamma, beta = self._per_feature(x, self.gamma, self.beta)
+        if self.virtual_batch_size is not None:
             outputs, count, mean, var = _ghost.normalize(
                 x,
                 mask,
@@ -412,11 +368,6 @@ class BatchNormalization(keras.layers.Layer):
                 gamma,
                 beta,
                 self.epsilon,
-            )
-            self._update_moving(
-                count,
-                (self.moving_mean, mean, self.momentum),
-                (self.moving_variance, var, self.momentum),
             )
         else:
             replicas = _sync.replica_context() if self.synchronized else None
@@ -431,28 +382,33 @@ class BatchNormalization(keras.layers.Layer):
             mean = shift + residual
             var = _math.variance(count, m2)
             if self.renorm:
+                # Read before `_update_renorm_statistics` assigns them.
+                renorm_mean, renorm_stddev = self._per_feature(
+                    x, self.renorm_mean, self.renorm_stddev
+                )
                 r, d = _renorm.correction(
                     mean,
                     var,
-                    per_feature(self.renorm_mean),
-                    per_feature(self.renorm_stddev),
+                    renorm_mean,
+                    renorm_stddev,
                     self.epsilon,
-                    self.renorm_clipping or {},
+                    self.renorm_clipping,
                 )
                 gamma, beta = _renorm.fold(r, d, gamma, beta)
-                self._update_renorm_statistics(count, mean, var)
-            else:
-                self._update_moving(
-                    count,
-                    (self.moving_mean, mean, self.momentum),
-                    (self.moving_variance, var, self.momentum),
-                )
             # The residual is the part of the mean a float32 shift cannot
             # hold; subtracting the two in turn keeps it (see _math).
             outputs = _math.normalize(
                 x - shift, residual, var, gamma, beta, self.epsilon
             )
-        return ops.cast(outputs, self.compute_dtype)
+        if self.renorm:
+            self._update_renorm_statistics(count, mean, var)
+        else:
+            self._update_moving(
+                count,
+                (self.moving_mean, mean, self.momentum),
+                (self.moving_variance, var, self.momentum),
+            )
+        return outputs
 
     def _fast_path(self, inputs, mask):
         """The fast path's implementation for this call (see `_fused`), or None."""
@@ -500,23 +456,15 @@ class BatchNormalization(keras.layers.Layer):
     def _update_moving(self, count, *updates):
         """The one update of the moving statistics, for every path.
 
-        Each update is `(variable, value, momentum)`: with a momentum,
-        `value` is a batch statistic, averaged into the variable by the
-        Keras rule (`_math.moving_average`); with None, `value` is the new
-        moving value itself, as the fused fast path computes it in its own
-        fused loops (with the layer's `momentum`). `count` is the number of
-        elements each feature's statistic was taken over, or None where
-        the caller has applied this rule itself: where it is 0 (a fully
-        masked or empty batch) the variable keeps its value rather than
-        decay towards zero.
-
-        A per-step momentum (a zero-debiased average, (1 - m) / (1 - m**t)
-        at step t, or a cumulative one, 1 / t) belongs here: every path's
-        average is taken here or, on the fast path, with the momentum it
-        is handed.
-
-        Returns the averaged values (before the `count` rule), for
-        statistics derived from them.
+        Each update is `(variable, value, momentum)`: `value` is a batch
+        statistic, averaged in by the Keras rule (`_math.moving_average`),
+        or with momentum None the new moving value itself, as the fast
+        path's fused loops average it with `self.momentum`. Where `count`
+        (per feature) is 0, a fully masked or empty batch, the variable
+        keeps its value; None: the caller applied that rule. A per-step
+        momentum (zero-debiased, (1 - m) / (1 - m**t) at step t; cumulative,
+        1 / t) goes here, and into the momentum the fast path is handed.
+        Returns the averaged values, before the `count` rule.
         """
         counted = None
         averaged = []
@@ -550,14 +498,8 @@ class BatchNormalization(keras.layers.Layer):
             (self.moving_stddev, stddev, self.momentum),
         )
         # The inference variance follows the moving stddev.
-        self._update_moving(
-            count,
-            (
-                self.moving_variance,
-                _renorm.variance(moving_stddev, self.epsilon),
-                None,
-            ),
-        )
+        variance = _renorm.variance(moving_stddev, self.epsilon)
+        self._update_moving(count, (self.moving_variance, variance, None))
 
     # ----------------------------------------------------------------- config
 
