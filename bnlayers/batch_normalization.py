@@ -244,8 +244,6 @@ class BatchNormalization(keras.layers.Layer):
         self._feature_axes: list[int] = []
         self._reduction_axes: list[int] = []
 
-    # ------------------------------------------------------------------ build
-
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         ndim = len(input_shape)
         self._feature_axes = _geometry.feature_axes(
@@ -309,10 +307,9 @@ class BatchNormalization(keras.layers.Layer):
         )
         return input_shape
 
-    # ------------------------------------------------------------------- call
-
-    def _prepare_call_inputs(self, inputs, mask):
-        """Floating inputs, and the mask expanded to broadcast against them."""
+    def call(
+        self, inputs: Any, training: bool | None = None, mask: Any = None
+    ) -> Any:
         if not backend.is_float_dtype(backend.standardize_dtype(inputs.dtype)):
             # Integer and bool inputs are taken as numbers, as the built-in
             # takes them; cast to the statistics dtype of the compute dtype
@@ -320,16 +317,10 @@ class BatchNormalization(keras.layers.Layer):
             inputs = ops.cast(
                 inputs, _math.statistics_dtype(self.compute_dtype)
             )
+        # From here on `mask` broadcasts against the inputs.
         mask = _geometry.expand_mask(
             mask, len(inputs.shape), self._feature_axes, inputs.shape
         )
-        return inputs, mask
-
-    def call(
-        self, inputs: Any, training: bool | None = None, mask: Any = None
-    ) -> Any:
-        # From here on `mask` broadcasts against the inputs.
-        inputs, mask = self._prepare_call_inputs(inputs, mask)
         use_batch_statistics = bool(training) and self.trainable
 
         fast = self._fast_path(inputs, mask)
@@ -451,8 +442,6 @@ class BatchNormalization(keras.layers.Layer):
         )
         return outputs
 
-    # ------------------------------------------------------- moving statistics
-
     def _update_moving(self, count, *updates):
         """The one update of the moving statistics, for every path.
 
@@ -500,8 +489,6 @@ class BatchNormalization(keras.layers.Layer):
         # The inference variance follows the moving stddev.
         variance = _renorm.variance(moving_stddev, self.epsilon)
         self._update_moving(count, (self.moving_variance, variance, None))
-
-    # ----------------------------------------------------------------- config
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
