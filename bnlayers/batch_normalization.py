@@ -264,23 +264,21 @@ class BatchNormalization(keras.layers.Layer):
                 **kwargs,
             )
 
+        def trained(name):
+            # gamma and beta: learned, with their own regularizer and constraint.
+            return weight(
+                name,
+                getattr(self, f"{name}_initializer"),
+                trainable=True,
+                regularizer=getattr(self, f"{name}_regularizer"),
+                constraint=getattr(self, f"{name}_constraint"),
+            )
+
         # In the built-in's order, which `get_weights` and files follow.
         if self.scale:
-            self.gamma = weight(
-                "gamma",
-                self.gamma_initializer,
-                trainable=True,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-            )
+            self.gamma = trained("gamma")
         if self.center:
-            self.beta = weight(
-                "beta",
-                self.beta_initializer,
-                trainable=True,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-            )
+            self.beta = trained("beta")
         self.moving_mean = weight("moving_mean", self.moving_mean_initializer)
         self.moving_variance = weight(
             "moving_variance", self.moving_variance_initializer
