@@ -8,19 +8,20 @@ shape) are `_geometry`'s, made when the layer is built or called.
 """
 
 import numbers
+from typing import Any
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
-def _is_int(value):
+def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value):
+def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def axis(value):
+def axis(value: Any) -> int | list[int]:
     """An int, or a non-empty list of distinct ints (returned as a list).
 
     The one check of an `axis` argument's type; `_geometry.feature_axes`
@@ -41,7 +42,7 @@ def axis(value):
     )
 
 
-def fraction(name, value):
+def fraction(name: str, value: Any) -> float:
     """A float in [0, 1] (a momentum)."""
     if not _is_real(value):
         raise TypeError(
@@ -54,7 +55,7 @@ def fraction(name, value):
     return float(value)
 
 
-def epsilon(value):
+def epsilon(value: Any) -> float:
     """A float > 0."""
     if not _is_real(value):
         raise TypeError(
@@ -65,7 +66,7 @@ def epsilon(value):
     return float(value)
 
 
-def renorm_clipping(value, renorm):
+def renorm_clipping(value: Any, renorm: bool) -> dict[str, float] | None:
     """A copy of a dict with keys among `RENORM_CLIPPING_KEYS`; None as {} with `renorm`."""
     if value is None:
         return {} if renorm else None
@@ -100,7 +101,7 @@ def renorm_clipping(value, renorm):
     return dict(value)
 
 
-def synchronized(value, backend_name):
+def synchronized(value: Any, backend_name: str) -> bool:
     """A bool; True only on the TensorFlow backend (`tf.distribute`)."""
     if value and backend_name != "tensorflow":
         raise ValueError(
@@ -111,7 +112,9 @@ def synchronized(value, backend_name):
     return bool(value)
 
 
-def virtual_batch_size(value, renorm, synchronized):
+def virtual_batch_size(
+    value: Any, renorm: bool, synchronized: bool
+) -> int | None:
     """None or a positive int, not combined with `renorm` or `synchronized`."""
     if value is None:
         return None
@@ -135,7 +138,7 @@ def virtual_batch_size(value, renorm, synchronized):
     return value
 
 
-def fused(value):
+def fused(value: Any) -> bool | None:
     """None, True or False."""
     if value not in (None, True, False):
         raise ValueError(
