@@ -7,9 +7,9 @@ against the inputs, and how a Keras mask lines up with the inputs. They are
 answered here, once, without state.
 """
 
-import numbers
-
 from keras import ops
+
+from bnlayers import _checks
 
 
 def _shape_text(input_shape):
@@ -33,6 +33,7 @@ def feature_axes(axis, ndim, input_shape=None, virtual_batch_size=None):
         The feature axes as a sorted list of non-negative ints.
 
     Raises:
+        TypeError: `axis` not an int or a non-empty list of ints.
         ValueError: inputs of rank < 2, an axis out of range, an axis named
             twice, axis 0 with ghost batches, or a feature axis of unknown
             size.
@@ -43,13 +44,10 @@ def feature_axes(axis, ndim, input_shape=None, virtual_batch_size=None):
             "BatchNormalization needs inputs of rank >= 2 (a batch axis and "
             f"a feature axis). Received: input_shape={shape}"
         )
-    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    checked = _checks.axis(axis)
+    axes = checked if isinstance(checked, list) else [checked]
     resolved = []
     for a in axes:
-        if isinstance(a, bool) or not isinstance(a, numbers.Integral):
-            raise TypeError(
-                f"`axis` must be an int or a list of ints. Received: axis={axis!r}"
-            )
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"`axis` {a} is out of range for inputs of rank {ndim}. "

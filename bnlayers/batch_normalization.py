@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 from typing import TypeAlias
@@ -14,11 +13,13 @@ from keras import initializers
 from keras import ops
 from keras import regularizers
 
+from bnlayers import _checks
+from bnlayers import _fused
 from bnlayers import _geometry
+from bnlayers import _ghost
 from bnlayers import _math
+from bnlayers import _renorm
 from bnlayers import _sync
-
-_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 # What the constructor takes for each, as `keras.initializers.get` and the
 # like do: a name, a config dict, or an instance.
@@ -27,93 +28,31 @@ Regularizer: TypeAlias = "str | dict[str, Any] | keras.regularizers.Regularizer"
 Constraint: TypeAlias = "str | dict[str, Any] | keras.constraints.Constraint"
 
 
-def _check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"`{name}` must be a float in [0, 1]. Received: {name}={value!r}"
-        )
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(
-            f"`{name}` must be in [0, 1]. Received: {name}={value!r}"
-        )
-    return float(value)
-
-
-def _check_axis(axis):
-    """An int, or a non-empty list of distinct ints (returned as a list)."""
-    if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
-        return int(axis)
-    if isinstance(axis, (list, tuple)) and axis:
-        if all(
-            isinstance(a, numbers.Integral) and not isinstance(a, bool)
-            for a in axis
-        ):
-            if len(set(int(a) for a in axis)) != len(axis):
-                raise ValueError(
-                    f"`axis` must not repeat an axis. Received: axis={axis!r}"
-                )
-            return [int(a) for a in axis]
-    raise TypeError(
-        "`axis` must be an int or a non-empty list of ints. "
-        f"Received: axis={axis!r}"
-    )
-
-
-def _check_renorm_clipping(renorm_clipping):
-    if renorm_clipping is None:
-        return None
-    if not isinstance(renorm_clipping, dict):
-        raise TypeError(
-            "`renorm_clipping` must be a dict with keys among "
-            f"{list(_RENORM_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
-        )
-    # Each message also carries the built-in layer's phrase ("Received
-    # invalid keys", "rmax should be", "dmax should be non-negative"), so
-    # that code and tests matching the built-in's errors match these.
-    unknown = sorted(
-        set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS), key=repr
-    )
-    if unknown:
-        raise ValueError(
-            f"Unknown keys {unknown} in `renorm_clipping`; the keys are "
-            f"{list(_RENORM_CLIPPING_KEYS)}. Received invalid keys for `renorm_clipping`: "
-            f"renorm_clipping={renorm_clipping!r}"
-        )
-    rmax = renorm_clipping.get("rmax")
-    rmin = renorm_clipping.get("rmin")
-    dmax = renorm_clipping.get("dmax")
-    if rmax is not None and rmin is not None and rmax < rmin:
-        raise ValueError(
-            "`renorm_clipping` needs rmax >= rmin (rmax should be greater than or equal "
-            f"to rmin). Received: renorm_clipping={renorm_clipping!r} (rmax={rmax}, rmin={rmin})"
-        )
-    if dmax is not None and dmax < 0:
-        raise ValueError(
-            "`renorm_clipping` needs dmax >= 0 (dmax should be non-negative). "
-            f"Received: renorm_clipping={renorm_clipping!r} (dmax={dmax})"
-        )
-    return dict(renorm_clipping)
-
-
-def _clone_initializer(initializer):
-    """A fresh copy, so a seeded initializer used twice draws the same values."""
-    if isinstance(initializer, initializers.Initializer):
-        return initializer.__class__.from_config(initializer.get_config())
-    return initializer
+# `get_config`'s keys, in the order the built-in writes its own, and how
+# the arguments that Keras resolves to objects are written.
+_CONFIG_KEYS = (
+    "axis momentum epsilon center scale beta_initializer gamma_initializer "
+    "moving_mean_initializer moving_variance_initializer beta_regularizer "
+    "gamma_regularizer beta_constraint gamma_constraint synchronized renorm "
+    "renorm_clipping renorm_momentum virtual_batch_size fused"
+).split()
+_SERIALIZERS = {
+    "initializer": initializers.serialize,
+    "regularizer": regularizers.serialize,
+    "constraint": constraints.serialize,
+}
 
 
 @keras.saving.register_keras_serializable(package="bnlayers")
 class BatchNormalization(keras.layers.Layer):
     """Normalizes each feature with batch statistics in training, moving ones at inference.
 
-    A from-scratch implementation of Batch Normalization (Ioffe & Szegedy,
-    2015) that is interchangeable with `keras.layers.BatchNormalization`:
-    the same constructor, the same weights (names, shapes, order), the same
-    training and inference behaviour, and `.weights.h5` files that load
-    either way. On top of that it adds a fused fast path on TensorFlow, JAX
-    and PyTorch, ghost batches (`virtual_batch_size`), cross-replica
-    statistics that stay exact whatever the mean of the data, and a list of
-    feature axes.
+    A from-scratch Batch Normalization (Ioffe & Szegedy, 2015),
+    interchangeable with `keras.layers.BatchNormalization`: the same
+    constructor, weights (names, shapes, order), training and inference
+    behaviour, and `.weights.h5` files that load either way; and a fused
+    fast path on TensorFlow, JAX and PyTorch, ghost batches, cross-replica
+    statistics exact whatever the mean of the data, and lists of axes.
 
     **In training** (`fit()`, or calling the layer with `training=True`),
     each feature (each index along `axis`) is normalized with the mean and
@@ -127,10 +66,9 @@ class BatchNormalization(keras.layers.Layer):
         moving_variance = moving_variance * momentum + var(x) * (1 - momentum)
 
     `var` is the biased (population) variance. Both statistics are taken
-    on the inputs shifted by one of their own values per feature, and the
-    normalization subtracts the shift first, so they stay exact to float32
-    rounding whatever the mean of the data (e.g. mean 1e6, standard
-    deviation 1), on every path.
+    on inputs shifted by one of their own values per feature, so they stay
+    exact to float32 rounding whatever the mean of the data, on every path
+    ([Accuracy](accuracy.md)).
 
     **At inference** (`evaluate()`, `predict()`, `training=False` or
     `None`), the moving statistics take the place of the batch ones and
@@ -138,13 +76,10 @@ class BatchNormalization(keras.layers.Layer):
 
         y = gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta
 
-    **`trainable = False` means inference mode.** As with Keras' own layer,
-    setting `layer.trainable = False` (directly, or on a model that contains
-    the layer) freezes gamma and beta *and* makes the layer normalize with
-    its moving statistics even when called with `training=True`; the moving
-    statistics are then never updated. This is what fine-tuning wants. If
-    the model was already compiled, compile it again for the change to take
-    effect.
+    **`trainable = False` means inference mode**, as with Keras' own layer:
+    it freezes gamma and beta *and* makes the layer normalize with its
+    moving statistics, never updated, even with `training=True`, as
+    fine-tuning wants. Compile a compiled model again for it to take effect.
 
     Statistics are computed in float32 for float16 and bfloat16 inputs (and
     under the `mixed_float16` / `mixed_bfloat16` policies), so large values
@@ -189,47 +124,20 @@ class BatchNormalization(keras.layers.Layer):
         virtual_batch_size: None (default) or a positive int. In training,
             the batch is split into consecutive "ghost" batches of this many
             examples, each normalized with its own statistics (Hoffer et
-            al., 2017). A batch that is not a multiple ends with one smaller
-            ghost batch rather than raising: the last batch of an epoch in
-            `fit()` is usually short, and tf-keras, whose reshape needed a
-            multiple (at inference too), failed there.
-            Its examples are normalized with the statistics of fewer
-            examples (with rank-2 inputs a last ghost batch of one example
-            outputs `beta`, as any batch of one does); a batch size that is
-            a multiple, or `drop_remainder=True`, avoids that. The moving mean is updated with
-            the mean over all ghost batches and the moving variance with
-            their pooled (count-weighted) within-batch variance, i.e. the
-            variance the ghost batches were normalized with. At inference
-            ghost batches play no part, so any batch size works. Cannot be
-            combined with `renorm` or `synchronized`.
+            al., 2017); a batch that is not a multiple ends with one smaller
+            ghost batch rather than raising. At inference ghost batches play
+            no part, so any batch size works.
+            Cannot be combined with `renorm` or `synchronized`. More in
+            [Ghost batches](distributed.md#ghost-batches-virtual_batch_size).
         fused: None (default: take the fused fast path whenever it is
             eligible), True (require it; raise if it is not eligible), or
             False (always use the reference `keras.ops` path). The fast
-            path computes the same thing in a few fused loops. On
-            TensorFlow: on a GPU with TensorFlow's fused batch-norm kernel
-            (cuDNN); under `jit_compile=True` with the arithmetic compiled
-            by XLA; off a GPU, in a `tf.function` (Keras' `fit`,
-            `evaluate`, `predict`) with the same fused kernel for features
-            on the last axis in float16, bfloat16 or float32 (in
-            inference up to 2**20 elements), the arithmetic compiled by
-            XLA otherwise, and as plain TensorFlow ops for tensors of
-            fewer than 2**17 elements and in eager calls (whatever
-            measured fastest). On JAX: the arithmetic in `jax.numpy`
-            with a hand-written backward, compiled by XLA, under `jax.jit`
-            and eagerly alike. On PyTorch: a few native kernels per call
-            (statistics by pairwise sums on values shifted by one sample,
-            normalizing by a couple of elementwise passes, the backward by
-            PyTorch's batch-norm kernel) in place of the reference path's
-            chain of small eager operations. It is eligible on every one of
-            the three backends with a single feature axis, no mask, no
-            `renorm`, no `virtual_batch_size` and no `synchronized` strategy
-            of several replicas;
-            `bnlayers.fused_eligibility(layer, inputs)` gives the reason
-            when it is not. On TensorFlow off a GPU, inference in a graph
-            traced by an exporter (`model.export` for SavedModel, LiteRT
-            and ONNX, `tf.saved_model.save`, TensorFlow's LiteRT converter,
-            tf2onnx) is written as plain TensorFlow ops, which converters
-            know.
+            path computes the same thing in a few fused operations on each
+            backend; inference in a graph traced by an exporter is written
+            as plain TensorFlow ops, which converters know.
+            `bnlayers.fused_eligibility(layer, inputs)` says why a call
+            would not take it. What runs on each backend, and when:
+            [The fused fast path](performance.md#the-fused-fast-path).
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:
@@ -274,27 +182,6 @@ class BatchNormalization(keras.layers.Layer):
     ```
     """
 
-    # The configuration, as `__init__` resolves it.
-    axis: int | list[int]
-    momentum: float
-    epsilon: float
-    center: bool
-    scale: bool
-    beta_initializer: Any
-    gamma_initializer: Any
-    moving_mean_initializer: Any
-    moving_variance_initializer: Any
-    beta_regularizer: Any
-    gamma_regularizer: Any
-    beta_constraint: Any
-    gamma_constraint: Any
-    renorm: bool
-    renorm_clipping: dict[str, float] | None
-    renorm_momentum: float
-    synchronized: bool
-    virtual_batch_size: int | None
-    fused: bool | None
-
     def __init__(
         self,
         axis: int | Sequence[int] = -1,
@@ -319,17 +206,9 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.axis = _check_axis(axis)
-        self.momentum = _check_fraction("momentum", momentum)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-            raise TypeError(
-                f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}"
-            )
-        if not float(epsilon) > 0.0:
-            raise ValueError(
-                f"`epsilon` must be > 0. Received: epsilon={epsilon!r}"
-            )
-        self.epsilon = float(epsilon)
+        self.axis = _checks.axis(axis)
+        self.momentum = _checks.fraction("momentum", momentum)
+        self.epsilon = _checks.epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)
@@ -342,53 +221,20 @@ class BatchNormalization(keras.layers.Layer):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
-
         self.renorm = bool(renorm)
-        self.renorm_clipping = _check_renorm_clipping(renorm_clipping)
-        if self.renorm and self.renorm_clipping is None:
-            self.renorm_clipping = {}
-        self.renorm_momentum = _check_fraction(
+        self.renorm_clipping = _checks.renorm_clipping(
+            renorm_clipping, self.renorm
+        )
+        self.renorm_momentum = _checks.fraction(
             "renorm_momentum", renorm_momentum
         )
-
-        if synchronized and backend.backend() != "tensorflow":
-            raise ValueError(
-                "`synchronized=True` needs the TensorFlow backend (tf.distribute); "
-                f"the Keras backend is {backend.backend()!r}. "
-                f"Received: synchronized={synchronized!r}"
-            )
-        self.synchronized = bool(synchronized)
-
-        if virtual_batch_size is not None:
-            if (
-                isinstance(virtual_batch_size, bool)
-                or not isinstance(virtual_batch_size, numbers.Integral)
-                or virtual_batch_size < 1
-            ):
-                raise ValueError(
-                    "`virtual_batch_size` must be None or a positive int. "
-                    f"Received: virtual_batch_size={virtual_batch_size!r}"
-                )
-            virtual_batch_size = int(virtual_batch_size)
-            if self.renorm:
-                raise ValueError(
-                    "`virtual_batch_size` cannot be combined with `renorm=True`. "
-                    f"Received: virtual_batch_size={virtual_batch_size}, renorm=True"
-                )
-            if self.synchronized:
-                raise ValueError(
-                    "`virtual_batch_size` cannot be combined with `synchronized=True`: "
-                    "ghost batches are per-replica by definition. "
-                    f"Received: virtual_batch_size={virtual_batch_size}, synchronized=True"
-                )
-        self.virtual_batch_size = virtual_batch_size
-
-        if fused not in (None, True, False):
-            raise ValueError(
-                f"`fused` must be None, True or False. Received: fused={fused!r}"
-            )
-        self.fused = fused
-
+        self.synchronized = _checks.synchronized(
+            synchronized, backend.backend()
+        )
+        self.virtual_batch_size = _checks.virtual_batch_size(
+            virtual_batch_size, self.renorm, self.synchronized
+        )
+        self.fused = _checks.fused(fused)
         self.supports_masking = True
         # Variables once built (`build`); None before.
         self.gamma: Any = None
@@ -397,8 +243,6 @@ class BatchNormalization(keras.layers.Layer):
         self.moving_variance: Any = None
         self._feature_axes: list[int] = []
         self._reduction_axes: list[int] = []
-
-    # ------------------------------------------------------------------ build
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         ndim = len(input_shape)
@@ -410,70 +254,45 @@ class BatchNormalization(keras.layers.Layer):
         )
         shape = tuple(input_shape[a] for a in self._feature_axes)
 
+        def weight(name, initializer, trainable=False, **kwargs):
+            return self.add_weight(
+                shape=shape,
+                name=name,
+                initializer=initializer,
+                trainable=trainable,
+                autocast=False,
+                **kwargs,
+            )
+
+        def trained(name):
+            # gamma and beta: learned, with their own regularizer and constraint.
+            return weight(
+                name,
+                getattr(self, f"{name}_initializer"),
+                trainable=True,
+                regularizer=getattr(self, f"{name}_regularizer"),
+                constraint=getattr(self, f"{name}_constraint"),
+            )
+
+        # In the built-in's order, which `get_weights` and files follow.
         if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
-            )
+            self.gamma = trained("gamma")
         if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        self.moving_mean = self.add_weight(
-            shape=shape,
-            name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape,
-            name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            trainable=False,
-            autocast=False,
+            self.beta = trained("beta")
+        self.moving_mean = weight("moving_mean", self.moving_mean_initializer)
+        self.moving_variance = weight(
+            "moving_variance", self.moving_variance_initializer
         )
         if self.renorm:
-            # Renorm tracks standard deviations, started at the square root
-            # of what the variance initializer gives (as Keras does).
-            def stddev_initializer(shape, dtype=None):
-                variance_init = _clone_initializer(
-                    self.moving_variance_initializer
-                )
-                return ops.sqrt(variance_init(shape, dtype=dtype))
-
-            self.moving_stddev = self.add_weight(
-                shape=shape,
-                name="moving_stddev",
-                initializer=stddev_initializer,
-                trainable=False,
-                autocast=False,
+            stddev_initializer = _renorm.stddev_initializer(
+                self.moving_variance_initializer
             )
-            self.renorm_mean = self.add_weight(
-                shape=shape,
-                name="renorm_mean",
-                initializer=_clone_initializer(self.moving_mean_initializer),
-                trainable=False,
-                autocast=False,
+            self.moving_stddev = weight("moving_stddev", stddev_initializer)
+            self.renorm_mean = weight(
+                "renorm_mean",
+                _renorm.clone_initializer(self.moving_mean_initializer),
             )
-            self.renorm_stddev = self.add_weight(
-                shape=shape,
-                name="renorm_stddev",
-                initializer=stddev_initializer,
-                trainable=False,
-                autocast=False,
-            )
+            self.renorm_stddev = weight("renorm_stddev", stddev_initializer)
         self.input_spec = keras.layers.InputSpec(
             ndim=ndim, axes={a: input_shape[a] for a in self._feature_axes}
         )
@@ -486,10 +305,9 @@ class BatchNormalization(keras.layers.Layer):
         )
         return input_shape
 
-    # ------------------------------------------------------------------- call
-
-    def _prepare_call_inputs(self, inputs, mask):
-        """Floating inputs, and the mask expanded to broadcast against them."""
+    def call(
+        self, inputs: Any, training: bool | None = None, mask: Any = None
+    ) -> Any:
         if not backend.is_float_dtype(backend.standardize_dtype(inputs.dtype)):
             # Integer and bool inputs are taken as numbers, as the built-in
             # takes them; cast to the statistics dtype of the compute dtype
@@ -497,78 +315,94 @@ class BatchNormalization(keras.layers.Layer):
             inputs = ops.cast(
                 inputs, _math.statistics_dtype(self.compute_dtype)
             )
-        weights = _geometry.expand_mask(
+        # From here on `mask` broadcasts against the inputs.
+        mask = _geometry.expand_mask(
             mask, len(inputs.shape), self._feature_axes, inputs.shape
         )
-        return inputs, weights
-
-    def call(
-        self, inputs: Any, training: bool | None = None, mask: Any = None
-    ) -> Any:
-        inputs, weights = self._prepare_call_inputs(inputs, mask)
         use_batch_statistics = bool(training) and self.trainable
 
-        fast = self._fast_path(inputs, weights)
+        fast = self._fast_path(inputs, mask)
         if fast is not None:
             return self._fast_call(inputs, use_batch_statistics, fast)
 
-        ndim = len(inputs.shape)
-        param_shape = _geometry.param_shape(
-            self._feature_axes, ndim, self.moving_mean.shape
+        x = ops.cast(inputs, _math.statistics_dtype(inputs.dtype))
+        if use_batch_statistics:
+            outputs = self._training_call(x, mask)
+        else:
+            mean, var, gamma, beta = self._per_feature(
+                x, self.moving_mean, self.moving_variance, self.gamma, self.beta
+            )
+            outputs = _math.normalize(x, mean, var, gamma, beta, self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _per_feature(self, x, *variables):
+        """Each variable (or None) in the dtype of `x`, shaped to broadcast against it."""
+        shape = _geometry.param_shape(
+            self._feature_axes, len(x.shape), self.moving_mean.shape
         )
-        stats_dtype = _math.statistics_dtype(inputs.dtype)
-        x = ops.cast(inputs, stats_dtype)
+        return [
+            None if v is None else ops.reshape(ops.cast(v, x.dtype), shape)
+            for v in variables
+        ]
 
-        def per_feature(variable):
-            return ops.reshape(ops.cast(variable, stats_dtype), param_shape)
-
-        gamma = per_feature(self.gamma) if self.scale else None
-        beta = per_feature(self.beta) if self.center else None
-
-        if not use_batch_statistics:
-            outputs = _math.normalize(
+    def _training_call(self, x, mask):
+        """Normalize `x` with batch statistics; update the moving ones."""
+        gamma, beta = self._per_feature(x, self.gamma, self.beta)
+        if self.virtual_batch_size is not None:
+            outputs, count, mean, var = _ghost.normalize(
                 x,
-                per_feature(self.moving_mean),
-                per_feature(self.moving_variance),
+                mask,
+                self.virtual_batch_size,
+                self._reduction_axes,
                 gamma,
                 beta,
                 self.epsilon,
             )
-        elif self.virtual_batch_size is not None:
-            outputs = self._ghost_batch_call(x, weights, gamma, beta)
         else:
             replicas = _sync.replica_context() if self.synchronized else None
             if replicas is None:
                 count, shift, residual, m2 = _math.shifted_moments(
-                    x, self._reduction_axes, weights
+                    x, self._reduction_axes, mask
                 )
             else:
                 count, shift, residual, m2 = _sync.cross_replica_moments(
-                    replicas, x, self._reduction_axes, weights
+                    replicas, x, self._reduction_axes, mask
                 )
             mean = shift + residual
-            # The residual is the part of the mean a float32 shift cannot
-            # hold; subtracting the two in turn keeps it (see _math).
-            centred, offset = x - shift, residual
             var = _math.variance(count, m2)
             if self.renorm:
-                gamma, beta = self._renorm_transform(
-                    mean, var, gamma, beta, param_shape
+                # Read before `_update_renorm_statistics` assigns them.
+                renorm_mean, renorm_stddev = self._per_feature(
+                    x, self.renorm_mean, self.renorm_stddev
                 )
-                self._update_renorm_statistics(count, mean, var)
-            else:
-                self._update_moving_statistics(count, mean, var)
+                r, d = _renorm.correction(
+                    mean,
+                    var,
+                    renorm_mean,
+                    renorm_stddev,
+                    self.epsilon,
+                    self.renorm_clipping,
+                )
+                gamma, beta = _renorm.fold(r, d, gamma, beta)
+            # The residual is the part of the mean a float32 shift cannot
+            # hold; subtracting the two in turn keeps it (see _math).
             outputs = _math.normalize(
-                centred, offset, var, gamma, beta, self.epsilon
+                x - shift, residual, var, gamma, beta, self.epsilon
             )
-        return ops.cast(outputs, self.compute_dtype)
+        if self.renorm:
+            self._update_renorm_statistics(count, mean, var)
+        else:
+            self._update_moving(
+                count,
+                (self.moving_mean, mean, self.momentum),
+                (self.moving_variance, var, self.momentum),
+            )
+        return outputs
 
     def _fast_path(self, inputs, mask):
         """The fast path's implementation for this call (see `_fused`), or None."""
         if self.fused is False:
             return None
-        from bnlayers import _fused
-
         implementation = _fused.implementation()
         reason = _fused.ineligibility(
             self, inputs, mask, self._feature_axes, implementation
@@ -583,8 +417,6 @@ class BatchNormalization(keras.layers.Layer):
         return None
 
     def _fast_call(self, inputs, use_batch_statistics, implementation):
-        from bnlayers import _fused
-
         args = dict(
             x=inputs,
             gamma=self.gamma if self.scale else None,
@@ -601,210 +433,65 @@ class BatchNormalization(keras.layers.Layer):
         outputs, new_mean, new_var = _fused.training(
             momentum=self.momentum, **args
         )
-        for variable, value in (
-            (self.moving_mean, new_mean),
-            (self.moving_variance, new_var),
-        ):
+        self._update_moving(
+            None,
+            (self.moving_mean, new_mean, None),
+            (self.moving_variance, new_var, None),
+        )
+        return outputs
+
+    def _update_moving(self, count, *updates):
+        """The one update of the moving statistics, for every path.
+
+        Each update is `(variable, value, momentum)`: `value` is a batch
+        statistic, averaged in by the Keras rule (`_math.moving_average`),
+        or with momentum None the new moving value itself, as the fast
+        path's fused loops average it with `self.momentum`. Where `count`
+        (per feature) is 0, a fully masked or empty batch, the variable
+        keeps its value; None: the caller applied that rule. A per-step
+        momentum (zero-debiased, (1 - m) / (1 - m**t) at step t; cumulative,
+        1 / t) goes here, and into the momentum the fast path is handed.
+        Returns the averaged values, before the `count` rule.
+        """
+        counted = None
+        averaged = []
+        for variable, value, momentum in updates:
+            if tuple(value.shape) != tuple(variable.shape):
+                value = ops.reshape(value, variable.shape)
+            if momentum is not None or count is not None:
+                current = ops.cast(variable, value.dtype)
+            if momentum is not None:
+                value = _math.moving_average(current, value, momentum)
+            averaged.append(value)
+            if count is not None:
+                if counted is None:
+                    # Counts are per feature on every path.
+                    counted = ops.reshape(count > 0, variable.shape)
+                value = ops.where(counted, value, current)
             # (A cast of the same dtype still costs a Keras op per call.)
             if backend.standardize_dtype(value.dtype) != variable.dtype:
                 value = ops.cast(value, variable.dtype)
             variable.assign(value)
-        return outputs
-
-    def _ghost_batch_call(self, x, weights, gamma, beta):
-        """Training step with the batch split into ghost batches.
-
-        The batch axis is padded up to a multiple of `virtual_batch_size`
-        and the padding masked out, so a batch that is not a multiple ends
-        with one smaller ghost batch and the same code serves both cases.
-        """
-        size = self.virtual_batch_size
-        shape = ops.shape(x)
-        batch = shape[0]
-        pad = (-batch) % size
-        keep = ops.reshape(
-            ops.ones(shape[:1], dtype="bool"), [-1] + [1] * (len(x.shape) - 1)
-        )
-        if weights is not None:
-            keep = ops.logical_and(keep, ops.cast(weights, "bool"))
-        keep = ops.broadcast_to(keep, shape)
-        padding = [(0, pad)] + [(0, 0)] * (len(x.shape) - 1)
-        x_padded = ops.pad(x, padding)
-        keep_padded = ops.pad(keep, padding, constant_values=False)
-
-        groups = (batch + pad) // size
-        grouped_shape = [groups, size] + list(shape[1:])
-        xg = ops.reshape(x_padded, grouped_shape)
-        kg = ops.reshape(keep_padded, grouped_shape)
-        # Axis 0 of the inputs became axes 0 (groups) and 1 (within a group).
-        group_axes = [1] + [a + 1 for a in self._reduction_axes if a != 0]
-        count, shift, residual, m2 = _math.shifted_moments(xg, group_axes, kg)
-        mean = shift + residual
-
-        def expand(t):
-            return None if t is None else ops.expand_dims(t, 0)
-
-        var = _math.variance(count, m2)
-        yg = _math.normalize(
-            xg - shift, residual, var, expand(gamma), expand(beta), self.epsilon
-        )
-        outputs = ops.reshape(yg, [groups * size] + list(shape[1:]))[:batch]
-
-        total, merged_mean, _ = _math.merge_moments(count, mean, m2, axis=0)
-        pooled_var = ops.sum(m2, axis=0, keepdims=True) / ops.maximum(
-            total, 1.0
-        )
-        self._update_moving_statistics(total, merged_mean, pooled_var)
-        return outputs
-
-    def _assign_counted(self, variable, value, counted):
-        """Assign `value` to `variable`, except for features where nothing counted.
-
-        A fully masked batch has no statistics; the moving averages keep
-        what they had rather than decay towards zero.
-        """
-        value = ops.reshape(value, variable.shape)
-        current = ops.cast(variable, value.dtype)
-        variable.assign(
-            ops.cast(ops.where(counted, value, current), variable.dtype)
-        )
-
-    def _counted(self, count, like):
-        """Per-feature boolean, True where at least one element counted."""
-        counted = ops.broadcast_to(
-            ops.cast(count, like.dtype) > 0, ops.shape(like)
-        )
-        return ops.reshape(counted, self.moving_mean.shape)
-
-    def _update_moving_statistics(self, count, mean, var):
-        counted = self._counted(count, mean)
-        for variable, value in (
-            (self.moving_mean, mean),
-            (self.moving_variance, var),
-        ):
-            current = ops.reshape(
-                ops.cast(variable, value.dtype), ops.shape(value)
-            )
-            self._assign_counted(
-                variable,
-                _math.moving_average(current, value, self.momentum),
-                counted,
-            )
-
-    # ----------------------------------------------------------------- renorm
-
-    def _renorm_transform(self, mean, var, gamma, beta, param_shape):
-        """Fold the renorm correction (r, d) into gamma and beta.
-
-        With x_hat the batch-normalized input, renorm outputs
-        `(x_hat * r + d) * gamma + beta`, i.e. a scale of `r * gamma` and an
-        offset of `d * gamma + beta`; r and d carry no gradient.
-        """
-        dtype = mean.dtype
-        stddev = ops.sqrt(var + self.epsilon)
-        renorm_mean = ops.reshape(
-            ops.cast(self.renorm_mean, dtype), param_shape
-        )
-        renorm_stddev = ops.reshape(
-            ops.cast(self.renorm_stddev, dtype), param_shape
-        )
-        # Keep the divisor away from zero early in training.
-        renorm_stddev = ops.maximum(
-            renorm_stddev, ops.sqrt(ops.cast(self.epsilon, dtype))
-        )
-        r = stddev / renorm_stddev
-        d = (mean - renorm_mean) / renorm_stddev
-        clipping = self.renorm_clipping or {}
-        if clipping.get("rmin") is not None:
-            r = ops.maximum(r, clipping["rmin"])
-        if clipping.get("rmax") is not None:
-            r = ops.minimum(r, clipping["rmax"])
-        if clipping.get("dmax") is not None:
-            d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
-        r = ops.stop_gradient(r)
-        d = ops.stop_gradient(d)
-        if gamma is None:
-            scale, offset = r, d
-        else:
-            scale, offset = r * gamma, d * gamma
-        if beta is not None:
-            offset = offset + beta
-        return scale, offset
+        return averaged
 
     def _update_renorm_statistics(self, count, mean, var):
-        counted = self._counted(count, mean)
-        shape = self.moving_mean.shape
-        mean = ops.reshape(mean, shape)
-        stddev = ops.reshape(ops.sqrt(var + self.epsilon), shape)
-
-        def ema(variable, value, momentum):
-            current = ops.cast(variable, value.dtype)
-            return _math.moving_average(current, value, momentum)
-
-        self._assign_counted(
-            self.renorm_mean,
-            ema(self.renorm_mean, mean, self.renorm_momentum),
-            counted,
+        """Renorm's statistics: means and standard deviations, each at its momentum."""
+        stddev = _renorm.stddev(var, self.epsilon)
+        *_, moving_stddev = self._update_moving(
+            count,
+            (self.renorm_mean, mean, self.renorm_momentum),
+            (self.renorm_stddev, stddev, self.renorm_momentum),
+            (self.moving_mean, mean, self.momentum),
+            (self.moving_stddev, stddev, self.momentum),
         )
-        self._assign_counted(
-            self.renorm_stddev,
-            ema(self.renorm_stddev, stddev, self.renorm_momentum),
-            counted,
-        )
-        self._assign_counted(
-            self.moving_mean,
-            ema(self.moving_mean, mean, self.momentum),
-            counted,
-        )
-        new_stddev = ema(self.moving_stddev, stddev, self.momentum)
-        self._assign_counted(self.moving_stddev, new_stddev, counted)
-        # The inference variance follows the moving stddev; the ReLU guards
-        # against rounding taking it below zero.
-        self._assign_counted(
-            self.moving_variance,
-            ops.relu(new_stddev * new_stddev - self.epsilon),
-            counted,
-        )
-
-    # ----------------------------------------------------------------- config
+        # The inference variance follows the moving stddev.
+        variance = _renorm.variance(moving_stddev, self.epsilon)
+        self._update_moving(count, (self.moving_variance, variance, None))
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update(
-            {
-                "axis": self.axis,
-                "momentum": self.momentum,
-                "epsilon": self.epsilon,
-                "center": self.center,
-                "scale": self.scale,
-                "beta_initializer": initializers.serialize(
-                    self.beta_initializer
-                ),
-                "gamma_initializer": initializers.serialize(
-                    self.gamma_initializer
-                ),
-                "moving_mean_initializer": initializers.serialize(
-                    self.moving_mean_initializer
-                ),
-                "moving_variance_initializer": initializers.serialize(
-                    self.moving_variance_initializer
-                ),
-                "beta_regularizer": regularizers.serialize(
-                    self.beta_regularizer
-                ),
-                "gamma_regularizer": regularizers.serialize(
-                    self.gamma_regularizer
-                ),
-                "beta_constraint": constraints.serialize(self.beta_constraint),
-                "gamma_constraint": constraints.serialize(
-                    self.gamma_constraint
-                ),
-                "synchronized": self.synchronized,
-                "renorm": self.renorm,
-                "renorm_clipping": self.renorm_clipping,
-                "renorm_momentum": self.renorm_momentum,
-                "virtual_batch_size": self.virtual_batch_size,
-                "fused": self.fused,
-            }
-        )
+        for name in _CONFIG_KEYS:
+            serialize = _SERIALIZERS.get(name.rsplit("_", 1)[-1])
+            value = getattr(self, name)
+            config[name] = value if serialize is None else serialize(value)
         return config

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import bnlayers
+from bnlayers import _geometry
 
 
 def _raises(exc, *fragments):
@@ -142,6 +143,21 @@ def test_axis_naming_one_axis_twice():
         ValueError, "same axis twice", "axis=[1, -2]", "input_shape=(2, 3, 4)"
     ):
         layer(np.zeros((2, 3, 4), "float32"))
+
+
+@pytest.mark.parametrize(
+    "axis, exc",
+    [("channels", TypeError), ([], TypeError), ([2, 2], ValueError)],
+)
+def test_geometry_makes_the_constructors_axis_check(axis, exc):
+    """One check of an `axis` argument: what a tool resolving a layer's axis
+    (`_geometry.feature_axes`) raises is what the constructor raises."""
+    with pytest.raises(exc) as from_constructor:
+        bnlayers.BatchNormalization(axis=axis)
+    with pytest.raises(exc) as from_geometry:
+        _geometry.feature_axes(axis, 4, (2, 3, 4, 5))
+    assert str(from_geometry.value) == str(from_constructor.value)
+    assert f"Received: axis={axis!r}" in str(from_geometry.value)
 
 
 def test_rank_one_input():

@@ -1,0 +1,147 @@
+"""The checks of `BatchNormalization`'s constructor arguments, as pure functions.
+
+Each takes the value as received and returns it resolved (a float, a list
+of ints, a copy of a dict), or raises a `TypeError` or `ValueError` that
+names the argument and the value, in Keras' "Received: arg=value" style.
+Checks that need the inputs (the axes' range for their rank, a mask's
+shape) are `_geometry`'s, made when the layer is built or called.
+"""
+
+import numbers
+from typing import Any
+
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def axis(value: Any) -> int | list[int]:
+    """An int, or a non-empty list of distinct ints (returned as a list).
+
+    The one check of an `axis` argument's type; `_geometry.feature_axes`
+    makes it too, then the checks that need the inputs' rank.
+    """
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, (list, tuple)) and value and all(map(_is_int, value)):
+        axes = [int(a) for a in value]
+        if len(set(axes)) != len(axes):
+            raise ValueError(
+                f"`axis` must not repeat an axis. Received: axis={value!r}"
+            )
+        return axes
+    raise TypeError(
+        "`axis` must be an int or a non-empty list of ints. "
+        f"Received: axis={value!r}"
+    )
+
+
+def fraction(name: str, value: Any) -> float:
+    """A float in [0, 1] (a momentum)."""
+    if not _is_real(value):
+        raise TypeError(
+            f"`{name}` must be a float in [0, 1]. Received: {name}={value!r}"
+        )
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(
+            f"`{name}` must be in [0, 1]. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def epsilon(value: Any) -> float:
+    """A float > 0."""
+    if not _is_real(value):
+        raise TypeError(
+            f"`epsilon` must be a positive float. Received: epsilon={value!r}"
+        )
+    if not float(value) > 0.0:
+        raise ValueError(f"`epsilon` must be > 0. Received: epsilon={value!r}")
+    return float(value)
+
+
+def renorm_clipping(value: Any, renorm: bool) -> dict[str, float] | None:
+    """A copy of a dict with keys among `RENORM_CLIPPING_KEYS`; None as {} with `renorm`."""
+    if value is None:
+        return {} if renorm else None
+    keys = list(RENORM_CLIPPING_KEYS)
+    if not isinstance(value, dict):
+        raise TypeError(
+            f"`renorm_clipping` must be a dict with keys among {keys}. "
+            f"Received: renorm_clipping={value!r}"
+        )
+    # Each message also carries the built-in layer's phrase ("Received
+    # invalid keys", "rmax should be", "dmax should be non-negative"), so
+    # that code and tests matching the built-in's errors match these.
+    unknown = sorted(set(value) - set(keys), key=repr)
+    if unknown:
+        raise ValueError(
+            f"Unknown keys {unknown} in `renorm_clipping`; the keys are "
+            f"{keys}. Received invalid keys for `renorm_clipping`: "
+            f"renorm_clipping={value!r}"
+        )
+    rmax, rmin, dmax = (value.get(key) for key in ("rmax", "rmin", "dmax"))
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError(
+            "`renorm_clipping` needs rmax >= rmin (rmax should be greater "
+            f"than or equal to rmin). Received: renorm_clipping={value!r} "
+            f"(rmax={rmax}, rmin={rmin})"
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            "`renorm_clipping` needs dmax >= 0 (dmax should be non-negative). "
+            f"Received: renorm_clipping={value!r} (dmax={dmax})"
+        )
+    return dict(value)
+
+
+def synchronized(value: Any, backend_name: str) -> bool:
+    """A bool; True only on the TensorFlow backend (`tf.distribute`)."""
+    if value and backend_name != "tensorflow":
+        raise ValueError(
+            "`synchronized=True` needs the TensorFlow backend (tf.distribute); "
+            f"the Keras backend is {backend_name!r}. "
+            f"Received: synchronized={value!r}"
+        )
+    return bool(value)
+
+
+def virtual_batch_size(
+    value: Any, renorm: bool, synchronized: bool
+) -> int | None:
+    """None or a positive int, not combined with `renorm` or `synchronized`."""
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ValueError(
+            "`virtual_batch_size` must be None or a positive int. "
+            f"Received: virtual_batch_size={value!r}"
+        )
+    value = int(value)
+    if renorm:
+        raise ValueError(
+            "`virtual_batch_size` cannot be combined with `renorm=True`. "
+            f"Received: virtual_batch_size={value}, renorm=True"
+        )
+    if synchronized:
+        raise ValueError(
+            "`virtual_batch_size` cannot be combined with `synchronized=True`: "
+            "ghost batches are per-replica by definition. "
+            f"Received: virtual_batch_size={value}, synchronized=True"
+        )
+    return value
+
+
+def fused(value: Any) -> bool | None:
+    """None, True or False."""
+    if value not in (None, True, False):
+        raise ValueError(
+            f"`fused` must be None, True or False. Received: fused={value!r}"
+        )
+    return value
