@@ -302,3 +302,47 @@ def test_matrix_covers_the_supported_pythons_with_a_pip_cache(workflow):
     ]
     assert setup and setup[0]["with"]["cache"] == "pip"
     assert setup[0]["with"]["python-version"] == "${{ matrix.python-version }}"
+
+
+def test_pytest_summary_is_the_last_thing_printed(tmp_path):
+    """The largest-errors table goes to a file named in one line (not to the
+    terminal), and pytest's pass/fail line stays last."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO), env.get("PYTHONPATH")])
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-o",
+            f"cache_dir={tmp_path / 'cache'}",
+            "tests/test_math.py",
+            "-k",
+            "normalize",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    last = run.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"=+ \d+ passed.* in [\d.]+s.* =+", last), last
+    named = re.findall(
+        r"^Largest relative errors .* figures in (.+)$", run.stdout, re.M
+    )
+    path = tmp_path / "cache" / "d" / "bnlayers" / "largest-errors.txt"
+    assert named == [str(path)], run.stdout
+    table = path.read_text().splitlines()
+    assert table[0].startswith("largest relative errors")
+    # The measured errors of float32 normalization (about 1e-7 here).
+    errors = [
+        float(re.search(r" (\d\.\d\de[-+]\d\d)\b", line).group(1))
+        for line in table[1:]
+        if "test_normalize" in line
+    ]
+    assert errors and max(errors) < 1e-5, table
+    assert not any(line in run.stdout for line in table[1:])
