@@ -25,9 +25,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
-)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -35,11 +33,10 @@ import statistics  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bn_reference as ref  # noqa: E402
+import _reference as ref  # noqa: E402
 import bnlayers  # noqa: E402
-from backend_ops import BACKEND  # noqa: E402
-from backend_ops import to_numpy  # noqa: E402
-from backend_ops import value_and_grads  # noqa: E402
+from _reference import BACKEND  # noqa: E402
+from _reference import to_numpy  # noqa: E402
 
 OFFSETS = (0.0, 1e2, 1e4, 1e6)
 SHAPES = ((16, 5, 5, 4), (64, 8))
@@ -65,24 +62,6 @@ def data(shape, offset, seed):
     return x, rng.standard_normal(shape).astype("float32")
 
 
-def step(layer, execution):
-    variables = [layer.gamma, layer.beta]
-
-    def call(t):
-        return layer(t, training=True)
-
-    if BACKEND == "tensorflow" and execution != "eager":
-        import tensorflow as tf
-
-        return tf.function(
-            lambda x, dy: value_and_grads(call, [x], dy, variables, [layer]),
-            jit_compile=execution == "jit",
-        )
-    return lambda x, dy: value_and_grads(
-        call, [x], dy, variables, [layer], jit=execution == "jit"
-    )
-
-
 def errors(make_layer, execution, x, dy, policy):
     """(output error, variance relative error, gradient error) of one step."""
     layer = make_layer()
@@ -96,35 +75,18 @@ def errors(make_layer, execution, x, dy, policy):
         np.ones(c, "float32"),
     ]
     layer.set_weights(weights)
-    y, (dx, dgamma, dbeta) = step(layer, execution)(x, dy)
+    y, dx, dgamma, dbeta = ref.training_step(layer, execution)(x, dy)
     x_in = x
     if policy != "float32":
         x_in = to_numpy(
             keras.ops.cast(keras.ops.cast(x, layer.compute_dtype), "float32")
         )
-    state = dict(
-        zip(
-            ("gamma", "beta", "moving_mean", "moving_variance"),
-            weights,
-            strict=True,
-        )
-    )
-    y_ref, g_ref, s_ref = ref.step(
-        x_in,
-        state,
-        feature_axes=[x.ndim - 1],
-        training=True,
-        epsilon=layer.epsilon,
-        momentum=0.0,
-        upstream=dy,
+    y_ref, g_ref, var_ref = ref.batch_norm_step(
+        x_in, weights[0], weights[1], layer.epsilon, dy
     )
     f32 = lambda t: to_numpy(keras.ops.cast(t, "float32")).astype(np.float64)  # noqa: E731
     out = float(np.max(np.abs(f32(y) - y_ref)))
-    var = float(
-        np.max(
-            np.abs(f32(layer.moving_variance) / s_ref["moving_variance"] - 1)
-        )
-    )
+    var = float(np.max(np.abs(f32(layer.moving_variance) / var_ref - 1)))
     grad = max(
         float(np.max(np.abs(f32(dx) - g_ref["x"]))) / g_ref["x_scale"],
         ref.rel_err(f32(dgamma), g_ref["gamma"]),
