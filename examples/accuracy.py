@@ -14,6 +14,7 @@ backend:
     KERAS_BACKEND=jax python examples/accuracy.py
     KERAS_BACKEND=torch python examples/accuracy.py
     python examples/accuracy.py --densenet    # also DenseNet121's gradients (TensorFlow)
+    python examples/accuracy.py --out acc-tf  # also writes acc-tf.md and acc-tf.json
 
 `--densenet` adds the gradients of every weight of DenseNet121
 (`keras.applications`, `weights=None`, 64x64 inputs, batch 16, training
@@ -35,6 +36,7 @@ import numpy as np  # noqa: E402
 
 import _reference as ref  # noqa: E402
 import bnlayers  # noqa: E402
+from _common import publish  # noqa: E402
 from _reference import BACKEND  # noqa: E402
 from _reference import to_numpy  # noqa: E402
 
@@ -197,13 +199,28 @@ def main(argv=None):
     parser.add_argument(
         "--no-table", action="store_true", help="skip the offset table"
     )
+    parser.add_argument(
+        "--out",
+        metavar="PREFIX",
+        help="write the offset table to PREFIX.md and PREFIX.json "
+        "(docs/figures/plot.py draws the accuracy chart from such files)",
+    )
     args = parser.parse_args(argv)
-    print(
+    header = (
         f"Keras {keras.__version__}, backend {BACKEND}; bnlayers paths: "
         + ", ".join(f"fused={f} {e}" for f, e in paths())
     )
-    for line in [] if args.no_table else table_lines():
+    print(header)
+    rows = [] if args.no_table else table()
+    lines = list(table_lines(rows)) if rows else []
+    for line in lines:
         print(line, flush=True)
+    if args.out and rows:
+        publish(
+            "\n".join([header, *lines]) + "\n",
+            report(rows, argv),
+            args.out,
+        )
     if args.densenet:
         if BACKEND != "tensorflow":
             print("--densenet runs on TensorFlow only")
@@ -216,14 +233,48 @@ def main(argv=None):
             print(f"  {name}: {err:.2e}")
 
 
-def table_lines():
+def report(rows, argv):
+    """The offset table as data (what `--out` writes as JSON)."""
+    names = ("output", "variance", "gradients")
+
+    def figures(values):
+        # NaN (the built-in's outputs at large offsets on PyTorch) as null.
+        return {
+            n: (None if v != v else float(v))
+            for n, v in zip(names, values, strict=True)
+        }
+
+    return {
+        "command": " ".join(
+            [
+                "python examples/accuracy.py",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
+        "backend": BACKEND,
+        "keras": keras.__version__,
+        "paths": [f"fused={f} {e}" for f, e in paths()],
+        "rows": [
+            {
+                "offset": offset,
+                "shape": list(shape),
+                "policy": policy,
+                "built-in": figures(b),
+                "bnlayers": figures(o),
+            }
+            for shape, offset, policy, b, o in rows
+        ],
+    }
+
+
+def table_lines(rows):
     yield ""
     yield (
         "| offset | shape | policy | built-in output | built-in variance | built-in gradients "
         "| bnlayers output | bnlayers variance | bnlayers gradients |"
     )
     yield "|---|---|---|---|---|---|---|---|---|"
-    for shape, offset, policy, b, o in table():
+    for shape, offset, policy, b, o in rows:
         yield (
             f"| {offset:g} | {shape} | {policy} | {b[0]:.1e} | {b[1]:.1e} | {b[2]:.1e} "
             f"| {o[0]:.1e} | {o[1]:.1e} | {o[2]:.1e} |"
