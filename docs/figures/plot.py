@@ -29,11 +29,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = pathlib.Path(__file__).resolve().parent
 BACKENDS = ("tensorflow", "jax", "torch")
 LABEL = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
+# Inches: narrow enough that a phone shows the chart at about three
+# quarters of its size, with the fonts still legible.
+WIDTH = 5.0
 COLOR = {"tensorflow": "#e37400", "jax": "#1a73e8", "torch": "#c5221f"}
 
 plt.rcParams.update(
     {
-        "font.size": 13,
+        "font.size": 12,
         "svg.fonttype": "none",  # text stays text: the browser's font, searchable
         "svg.hashsalt": "bnlayers",  # the same input gives the same file
         "axes.spines.top": False,
@@ -68,8 +71,8 @@ def _save(fig, name):
 
 def _ratio_axis(ax, title):
     ax.axvline(1.0, color="#444", linewidth=1, linestyle=":")
-    ax.set_title(title, loc="left", fontsize=14, fontweight="bold")
-    ax.set_xlabel("time ratio, bnlayers / built-in (below 1: bnlayers faster)")
+    ax.set_title(title, loc="left", fontsize=13, fontweight="bold")
+    ax.set_xlabel("time, bnlayers / built-in\n(below 1: bnlayers is faster)")
     ax.grid(axis="x", color="#ddd")
     ax.set_axisbelow(True)
 
@@ -77,16 +80,17 @@ def _ratio_axis(ax, title):
 def backends_chart(found):
     """One panel per backend: the ratio of each step (bars)."""
     fig, axes = plt.subplots(
-        len(found), 1, figsize=(7.2, 4.2 * len(found)), squeeze=False
+        len(found), 1, figsize=(WIDTH, 5.6 * len(found)), squeeze=False
     )
     top = max(row["ratio"] for r in found for row in r["rows"])
     for ax, report in zip(axes[:, 0], found, strict=True):
         rows = report["rows"][::-1]
         labels = [
-            f"{row['what']}  {'x'.join(map(str, row['shape']))}" for row in rows
+            f"{row['what']}\n{'x'.join(map(str, row['shape']))}" for row in rows
         ]
         ratios = [row["ratio"] for row in rows]
         ax.barh(labels, ratios, color=COLOR[report["backend"]])
+        ax.tick_params(axis="y", labelsize=10)
         for y, ratio in enumerate(ratios):
             ax.text(ratio + 0.01, y, f"{ratio:.2f}", va="center", fontsize=11)
         ax.set_xlim(0, max(1.2, top + 0.15))
@@ -100,7 +104,7 @@ def backends_chart(found):
 def models_chart(found):
     """One group per model and step, one bar per backend."""
     keys = [(row["model"], row["step"]) for row in found[0]["rows"]]
-    fig, ax = plt.subplots(figsize=(7.2, 1.0 + 0.95 * len(keys)))
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.0 + 1.0 * len(keys)))
     height = 0.8 / len(found)
     top = 0.0
     for k, report in enumerate(found):
@@ -118,7 +122,7 @@ def models_chart(found):
             ratios,
             height=height,
             color=COLOR[report["backend"]],
-            label=f"{LABEL[report['backend']]} ({report['rounds']} rounds)",
+            label=LABEL[report["backend"]],
         )
         for y, ratio in zip(ys, ratios, strict=True):
             ax.text(ratio + 0.01, y, f"{ratio:.2f}", va="center", fontsize=10)
@@ -155,7 +159,7 @@ def accuracy_chart(found):
     fig, axes = plt.subplots(
         len(quantities) * len(shapes),
         1,
-        figsize=(7.2, 3.6 * len(quantities) * len(shapes)),
+        figsize=(WIDTH, 3.2 * len(quantities) * len(shapes)),
         squeeze=False,
     )
     panels = [(q, s) for s in shapes for q in quantities]
@@ -194,9 +198,9 @@ def accuracy_chart(found):
         ax.set_xticks([1, 1e2, 1e4, 1e6], ["0", "1e2", "1e4", "1e6"])
         ax.set_xlabel("mean of the data (offset)")
         ax.set_title(
-            f"{title}, shape {'x'.join(map(str, shape))}",
+            f"{title}\nshape {'x'.join(map(str, shape))}",
             loc="left",
-            fontsize=13,
+            fontsize=12,
             fontweight="bold",
         )
         ax.grid(color="#ddd")
@@ -206,7 +210,7 @@ def accuracy_chart(found):
         labels,
         loc="upper center",
         ncol=2,
-        fontsize=11,
+        fontsize=10,
         frameon=False,
         bbox_to_anchor=(0.5, 1.0),
     )
