@@ -13,8 +13,10 @@ After a new run, pass its files instead (each option takes one or more):
 
 and copy them over docs/figures/backends.json, models.json, accuracy.json
 (as `{"reports": [...]}`) so that the pages' tables and charts stay one run.
-Writes docs/figures/{backends,models,accuracy}.svg (tall and narrow, so
-that they stay legible on a phone's width).
+Writes docs/figures/{backends,models,accuracy}.svg, or into `--out DIR`
+(tall and narrow, so that they stay legible on a phone's width; the same
+data gives the same files). tests/test_docs_figures.py checks that the
+committed data is what the pages' tables print.
 """
 
 import argparse
@@ -27,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
+OUT = HERE  # where the charts go
 BACKENDS = ("tensorflow", "jax", "torch")
 LABEL = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
 # Inches: narrow enough that a phone shows the chart at about three
@@ -61,12 +64,12 @@ def reports(paths):
 
 
 def _save(fig, name):
-    path = HERE / f"{name}.svg"
+    path = OUT / f"{name}.svg"
     fig.savefig(
         path, format="svg", bbox_inches="tight", metadata={"Date": None}
     )
     plt.close(fig)
-    print(f"wrote {path.relative_to(HERE.parent.parent)}")
+    print(f"wrote {path}")
 
 
 def _ratio_axis(ax, title):
@@ -227,7 +230,10 @@ def main(argv=None):
     parser.add_argument(
         "--accuracy", nargs="+", default=[HERE / "accuracy.json"]
     )
+    parser.add_argument("--out", type=pathlib.Path, default=HERE)
     args = parser.parse_args(argv)
+    global OUT
+    OUT = args.out
     backends_chart(reports(args.backends))
     models_chart(reports(args.models))
     accuracy_chart(reports(args.accuracy))
