@@ -208,7 +208,7 @@ def test_lint_and_docs_run_once_and_nightly_keras_only_reports(workflow):
     # Without CI_PARTS, .ci/run does both (the local run).
     assert 'parts="${CI_PARTS:-lint tests}"' in script
     assert "wants tests || exit 0" in script
-    assert "pip install -q --pre keras-nightly" in script
+    assert "pip install -q keras-nightly" in script
 
 
 def test_one_supported_keras_range_for_the_package_and_the_tools():
