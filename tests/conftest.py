@@ -180,12 +180,14 @@ def pytest_addoption(parser):
 
 def _largest_errors_path(config):
     """Where the table goes: pytest's cache folder, or the system's
-    temporary folder when the cache is switched off (-p no:cacheprovider)."""
+    temporary folder when the cache is switched off (-p no:cacheprovider);
+    one file per backend, since .ci/run runs two backends at once."""
     import tempfile
 
+    name = f"largest-errors-{BACKEND}.txt"
     if getattr(config, "cache", None) is not None:
-        return config.cache.mkdir("bnlayers") / "largest-errors.txt"
-    return pathlib.Path(tempfile.gettempdir()) / "bnlayers-largest-errors.txt"
+        return config.cache.mkdir("bnlayers") / name
+    return pathlib.Path(tempfile.gettempdir()) / f"bnlayers-{name}"
 
 
 def pytest_terminal_summary(terminalreporter, config):
