@@ -3,6 +3,7 @@ name without one, or an argument its docstring leaves out, is a build
 warning (an error under `mkdocs build --strict`)."""
 
 import pathlib
+import re
 
 import griffe
 from mkdocs.plugins import get_plugin_logger
@@ -63,3 +64,45 @@ def on_pre_build(config, **kwargs):
             log.warning(f"{path} is documented but not found")
             continue
         _check(path, obj)
+
+
+# Repository paths quoted in the text, `tests/test_parity.py` or
+# `examples/benchmark.py --out bench` (the path is the first word), that are
+# not already a link's text.
+_PATH_MENTION = re.compile(
+    r"(?<!\[)`((?:tests|examples|docs|bnlayers|\.ci|\.github)/[\w./-]*\w)"
+    r"((?: [^`\n]*)?)`(?!\]\()"
+)
+_FENCE = re.compile(r"^(```|~~~)", re.M)
+
+
+def on_page_markdown(markdown, page, config, **kwargs):
+    """With `repo_url` set, a quoted path to a file or folder of the
+    repository links to it there."""
+    repo = config.get("repo_url")
+    if not repo:
+        return markdown
+    root = pathlib.Path(config.config_file_path).parent
+    base = repo.rstrip("/") + "/blob/main/"
+
+    def link(match):
+        path = match.group(1)
+        if not (root / path).exists():
+            return match.group(0)
+        return f"[{match.group(0)}]({base}{path})"
+
+    # Fenced code blocks (every other fence) stay as they are.
+    parts = _FENCE.split(markdown)
+    out, in_code, i = [], False, 0
+    while i < len(parts):
+        text = parts[i]
+        if i + 1 < len(parts):
+            fence = parts[i + 1]
+            out.append(text if in_code else _PATH_MENTION.sub(link, text))
+            out.append(fence)
+            in_code = not in_code
+            i += 2
+        else:
+            out.append(text if in_code else _PATH_MENTION.sub(link, text))
+            i += 1
+    return "".join(out)

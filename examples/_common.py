@@ -2,8 +2,8 @@
 
 Nothing here imports Keras or a backend at import time, so a script can check
 its arguments and read its data before TensorFlow (or JAX, or PyTorch) loads.
-The scripts beside this file import it as `_common`; the tests import it from
-`examples/_common.py` by path.
+The scripts beside this file import it as `_common`, and so do the tests
+(through tests/example_scripts.py): one module under one name.
 """
 
 import gzip

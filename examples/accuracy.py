@@ -14,6 +14,7 @@ backend:
     KERAS_BACKEND=jax python examples/accuracy.py
     KERAS_BACKEND=torch python examples/accuracy.py
     python examples/accuracy.py --densenet    # also DenseNet121's gradients (TensorFlow)
+    python examples/accuracy.py --out acc-tf  # also writes acc-tf.md and acc-tf.json
 
 `--densenet` adds the gradients of every weight of DenseNet121
 (`keras.applications`, `weights=None`, 64x64 inputs, batch 16, training
@@ -25,9 +26,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
-)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -35,11 +34,11 @@ import statistics  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bn_reference as ref  # noqa: E402
+import _reference as ref  # noqa: E402
 import bnlayers  # noqa: E402
-from backend_ops import BACKEND  # noqa: E402
-from backend_ops import to_numpy  # noqa: E402
-from backend_ops import value_and_grads  # noqa: E402
+from _common import publish  # noqa: E402
+from _reference import BACKEND  # noqa: E402
+from _reference import to_numpy  # noqa: E402
 
 OFFSETS = (0.0, 1e2, 1e4, 1e6)
 SHAPES = ((16, 5, 5, 4), (64, 8))
@@ -65,24 +64,6 @@ def data(shape, offset, seed):
     return x, rng.standard_normal(shape).astype("float32")
 
 
-def step(layer, execution):
-    variables = [layer.gamma, layer.beta]
-
-    def call(t):
-        return layer(t, training=True)
-
-    if BACKEND == "tensorflow" and execution != "eager":
-        import tensorflow as tf
-
-        return tf.function(
-            lambda x, dy: value_and_grads(call, [x], dy, variables, [layer]),
-            jit_compile=execution == "jit",
-        )
-    return lambda x, dy: value_and_grads(
-        call, [x], dy, variables, [layer], jit=execution == "jit"
-    )
-
-
 def errors(make_layer, execution, x, dy, policy):
     """(output error, variance relative error, gradient error) of one step."""
     layer = make_layer()
@@ -96,35 +77,18 @@ def errors(make_layer, execution, x, dy, policy):
         np.ones(c, "float32"),
     ]
     layer.set_weights(weights)
-    y, (dx, dgamma, dbeta) = step(layer, execution)(x, dy)
+    y, dx, dgamma, dbeta = ref.training_step(layer, execution)(x, dy)
     x_in = x
     if policy != "float32":
         x_in = to_numpy(
             keras.ops.cast(keras.ops.cast(x, layer.compute_dtype), "float32")
         )
-    state = dict(
-        zip(
-            ("gamma", "beta", "moving_mean", "moving_variance"),
-            weights,
-            strict=True,
-        )
-    )
-    y_ref, g_ref, s_ref = ref.step(
-        x_in,
-        state,
-        feature_axes=[x.ndim - 1],
-        training=True,
-        epsilon=layer.epsilon,
-        momentum=0.0,
-        upstream=dy,
+    y_ref, g_ref, var_ref = ref.batch_norm_step(
+        x_in, weights[0], weights[1], layer.epsilon, dy
     )
     f32 = lambda t: to_numpy(keras.ops.cast(t, "float32")).astype(np.float64)  # noqa: E731
     out = float(np.max(np.abs(f32(y) - y_ref)))
-    var = float(
-        np.max(
-            np.abs(f32(layer.moving_variance) / s_ref["moving_variance"] - 1)
-        )
-    )
+    var = float(np.max(np.abs(f32(layer.moving_variance) / var_ref - 1)))
     grad = max(
         float(np.max(np.abs(f32(dx) - g_ref["x"]))) / g_ref["x_scale"],
         ref.rel_err(f32(dgamma), g_ref["gamma"]),
@@ -235,13 +199,28 @@ def main(argv=None):
     parser.add_argument(
         "--no-table", action="store_true", help="skip the offset table"
     )
+    parser.add_argument(
+        "--out",
+        metavar="PREFIX",
+        help="write the offset table to PREFIX.md and PREFIX.json "
+        "(docs/figures/plot.py draws the accuracy chart from such files)",
+    )
     args = parser.parse_args(argv)
-    print(
+    header = (
         f"Keras {keras.__version__}, backend {BACKEND}; bnlayers paths: "
         + ", ".join(f"fused={f} {e}" for f, e in paths())
     )
-    for line in [] if args.no_table else table_lines():
+    print(header)
+    rows = [] if args.no_table else table()
+    lines = list(table_lines(rows)) if rows else []
+    for line in lines:
         print(line, flush=True)
+    if args.out and rows:
+        publish(
+            "\n".join([header, *lines]) + "\n",
+            report(rows, argv),
+            args.out,
+        )
     if args.densenet:
         if BACKEND != "tensorflow":
             print("--densenet runs on TensorFlow only")
@@ -254,14 +233,48 @@ def main(argv=None):
             print(f"  {name}: {err:.2e}")
 
 
-def table_lines():
+def report(rows, argv):
+    """The offset table as data (what `--out` writes as JSON)."""
+    names = ("output", "variance", "gradients")
+
+    def figures(values):
+        # NaN (the built-in's outputs at large offsets on PyTorch) as null.
+        return {
+            n: (None if v != v else float(v))
+            for n, v in zip(names, values, strict=True)
+        }
+
+    return {
+        "command": " ".join(
+            [
+                "python examples/accuracy.py",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
+        "backend": BACKEND,
+        "keras": keras.__version__,
+        "paths": [f"fused={f} {e}" for f, e in paths()],
+        "rows": [
+            {
+                "offset": offset,
+                "shape": list(shape),
+                "policy": policy,
+                "built-in": figures(b),
+                "bnlayers": figures(o),
+            }
+            for shape, offset, policy, b, o in rows
+        ],
+    }
+
+
+def table_lines(rows):
     yield ""
     yield (
         "| offset | shape | policy | built-in output | built-in variance | built-in gradients "
         "| bnlayers output | bnlayers variance | bnlayers gradients |"
     )
     yield "|---|---|---|---|---|---|---|---|---|"
-    for shape, offset, policy, b, o in table():
+    for shape, offset, policy, b, o in rows:
         yield (
             f"| {offset:g} | {shape} | {policy} | {b[0]:.1e} | {b[1]:.1e} | {b[2]:.1e} "
             f"| {o[0]:.1e} | {o[1]:.1e} | {o[2]:.1e} |"

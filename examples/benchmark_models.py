@@ -169,6 +169,9 @@ def main(argv=None):
                 f"(CPU time {row['ratio_cpu']:.2f})",
                 flush=True,
             )
+    import keras
+
+    report["backend"] = keras.backend.backend()
     report["load_after"] = load_average()
     report["machine"] = machine_line()
     print()

@@ -169,22 +169,52 @@ def float32_policy_after():
     keras.config.set_dtype_policy("float32")
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Print the largest error seen per quantity (`bn_reference.rel_err`): the
-    measured figures the tolerances' comments quote."""
+def pytest_addoption(parser):
+    parser.addoption(
+        "--largest-errors",
+        action="store_true",
+        help="print the table of the largest relative errors measured "
+        "(always written to a file; its path is printed in one line)",
+    )
+
+
+def _largest_errors_path(config):
+    """Where the table goes: pytest's cache folder, or the system's
+    temporary folder when the cache is switched off (-p no:cacheprovider);
+    one file per backend, since .ci/run runs two backends at once."""
+    import tempfile
+
+    name = f"largest-errors-{BACKEND}.txt"
+    if getattr(config, "cache", None) is not None:
+        return config.cache.mkdir("bnlayers") / name
+    return pathlib.Path(tempfile.gettempdir()) / f"bnlayers-{name}"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The largest error seen per quantity (`bn_reference.rel_err`), the
+    measured figures the tolerances' comments quote: written to a file whose
+    path is printed in one line (the table with --largest-errors), so that
+    pytest's own summary stays the last thing a run prints."""
     import sys
 
     reference = sys.modules.get("bn_reference")
     if reference is None or not reference.MAX_ERRORS:
         return
-    tr = terminalreporter
     parity_cases = len(reference.CASES_RUN)
-    tr.write_sep(
-        "-", f"largest relative errors ({parity_cases} parity cases run)"
-    )
-    for (group, condition, quantity), (err, case) in sorted(
-        reference.MAX_ERRORS.items()
-    ):
-        tr.write_line(
-            f"{group:22s} {condition:36s} {quantity:34s} {err:.2e}  {case}"
+    lines = [
+        f"{group:22s} {condition:36s} {quantity:34s} {err:.2e}  {case}"
+        for (group, condition, quantity), (err, case) in sorted(
+            reference.MAX_ERRORS.items()
         )
+    ]
+    title = f"largest relative errors ({parity_cases} parity cases run)"
+    path = _largest_errors_path(config)
+    path.write_text("\n".join([title, *lines]) + "\n")
+    tr = terminalreporter
+    if config.getoption("largest_errors"):
+        tr.write_sep("-", title)
+        for line in lines:
+            tr.write_line(line)
+    tr.write_line(
+        f"{title[0].upper()}{title[1:]}: {len(lines)} figures in {path}"
+    )

@@ -319,3 +319,64 @@ def test_mixed_precision_at_offset_1e3(policy, fused, float32_policy_after):
         to_numpy(layer.moving_variance) / state_ref["moving_variance"] - 1
     )
     assert float(np.max(err)) <= 1e-5
+
+
+def test_the_examples_reference_agrees_with_the_tests():
+    """examples/accuracy.py measures against its own float64 step and its
+    own gradient step (examples import nothing from tests/): both agree with
+    the tests' reference (`bn_reference.step`, `value_and_grads`)."""
+    from example_scripts import example_module
+
+    example = example_module("_reference")
+    rng = np.random.default_rng(3)
+    x = (1e3 + rng.standard_normal((8, 3, 5))).astype("float32")
+    dy = rng.standard_normal(x.shape).astype("float32")
+    gamma, beta = rng.uniform(0.5, 1.5, 5), rng.uniform(-0.5, 0.5, 5)
+    state = {
+        "gamma": gamma,
+        "beta": beta,
+        "moving_mean": np.zeros(5),
+        "moving_variance": np.ones(5),
+    }
+    y, grads, new_state = ref.step(
+        x,
+        state,
+        feature_axes=[2],
+        training=True,
+        epsilon=1e-3,
+        momentum=0.0,
+        upstream=dy,
+    )
+    y_ex, grads_ex, var_ex = example.batch_norm_step(x, gamma, beta, 1e-3, dy)
+    # Two float64 computations of the same formulas: measured 0 apart for the
+    # output, variance, gamma and beta gradients, 1.7e-16 for the input one.
+    assert ref.rel_err(y_ex, y, floor=0) < 1e-13
+    assert ref.rel_err(var_ex, new_state["moving_variance"], floor=0) < 1e-13
+    for name in ("x", "gamma", "beta"):
+        assert ref.rel_err(grads_ex[name], grads[name], floor=0) < 1e-12, name
+    assert grads_ex["x_scale"] == pytest.approx(grads["x_scale"], rel=1e-12)
+
+    # The example's gradient step is the tests' one, on this backend.
+    layers = [bnlayers.BatchNormalization(momentum=0.0) for _ in range(2)]
+    for layer in layers:
+        layer.build(x.shape)
+        layer.set_weights(
+            [
+                gamma.astype("float32"),
+                beta.astype("float32"),
+                *layer.get_weights()[2:],
+            ]
+        )
+    ours = example.training_step(layers[0])(x, dy)
+    y_t, grads_t = value_and_grads(
+        lambda t: layers[1](t, training=True),
+        [x],
+        dy,
+        [layers[1].gamma, layers[1].beta],
+        [layers[1]],
+    )
+    for a, b in zip(ours, [y_t, *grads_t], strict=True):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    np.testing.assert_array_equal(
+        to_numpy(layers[0].moving_variance), to_numpy(layers[1].moving_variance)
+    )

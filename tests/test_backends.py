@@ -8,6 +8,8 @@ other than the three, simulated here) the automatic choice is the
 reference path and `fused=True` is refused.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -141,4 +143,7 @@ def test_model_benchmark_quick_run(tmp_path):
         assert math.isfinite(row["ratio"]) and math.isfinite(row["ratio_cpu"])
     text = out.with_suffix(".md").read_text()
     assert "| MobileNetV3Small | train_on_batch | 2x32x32x3 |" in text
+    # The JSON names its backend, which docs/figures/plot.py charts by.
+    written = json.loads(out.with_suffix(".json").read_text())
+    assert written["backend"] == BACKEND
     assert "benchmark_models.py --quick" in text

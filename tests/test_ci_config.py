@@ -150,9 +150,15 @@ def test_the_audit_rejects_an_unsafe_workflow(tmp_path, breakage):
 
 
 def test_ci_script_runs_the_tooling():
-    """Lint, format, types, the audit and the strict docs build, each failing CI."""
-    # Each command on a line of its own, at the top level (a trailing comment aside).
-    script = [line.split("  #")[0] for line in CI_RUN.read_text().splitlines()]
+    """Lint, format, types, the audit and the strict docs build, each failing CI,
+    in the block that CI_PARTS=lint selects."""
+    text = CI_RUN.read_text()
+    block = re.search(r"^if wants lint; then\n(.*?)^fi\n", text, re.S | re.M)
+    assert block, "no `if wants lint` block in .ci/run"
+    # Each command on a line of its own (a trailing comment aside).
+    script = [
+        line.split("  #")[0].strip() for line in block.group(1).splitlines()
+    ]
     for command in (
         'python3 -m pip install -q -e ".[docs]"',
         "ruff check .",
@@ -179,6 +185,50 @@ def test_every_job_runs_the_local_ci_script(workflow):
     for name, job in workflow["jobs"].items():
         runs = [step["run"].strip() for step in job["steps"] if "run" in step]
         assert "bash .ci/run" in runs, f"job {name} does not run .ci/run"
+
+
+def test_lint_and_docs_run_once_and_nightly_keras_only_reports(workflow):
+    """One job lints and builds the docs; the matrix jobs only test; the
+    keras-nightly job tests and cannot fail the workflow."""
+    jobs = workflow["jobs"]
+    parts = {
+        name: job.get("env", {}).get("CI_PARTS") for name, job in jobs.items()
+    }
+    assert parts == {"lint": "lint", "test": "tests", "keras-nightly": "tests"}
+    assert "strategy" not in jobs["lint"]
+    nightly = jobs["keras-nightly"]
+    assert nightly["continue-on-error"] is True
+    assert nightly["env"]["CI_KERAS"] == "nightly"
+    assert all(
+        job.get("continue-on-error") is not True
+        for name, job in jobs.items()
+        if name != "keras-nightly"
+    )
+    script = CI_RUN.read_text()
+    # Without CI_PARTS, .ci/run does both (the local run).
+    assert 'parts="${CI_PARTS:-lint tests}"' in script
+    assert "wants tests || exit 0" in script
+    assert "pip install -q keras-nightly" in script
+
+
+def test_one_supported_keras_range_for_the_package_and_the_tools():
+    """pyproject.toml's keras requirement is the range the tools accept."""
+    from bnlayers.tools import _keras_internals
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())[
+        "project"
+    ]["dependencies"]
+    (keras_req,) = [d for d in dependencies if re.match(r"keras\b", d)]
+    bounds = dict(
+        (op, tuple(int(n) for n in version.split(".")))
+        for op, version in re.findall(r"(>=|<)\s*(\d+\.\d+)", keras_req)
+    )
+    assert (bounds[">="], bounds["<"]) == _keras_internals.CHECKED, keras_req
+    # The tools accept the Keras that keras-nightly installed when the range
+    # was last checked, and refuse the first release outside it.
+    low, high = _keras_internals.CHECKED
+    assert low <= _keras_internals._release("3.16.0.dev2026102704") < high
+    assert not low <= _keras_internals._release("3.17.0") < high
 
 
 def _pytest_args(command):
@@ -252,3 +302,50 @@ def test_matrix_covers_the_supported_pythons_with_a_pip_cache(workflow):
     ]
     assert setup and setup[0]["with"]["cache"] == "pip"
     assert setup[0]["with"]["python-version"] == "${{ matrix.python-version }}"
+
+
+def test_pytest_summary_is_the_last_thing_printed(tmp_path):
+    """The largest-errors table goes to a file named in one line (not to the
+    terminal), and pytest's pass/fail line stays last."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO), env.get("PYTHONPATH")])
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-o",
+            f"cache_dir={tmp_path / 'cache'}",
+            "tests/test_math.py",
+            "-k",
+            "normalize",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    last = run.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"=+ \d+ passed.* in [\d.]+s.* =+", last), last
+    named = re.findall(
+        r"^Largest relative errors .* figures in (.+)$", run.stdout, re.M
+    )
+    backend = env.get("KERAS_BACKEND", "tensorflow")
+    path = (
+        tmp_path / "cache" / "d" / "bnlayers" / f"largest-errors-{backend}.txt"
+    )
+    assert named == [str(path)], run.stdout
+    table = path.read_text().splitlines()
+    assert table[0].startswith("largest relative errors")
+    # The measured errors of float32 normalization (about 1e-7 here).
+    errors = [
+        float(re.search(r" (\d\.\d\de[-+]\d\d)\b", line).group(1))
+        for line in table[1:]
+        if "test_normalize" in line
+    ]
+    assert errors and max(errors) < 1e-5, table
+    assert not any(line in run.stdout for line in table[1:])

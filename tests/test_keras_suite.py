@@ -16,6 +16,7 @@ import sys
 from xml.etree import ElementTree
 
 import keras
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KERAS_TEST = "src/layers/normalization/batch_normalization_test.py"
@@ -26,7 +27,13 @@ _CLASS = re.compile(r"\blayers\.BatchNormalization\b")
 
 
 def _substituted_suite():
-    source = (pathlib.Path(keras.__file__).parent / KERAS_TEST).read_text()
+    path = pathlib.Path(keras.__file__).parent / KERAS_TEST
+    if not path.is_file():
+        pytest.skip(
+            f"the installed Keras {keras.__version__} ships no test files "
+            f"(no {KERAS_TEST}; keras-nightly wheels leave them out)"
+        )
+    source = path.read_text()
     suite, count = _CLASS.subn("bnlayers.BatchNormalization", source)
     assert count >= 10, (
         f"only {count} uses of layers.BatchNormalization in Keras' {KERAS_TEST}"

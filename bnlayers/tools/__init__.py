@@ -18,8 +18,9 @@ and fvcore have tools for and Keras does not:
 Each works on `keras.layers.BatchNormalization` and
 `bnlayers.BatchNormalization` alike, in Sequential and Functional models
 and in models nested inside them. They walk models through a few Keras
-internals (all in `_keras_internals`), checked against Keras 3.15.x; on
-another Keras version they raise a RuntimeError naming it.
+internals (all in `_keras_internals`), checked against Keras 3.15 and 3.16
+(the range pyproject.toml allows); on another Keras version they raise a
+RuntimeError naming it.
 """
 
 from bnlayers.tools.channel_affine import ChannelAffine
