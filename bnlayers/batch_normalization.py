@@ -564,17 +564,17 @@ class BatchNormalization(keras.layers.Layer):
         return ops.cast(outputs, self.compute_dtype)
 
     def _fast_path(self, inputs, mask):
-        """The fast path's implementation for this call (see `_fused`), or None."""
+        """The backend whose fast path takes this call (see `_fused`), or None."""
         if self.fused is False:
             return None
         from bnlayers import _fused
 
-        implementation = _fused.implementation()
+        name = _fused.fast_backend()
         reason = _fused.ineligibility(
-            self, inputs, mask, self._feature_axes, implementation
+            self, inputs, mask, self._feature_axes, name
         )
         if reason is None:
-            return implementation
+            return name
         if self.fused:
             raise ValueError(
                 f"`fused=True` but the fused fast path cannot be taken here: {reason}. "
@@ -582,25 +582,24 @@ class BatchNormalization(keras.layers.Layer):
             )
         return None
 
-    def _fast_call(self, inputs, use_batch_statistics, implementation):
+    def _fast_call(self, inputs, use_batch_statistics, name):
         from bnlayers import _fused
 
-        args = dict(
-            x=inputs,
-            gamma=self.gamma if self.scale else None,
-            beta=self.beta if self.center else None,
-            moving_mean=self.moving_mean,
-            moving_variance=self.moving_variance,
-            axis=self._feature_axes[0],
-            epsilon=self.epsilon,
-            out_dtype=self.compute_dtype,
-            implementation=implementation,
+        params = _fused.Parameters(
+            self.gamma if self.scale else None,
+            self.beta if self.center else None,
+            self.moving_mean,
+            self.moving_variance,
+        )
+        spec = _fused.Spec(
+            self._feature_axes[0],
+            self.epsilon,
+            self.momentum,
+            self.compute_dtype,
         )
         if not use_batch_statistics:
-            return _fused.inference(**args)
-        outputs, new_mean, new_var = _fused.training(
-            momentum=self.momentum, **args
-        )
+            return _fused.inference(inputs, params, spec)
+        outputs, new_mean, new_var = _fused.training(inputs, params, spec)
         for variable, value in (
             (self.moving_mean, new_mean),
             (self.moving_variance, new_var),
