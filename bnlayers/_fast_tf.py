@@ -153,6 +153,10 @@ def graph_forms(x, spec, inference):
         return forms, rule.index(n)
     if len(set(forms)) == 1:
         return forms[:1], 0
+    if inference and _forms.COMPILED not in forms:
+        # A graph that converters read (tf2onnx cannot convert
+        # `tf.switch_case`) takes one form: that of the largest sizes.
+        return forms[-1:], 0
     return forms, None
 
 
@@ -225,49 +229,60 @@ def _count(x, axis, dtype):
 # arithmetic is in the dtype of `gamma` (the statistics dtype).
 
 
-@functools.cache
-def _xla_functions():
-    """The four XLA-compiled functions, traced once per input signature.
+# The compiled functions' helpers, on inputs in the merged layout
+# (`_geometry.merged_shape`); run when the functions are traced.
 
-    Only graphs call them (fit(), a tf.function): there a compiled function
-    is traced once for the traced shape. Eager calls take plain ops
-    (`_plain_training`, `_plain_inference`) instead, which compile nothing
-    for a new input shape.
-    """
+
+def _merged(x, axis):
+    import tensorflow as tf
+
+    shape = tf.shape(x, out_type=tf.int64)
+    dims = [tf.reduce_prod(shape[:axis]), shape[axis]]
+    if axis < x.shape.rank - 1:
+        dims.append(tf.reduce_prod(shape[axis + 1 :]))
+    return tf.reshape(x, dims)
+
+
+def _stats_axes(x):
+    return list(_geometry.merged_reduction(x.shape.rank))
+
+
+def _per_feature(v, x):
+    import tensorflow as tf
+
+    return tf.reshape(v, [1, -1] if x.shape.rank == 2 else [1, -1, 1])
+
+
+def _first_sample(x):
+    """Each feature's first element (`_math.choose_shift`); 0 for an empty batch."""
+    import tensorflow as tf
+
+    # A slice and a concatenation, not a reduction: XLA fuses them into
+    # the loops that read the shift, where a reduction would be a loop
+    # of its own.
+    if x.shape.rank == 2:
+        rows = tf.concat([x[:1], tf.zeros([1, tf.shape(x)[1]], x.dtype)], 0)
+        return rows[0]
+    rows = tf.concat(
+        [x[:1, :, :1], tf.zeros([1, tf.shape(x)[1], 1], x.dtype)], 0
+    )
+    return rows[0, :, 0]
+
+
+def _merged_count(x, dtype):
+    """Elements per feature, at least 1 (an empty batch gives zeros, not NaN)."""
+    import tensorflow as tf
+
+    n = tf.size(x, out_type=tf.int64) // tf.shape(x, out_type=tf.int64)[1]
+    return tf.cast(tf.maximum(n, 1), dtype)
+
+
+@functools.cache
+def _compiled_training():
+    """`forward` and `backward`, XLA-compiled, traced once per input signature."""
     import tensorflow as tf
 
     function = functools.partial(tf.function, jit_compile=True, autograph=False)
-
-    def merged(x, axis):
-        shape = tf.shape(x, out_type=tf.int64)
-        dims = [tf.reduce_prod(shape[:axis]), shape[axis]]
-        if axis < x.shape.rank - 1:
-            dims.append(tf.reduce_prod(shape[axis + 1 :]))
-        return tf.reshape(x, dims)
-
-    def stats_axes(x):
-        return [0] if x.shape.rank == 2 else [0, 2]
-
-    def per_feature(v, x):
-        return tf.reshape(v, [1, -1] if x.shape.rank == 2 else [1, -1, 1])
-
-    def first_sample(x):
-        """Each feature's first element (`_math.choose_shift`); 0 for an empty batch."""
-        # A slice and a concatenation, not a reduction: XLA fuses them into
-        # the loops that read the shift, where a reduction would be a loop
-        # of its own.
-        if x.shape.rank == 2:
-            rows = tf.concat([x[:1], tf.zeros([1, tf.shape(x)[1]], x.dtype)], 0)
-            return rows[0]
-        rows = tf.concat(
-            [x[:1, :, :1], tf.zeros([1, tf.shape(x)[1], 1], x.dtype)], 0
-        )
-        return rows[0, :, 0]
-
-    def count(x, dtype):
-        """Elements per feature, at least 1 (an empty batch gives zeros, not NaN)."""
-        n = tf.size(x, out_type=tf.int64) // tf.shape(x, out_type=tf.int64)[1]
-        return tf.cast(tf.maximum(n, 1), dtype)
 
     @function
     def forward(
@@ -283,22 +298,22 @@ def _xla_functions():
     ):
         """Outputs, the shift and residual mean, the variance, the new moving statistics."""
         shape = tf.shape(x)
-        x = tf.cast(merged(x, axis), gamma.dtype)
-        n = count(x, gamma.dtype)
+        x = tf.cast(_merged(x, axis), gamma.dtype)
+        n = _merged_count(x, gamma.dtype)
         # Every sum is of x - shift, values of the order of the spread: the
         # offset of the data never enters the rounding (see _math).
-        shift = first_sample(x)
-        d = x - per_feature(shift, x)
+        shift = _first_sample(x)
+        d = x - _per_feature(shift, x)
         # Two passes on shifted values (_math.shifted_moments). The one-pass
         # form (both sums in one read of x) measured slower here: XLA's CPU
         # reductions take a materialized operand, so sum(d) and sum(d^2) cost
         # two temporaries either way.
-        residual = tf.reduce_sum(d, stats_axes(x)) / n
-        centred = d - per_feature(residual, x)
-        var = tf.reduce_sum(tf.square(centred), stats_axes(x)) / n
-        y = centred * per_feature(
+        residual = tf.reduce_sum(d, _stats_axes(x)) / n
+        centred = d - _per_feature(residual, x)
+        var = tf.reduce_sum(tf.square(centred), _stats_axes(x)) / n
+        y = centred * _per_feature(
             tf.math.rsqrt(var + epsilon) * gamma, x
-        ) + per_feature(beta, x)
+        ) + _per_feature(beta, x)
         # The Keras update rule, here rather than in a dozen small ops
         # outside; an empty batch leaves the moving statistics as they are.
         mean = shift + residual
@@ -317,50 +332,75 @@ def _xla_functions():
     @function
     def backward(dy, x, shift, residual, var, gamma, epsilon, axis):
         shape, dtype = tf.shape(x), x.dtype
-        x = tf.cast(merged(x, axis), gamma.dtype)
-        dy = tf.cast(merged(dy, axis), gamma.dtype)
-        n = count(x, gamma.dtype)
+        x = tf.cast(_merged(x, axis), gamma.dtype)
+        dy = tf.cast(_merged(dy, axis), gamma.dtype)
+        n = _merged_count(x, gamma.dtype)
         inv = tf.math.rsqrt(var + epsilon)
         # (x - shift) - residual, as in the forward: exact at any offset.
-        centred = (x - per_feature(shift, x)) - per_feature(residual, x)
-        dbeta = tf.reduce_sum(dy, stats_axes(x))
-        dgamma = tf.reduce_sum(dy * centred, stats_axes(x)) * inv
+        centred = (x - _per_feature(shift, x)) - _per_feature(residual, x)
+        dbeta = tf.reduce_sum(dy, _stats_axes(x))
+        dgamma = tf.reduce_sum(dy * centred, _stats_axes(x)) * inv
         # With xhat = (x - mean) * inv and the batch statistics depending on
         # x, the derivative of gamma * xhat + beta is
         # gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), and
         # sum(dy * xhat) is dgamma.
-        dx = per_feature(gamma * inv, x) * (
+        dx = _per_feature(gamma * inv, x) * (
             dy
-            - per_feature(dbeta / n, x)
-            - centred * per_feature(inv * dgamma / n, x)
+            - _per_feature(dbeta / n, x)
+            - centred * _per_feature(inv * dgamma / n, x)
         )
         return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
+
+    return forward, backward
+
+
+@functools.cache
+def _compiled_inference():
+    """`inference` and its backward, XLA-compiled, traced once per input signature."""
+    import tensorflow as tf
+
+    function = functools.partial(tf.function, jit_compile=True, autograph=False)
 
     @function
     def inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
         shape = tf.shape(x)
-        x = tf.cast(merged(x, axis), gamma.dtype)
+        x = tf.cast(_merged(x, axis), gamma.dtype)
         # The mean is subtracted before scaling, as in the reference path
         # (x * a + b would lose digits when the mean is large next to the spread).
-        y = (x - per_feature(mean, x)) * per_feature(
+        y = (x - _per_feature(mean, x)) * _per_feature(
             tf.math.rsqrt(var + epsilon) * gamma, x
         )
-        return tf.reshape(tf.cast(y + per_feature(beta, x), out_dtype), shape)
+        return tf.reshape(tf.cast(y + _per_feature(beta, x), out_dtype), shape)
 
     @function
     def inference_backward(dy, x, mean, var, gamma, epsilon, axis):
         shape, dtype = tf.shape(x), x.dtype
-        x = tf.cast(merged(x, axis), gamma.dtype)
-        dy = tf.cast(merged(dy, axis), gamma.dtype)
+        x = tf.cast(_merged(x, axis), gamma.dtype)
+        dy = tf.cast(_merged(dy, axis), gamma.dtype)
         inv = tf.math.rsqrt(var + epsilon)
-        dx = dy * per_feature(inv * gamma, x)
+        dx = dy * _per_feature(inv * gamma, x)
         dgamma = (
-            tf.reduce_sum(dy * (x - per_feature(mean, x)), stats_axes(x)) * inv
+            tf.reduce_sum(dy * (x - _per_feature(mean, x)), _stats_axes(x))
+            * inv
         )
-        dbeta = tf.reduce_sum(dy, stats_axes(x))
+        dbeta = tf.reduce_sum(dy, _stats_axes(x))
         return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
 
-    return forward, backward, inference, inference_backward
+    return inference, inference_backward
+
+
+def _xla_functions():
+    """The four XLA-compiled functions, traced once per input signature.
+
+    Only graphs call them (fit(), a tf.function): there a compiled function
+    is traced once for the traced shape. Eager calls take plain ops
+    (`_plain_training`, `_plain_inference`) instead, which compile nothing
+    for a new input shape.
+
+    Returns:
+        tuple: ``(forward, backward, inference, inference_backward)``.
+    """
+    return _compiled_training() + _compiled_inference()
 
 
 def _xla_training(x, params, spec):
@@ -372,21 +412,13 @@ def _xla_training(x, params, spec):
     )
     momentum = tf.constant(spec.momentum, gamma.dtype)
     axis, out_dtype = spec.axis, spec.out_dtype
-    forward, backward, _, _ = _xla_functions()
+    forward, backward = _compiled_training()
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        y, shift, residual, var, new_mean, new_var = forward(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_var,
-            momentum,
-            epsilon,
-            axis,
-            out_dtype,
-        )
+        moving = (moving_mean, moving_var, momentum)
+        outputs = forward(x, gamma, beta, *moving, epsilon, axis, out_dtype)
+        y, shift, residual, var, new_mean, new_var = outputs
 
         def grad(dy, dmean, dvar):
             # The moving statistics carry no gradient.
@@ -442,7 +474,7 @@ def _xla_inference(x, params, spec):
     gamma, beta, mean, var, epsilon = _in_statistics_dtype(x, params, spec)
     axis, out_dtype = spec.axis, spec.out_dtype
 
-    _, _, inference, inference_backward = _xla_functions()
+    inference, inference_backward = _compiled_inference()
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):

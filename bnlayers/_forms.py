@@ -17,12 +17,15 @@ the inputs: known when traced, the form is picked then; unknown (Keras
 traces with an unknown batch size), the same table picks it when the graph
 runs (`tf.switch_case`).
 
-The default rule only ever gives inference the forms every converter reads
-(plain ops and `FusedBatchNormV3`): a nested XLA-compiled function reaches
+The default rule keeps inference graphs convertible by design: it only
+gives inference the forms every converter reads (plain ops and
+`FusedBatchNormV3`), since a nested XLA-compiled function reaches
 `model.export`, `tf.saved_model.save`, tf2onnx and the LiteRT converter as
-an opaque call, so a graph that may be exported must not hold one. Users
-who never export a graph can ask for the compiled call in inference too
-(see the performance page for the measurements behind each breakpoint).
+an opaque call; and where the size is unknown when traced, an inference
+graph of such a rule takes one form (that of the largest sizes) rather than
+a run-time choice, which tf2onnx cannot convert. Users who never export a
+graph can ask for the compiled call in inference too (`FormRule.throughput`;
+see the performance page for the measurements behind each breakpoint).
 """
 
 import bisect
@@ -55,6 +58,10 @@ class FormRule:
     forms of each range (one more than there are breakpoints). The same
     table picks the form when the graph is traced (size known) and when
     it runs (size unknown when traced).
+
+    In inference, where the size is unknown when traced and no range
+    names "compiled", the graph takes the last range's form (a graph that
+    may be exported holds no run-time choice).
 
     Where a rule names "kernel" for a call the kernel cannot take on this
     device (features not on the last axis off a GPU, float64, an epsilon
@@ -162,8 +169,8 @@ def set_form_rule(rule: FormRule | str | None) -> FormRule | None:
     Args:
         rule: a `FormRule`; a form name ("plain", "kernel", "compiled"),
             short for `FormRule.always(name)`; or None for the default (on a
-            GPU the kernel, else plain ops below 2**17 elements and the
-            kernel above: see the performance page).
+            GPU the kernel, else plain ops for small tensors and the kernel
+            for larger ones: see the [performance page](performance.md)).
 
     Returns:
         FormRule | None: the rule set before (None: the default).

@@ -741,8 +741,9 @@ def test_one_table_feeds_the_traced_and_the_run_time_choice():
 
 def test_default_rule_keeps_inference_convertible(monkeypatch):
     """Whatever the size, axis or dtype, an inference graph that TensorFlow
-    runs op by op holds no XLA-compiled call (which exporters cannot
-    convert): plain ops or the kernel. Training takes the compiled call
+    runs op by op holds no XLA-compiled call and no run-time choice (which
+    exporters cannot convert): plain ops or the kernel, the kernel where
+    the size is unknown when traced. Training takes the compiled call
     where the kernel cannot take it."""
     monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: False)
     default = _forms.FormRule()
@@ -767,6 +768,12 @@ def test_default_rule_keeps_inference_convertible(monkeypatch):
             )
             x = tf.zeros(shape, dtype)
             assert not _compiled(infer, x), (shape, axis, dtype, batch)
+            # No run-time choice either (tf2onnx cannot convert one).
+            ops = _graph_ops(infer, x)
+            assert not ops & {"Case", "StatelessCase"}, ops
+            assert ("FusedBatchNormV3" in ops) == (
+                axis == -1 and dtype == "float32"
+            )
             assert _compiled(train, x) == (axis == 1 or dtype == "float64")
 
 
