@@ -141,12 +141,19 @@ def graph_forms(x, spec, inference):
         known (the choice is then made when the graph runs).
     """
     rule = _forms.form_rule(gpu_visible())
+    candidates = rule.forms(inference)
+    # Where the kernel cannot take the call: the compiled call, except in
+    # inference under a rule that keeps it convertible (no compiled call).
+    fallback = (
+        _forms.PLAIN
+        if inference and _forms.COMPILED not in candidates
+        else _forms.COMPILED
+    )
     forms = tuple(
-        form
-        if form != _forms.KERNEL or _kernel_fits(x, spec)
-        # Inference stays convertible: plain ops, not a compiled call.
-        else (_forms.PLAIN if inference else _forms.COMPILED)
-        for form in rule.forms(inference)
+        fallback
+        if form == _forms.KERNEL and not _kernel_fits(x, spec)
+        else form
+        for form in candidates
     )
     n = x.shape.num_elements()
     if n is not None:

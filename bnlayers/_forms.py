@@ -65,8 +65,8 @@ class FormRule:
 
     Where a rule names "kernel" for a call the kernel cannot take on this
     device (features not on the last axis off a GPU, float64, an epsilon
-    below cuDNN's bound) the call takes "compiled" in training and "plain"
-    in inference instead.
+    below cuDNN's bound) the call takes "compiled" instead; in inference
+    "plain" where no range names "compiled" (the graph stays convertible).
 
     Attributes:
         breakpoints: increasing element counts, each the first size of a

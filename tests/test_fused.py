@@ -775,6 +775,19 @@ def test_default_rule_keeps_inference_convertible(monkeypatch):
                 axis == -1 and dtype == "float32"
             )
             assert _compiled(train, x) == (axis == 1 or dtype == "float64")
+    # A rule that takes the compiled call in inference (not convertible
+    # anyway) takes it where the kernel cannot run, too.
+    _rule_for_the_test(
+        monkeypatch,
+        _forms.FormRule(
+            (50, 10_000),
+            ("plain",) + ("kernel",) * 2,
+            ("plain", "kernel", "compiled"),
+        ),
+    )
+    layer = _built(shape=(8, 3, 5, 5), axis=1)
+    infer = tf.function(lambda x: layer(x, training=False))
+    assert _compiled(infer, tf.zeros((8, 3, 5, 5)))
 
 
 def test_set_form_rule(monkeypatch):
