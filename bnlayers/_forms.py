@@ -30,6 +30,7 @@ see the performance page for the measurements behind each breakpoint).
 
 import bisect
 import dataclasses
+from typing import Any
 
 PLAIN = "plain"
 KERNEL = "kernel"
@@ -68,7 +69,7 @@ class FormRule:
     below cuDNN's bound) the call takes "compiled" instead; in inference
     "plain" where no range names "compiled" (the graph stays convertible).
 
-    Attributes:
+    Args:
         breakpoints: increasing element counts, each the first size of a
             range.
         training: the form of each range in training.
@@ -105,7 +106,7 @@ class FormRule:
         """A rule that gives every call `form`: the choice switched off.
 
         Returns:
-            FormRule: one range, `form` in training and inference.
+            One range, `form` in training and inference.
         """
         return cls(breakpoints=(), training=(form,), inference=(form,))
 
@@ -115,8 +116,8 @@ class FormRule:
         inference for large inputs: for graphs that are never exported.
 
         Returns:
-            FormRule: plain ops, then the kernel, and in inference the
-            compiled call from `KERNEL_INFERENCE_MAX_ELEMENTS` + 1 elements.
+            Plain ops, then the kernel, and in inference the compiled
+                call from `KERNEL_INFERENCE_MAX_ELEMENTS` + 1 elements.
         """
         return cls(
             breakpoints=(PLAIN_MAX_ELEMENTS, KERNEL_INFERENCE_MAX_ELEMENTS + 1),
@@ -128,7 +129,7 @@ class FormRule:
         """The forms of each range, for inference or training.
 
         Returns:
-            tuple[str, ...]: one form per range.
+            One form per range.
         """
         return self.inference if inference else self.training
 
@@ -136,15 +137,15 @@ class FormRule:
         """The range of a call of `n` elements (known when traced).
 
         Returns:
-            int: how many breakpoints are at most `n`.
+            How many breakpoints are at most `n`.
         """
         return bisect.bisect_right(self.breakpoints, n)
 
-    def runtime_index(self, n):
+    def runtime_index(self, n: Any) -> Any:
         """`index` for a scalar int64 tensor `n`, computed when the graph runs.
 
         Returns:
-            tf.Tensor: an int32 scalar, the branch index for `tf.switch_case`.
+            An int32 scalar, the branch index for `tf.switch_case`.
         """
         import tensorflow as tf
 
@@ -173,7 +174,7 @@ def set_form_rule(rule: FormRule | str | None) -> FormRule | None:
             for larger ones: see the [performance page](performance.md)).
 
     Returns:
-        FormRule | None: the rule set before (None: the default).
+        The rule set before (None: the default).
 
     Raises:
         ValueError: `rule` is neither a `FormRule`, a form name nor None.
@@ -202,7 +203,7 @@ def form_rule(gpu: bool = False) -> FormRule:
         gpu: whether TensorFlow sees a GPU.
 
     Returns:
-        FormRule: the rule that picks the forms of calls traced now.
+        The rule that picks the forms of calls traced now.
     """
     if _user_rule is not None:
         return _user_rule

@@ -31,6 +31,7 @@ framework.
 """
 
 import importlib
+from typing import Any
 
 from keras import backend
 
@@ -206,7 +207,7 @@ def describe(layer, inputs, inference):
 # ------------------------------------------------------------------ public
 
 
-def fused_eligibility(layer, inputs, mask=None):
+def fused_eligibility(layer: Any, inputs: Any, mask: Any = None) -> str | None:
     """Why `layer` would not take its fused fast path on `inputs`, or None if it would.
 
     With `fused=None` (the default) a `bnlayers.BatchNormalization` layer
@@ -245,9 +246,9 @@ def fused_eligibility(layer, inputs, mask=None):
         mask: the mask the layer would be called with, if any.
 
     Returns:
-        str | None: None if the call would take the fast path, else a
-            short reason. The answer does not depend on `layer.fused`
-            (with `fused=False` the layer never takes it).
+        None if the call would take the fast path, else a short reason
+            (which does not depend on `layer.fused`: with `fused=False`
+            the layer never takes the fast path).
     """
     if isinstance(inputs, (tuple, list)):
         import keras
