@@ -6,6 +6,9 @@ on TensorFlow, JAX and PyTorch, ghost batches, exact synchronized statistics
 and a list of feature axes.
 """
 
+from bnlayers._forms import FormRule
+from bnlayers._forms import form_rule
+from bnlayers._forms import set_form_rule
 from bnlayers._fused import fused_eligibility
 from bnlayers.batch_normalization import BatchNormalization
 from bnlayers.tools import fold_batchnorm
@@ -17,10 +20,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNormalization",
+    "FormRule",
     "fold_batchnorm",
+    "form_rule",
     "freeze_batchnorm",
     "fused_eligibility",
     "recalibrate",
+    "set_form_rule",
     "swap_batchnorm",
     "__version__",
 ]

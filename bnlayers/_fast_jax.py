@@ -32,7 +32,6 @@ any JAX operation is.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -40,16 +39,8 @@ import numpy as np
 from keras import backend
 from keras import ops
 
+from bnlayers import _geometry
 from bnlayers import _math
-
-
-def _layout(shape, axis):
-    """The merged shape: (rows, C) for a last feature axis, else (before, C, after)."""
-    before = math.prod(shape[:axis])
-    after = math.prod(shape[axis + 1 :])
-    if axis == len(shape) - 1:
-        return (before, shape[axis])
-    return (before, shape[axis], after)
 
 
 def _stats_axes(x, feature):
@@ -57,9 +48,7 @@ def _stats_axes(x, feature):
 
 
 def _per_feature(v, x, feature):
-    shape = [1] * x.ndim
-    shape[feature] = -1
-    return v.reshape(shape)
+    return v.reshape(_geometry.vector_shape(x.ndim, feature))
 
 
 def _first_sample(x, feature):
@@ -172,7 +161,7 @@ _normalize.defvjp(_normalize_forward, _normalize_backward)
 def _training(
     x, gamma, beta, moving_mean, moving_var, momentum, axis, epsilon, out_dtype
 ):
-    xm = x.reshape(_layout(x.shape, axis))
+    xm = x.reshape(_geometry.merged_shape(x.shape, axis))
     y, shift, residual, var = _normalize(xm, gamma, beta, 1, epsilon, out_dtype)
     mean = jax.lax.stop_gradient(shift + residual)
     var = jax.lax.stop_gradient(var)
@@ -201,7 +190,7 @@ def _inference(x, gamma, beta, mean, var, axis, epsilon, out_dtype):
     return y.astype(out_dtype)
 
 
-def _arguments(x, gamma, beta, moving_mean, moving_variance, axis):
+def _arguments(x, params, axis):
     """Arrays in the statistics dtype; gamma and beta filled where None."""
     x = ops.convert_to_tensor(x)
     dtype = _math.statistics_dtype(x.dtype)
@@ -214,59 +203,41 @@ def _arguments(x, gamma, beta, moving_mean, moving_variance, axis):
 
     return (
         x,
-        per_feature(gamma, 1.0),
-        per_feature(beta, 0.0),
-        ops.convert_to_tensor(moving_mean).astype(dtype),
-        ops.convert_to_tensor(moving_variance).astype(dtype),
+        per_feature(params.gamma, 1.0),
+        per_feature(params.beta, 0.0),
+        ops.convert_to_tensor(params.moving_mean).astype(dtype),
+        ops.convert_to_tensor(params.moving_variance).astype(dtype),
     )
 
 
-def _out_dtype(out_dtype):
-    return np.dtype(backend.standardize_dtype(out_dtype))
+def _static(spec):
+    """The static arguments of the jitted functions."""
+    return {
+        "axis": spec.axis,
+        "epsilon": float(spec.epsilon),
+        "out_dtype": np.dtype(backend.standardize_dtype(spec.out_dtype)),
+    }
 
 
-def training(
-    x,
-    gamma,
-    beta,
-    moving_mean,
-    moving_variance,
-    axis,
-    epsilon,
-    momentum,
-    out_dtype,
-):
-    """`(y, new_moving_mean, new_moving_variance)`, as `_fused.training`."""
+def training(x, params, spec):
+    """`_fused.training` on JAX.
+
+    Returns:
+        tuple: ``(y, new_moving_mean, new_moving_variance)``.
+    """
     x, gamma, beta, moving_mean, moving_variance = _arguments(
-        x, gamma, beta, moving_mean, moving_variance, axis
+        x, params, spec.axis
     )
+    momentum = jnp.asarray(spec.momentum, gamma.dtype)
     return _training(
-        x,
-        gamma,
-        beta,
-        moving_mean,
-        moving_variance,
-        jnp.asarray(momentum, gamma.dtype),
-        axis=axis,
-        epsilon=float(epsilon),
-        out_dtype=_out_dtype(out_dtype),
+        x, gamma, beta, moving_mean, moving_variance, momentum, **_static(spec)
     )
 
 
-def inference(
-    x, gamma, beta, moving_mean, moving_variance, axis, epsilon, out_dtype
-):
-    """Outputs with the moving statistics, as `_fused.inference`."""
-    x, gamma, beta, mean, var = _arguments(
-        x, gamma, beta, moving_mean, moving_variance, axis
-    )
-    return _inference(
-        x,
-        gamma,
-        beta,
-        mean,
-        var,
-        axis=axis,
-        epsilon=float(epsilon),
-        out_dtype=_out_dtype(out_dtype),
-    )
+def inference(x, params, spec):
+    """`_fused.inference` on JAX.
+
+    Returns:
+        jax.Array: the outputs.
+    """
+    return _inference(*_arguments(x, params, spec.axis), **_static(spec))

@@ -1,29 +1,26 @@
-"""The fused fast path of `BatchNormalization` on TensorFlow.
+"""The fused fast path of `BatchNormalization` on TensorFlow, in three forms.
 
-`_fused` decides when it runs and which of its two implementations:
+Which form a call takes is `choose`'s answer (the rule is `_forms`'s):
 
 - ``"kernel"``: TensorFlow's fused batch-norm kernel, `FusedBatchNormV3`,
   differentiated by its registered `FusedBatchNormGradV3`; on a GPU this is
-  cuDNN's batch norm. Used when a GPU is visible and the call is not under
-  XLA (XLA lowers this op with a one-pass variance, E[x^2] - E[x]^2, which
-  cancels to nothing when the mean is large next to the spread: a mean of
-  1e4 with variance 1 came out as variances of -34 and 87). In training the
-  kernel is fed ``x - s`` for the shift `s` of `_math.choose_shift` (the
-  first sample of each feature) and `s` is added back to its mean, so its
-  own summation never sees the offset of the data; it returns the unbiased
-  (n / (n - 1)) batch variance, and Keras' moving variance follows the
-  biased one, so the correction is undone. In inference it subtracts the
-  mean before scaling.
-- ``"xla"``, everywhere else: one computation in one of three forms
-  (`_form`). Compiled: the batch-norm arithmetic written out here in
-  TensorFlow ops, forward and backward (a `tf.custom_gradient`), each
-  compiled by XLA into a few fused loops, inlined into a function that is
-  XLA-compiled as a whole (`jit_compile=True`). Plain: the same arithmetic
-  as plain TensorFlow ops, eagerly, for small tensors and for exporters.
-  Kernel: the "kernel" implementation's code, on CPU, in a graph that
-  TensorFlow runs op by op, where it measured fastest in whole models.
+  cuDNN's batch norm. Never under XLA (XLA lowers this op with a one-pass
+  variance, E[x^2] - E[x]^2, which cancels to nothing when the mean is
+  large next to the spread: a mean of 1e4 with variance 1 came out as
+  variances of -34 and 87). In training the kernel is fed ``x - s`` for
+  the shift `s` of `_math.choose_shift` (the first sample of each feature)
+  and `s` is added back to its mean, so its own summation never sees the
+  offset of the data; it returns the unbiased (n / (n - 1)) batch
+  variance, and Keras' moving variance follows the biased one, so the
+  correction is undone. In inference it subtracts the mean before scaling.
+- ``"compiled"``: the batch-norm arithmetic written out here in TensorFlow
+  ops, forward and backward (a `tf.custom_gradient`), each compiled by XLA
+  into a few fused loops; inlined into a function that is XLA-compiled as
+  a whole (`jit_compile=True`).
+- ``"plain"``: the same arithmetic as plain TensorFlow ops, in the inputs'
+  own layout, differentiated by autodiff.
 
-Both compute what the reference path in `_math` computes (see `_fused`).
+All compute what the reference path in `_math` computes (see `_fused`).
 TensorFlow is imported inside the functions, so that importing bnlayers on
 another Keras backend does not import it.
 """
@@ -32,6 +29,8 @@ import functools
 
 from keras import backend
 
+from bnlayers import _contract
+from bnlayers import _forms
 from bnlayers import _geometry
 from bnlayers import _math
 
@@ -44,7 +43,13 @@ KERNEL_MIN_EPSILON = 1.001e-5
 
 
 def in_xla_context():
-    """True while tracing a function that XLA compiles (`jit_compile=True`)."""
+    """True while tracing a function that XLA compiles (`jit_compile=True`).
+
+    TensorFlow has no public way to ask this; its own `tf.function` and
+    control flow ask the same private function. Inside such a function the
+    compiled form is inlined (no nested call), and the kernel's lowering
+    would lose the variance, so the answer decides correctness, not speed.
+    """
     import tensorflow as tf
 
     if tf.executing_eagerly():
@@ -80,200 +85,136 @@ def _parameters(x, axis, gamma, beta, dtype):
     return per_feature(gamma, 1.0), per_feature(beta, 0.0)
 
 
-def training(
-    x,
-    gamma,
-    beta,
-    moving_mean,
-    moving_variance,
-    axis,
-    epsilon,
-    momentum,
-    out_dtype,
-    kernel=False,
-):
-    """`_fused.training` on TensorFlow: the "kernel" implementation, or the
-    "xla" one in the form `_form` picks."""
-    import tensorflow as tf
+def training(x, params, spec):
+    """`_fused.training` on TensorFlow, in the form `choose` picks.
 
-    def compute(form, x, gamma, beta, moving_mean, moving_variance):
-        args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
-        if form == "kernel":
-            return _kernel_training(*args, momentum, out_dtype)
-        gamma, beta, mean, var, eps = _in_statistics_dtype(*args)
-        run = _plain_training if form == "plain" else _xla_training
-        return run(
-            x,
-            gamma,
-            beta,
-            mean,
-            var,
-            eps,
-            tf.constant(momentum, gamma.dtype),
-            axis,
-            out_dtype,
-        )
-
-    params = (gamma, beta, moving_mean, moving_variance)
-    return _in_chosen_form(x, params, axis, epsilon, kernel, False, compute)
+    Returns:
+        tuple: ``(y, new_moving_mean, new_moving_variance)``.
+    """
+    return _in_chosen_form(x, params, spec, False)
 
 
-def inference(
-    x,
-    gamma,
-    beta,
-    moving_mean,
-    moving_variance,
-    axis,
-    epsilon,
-    out_dtype,
-    kernel=False,
-):
-    """`_fused.inference` on TensorFlow: the "kernel" implementation, or the
-    "xla" one in the form `_form` picks."""
+def inference(x, params, spec):
+    """`_fused.inference` on TensorFlow, in the form `choose` picks.
 
-    def compute(form, x, gamma, beta, moving_mean, moving_variance):
-        args = (x, gamma, beta, moving_mean, moving_variance, axis, epsilon)
-        if form == "kernel":
-            return _kernel_inference(*args, out_dtype)
-        gamma, beta, mean, var, eps = _in_statistics_dtype(*args)
-        run = _plain_inference if form == "plain" else _xla_inference
-        return run(x, mean, var, gamma, beta, eps, axis, out_dtype)
-
-    params = (gamma, beta, moving_mean, moving_variance)
-    return _in_chosen_form(x, params, axis, epsilon, kernel, True, compute)
+    Returns:
+        tf.Tensor: the outputs.
+    """
+    return _in_chosen_form(x, params, spec, True)
 
 
-def _in_chosen_form(x, params, axis, epsilon, kernel, inference, compute):
-    """`compute(form, x, *params)` (`params`: gamma, beta and the moving
-    statistics) in the form this call takes: the kernel where asked for,
-    else `_form`'s choice, made when the graph runs where `_form` says
-    "by_size" (`_by_size`)."""
-    import tensorflow as tf
+def choose(x, spec, inference):
+    """The forms this call may take and which one it takes.
 
-    x = tf.convert_to_tensor(x)
-    form = "kernel" if kernel else _form(x, axis, epsilon, inference)
-    if form != "by_size":
-        return compute(form, x, *params)
-    params = _read_outside(*params)
-    return _by_size(
-        x, axis, epsilon, inference, lambda f: compute(f, x, *params)
-    )
+    Eagerly: plain ops (a compiled call would compile for every new input
+    shape, and costs more than these few ops), or the kernel on a GPU.
+    Traced inside an XLA-compiled function: the compiled call, inlined
+    there. In a graph that TensorFlow runs op by op: what the rule in force
+    (`_forms.form_rule`) gives for the size of `x`, with "kernel" replaced
+    where the kernel cannot take the call (`_kernel_fits`).
 
-
-def _in_statistics_dtype(
-    x, gamma, beta, moving_mean, moving_variance, axis, epsilon
-):
-    """gamma, beta (ones and zeros where None), the moving statistics and
-    epsilon as tensors in the statistics dtype of `x`: the inputs of the
-    "xla" implementation's forms."""
-    import tensorflow as tf
-
-    dtype = _math.statistics_dtype(x.dtype)
-    gamma, beta = _parameters(x, axis, gamma, beta, dtype)
-    return (
-        gamma,
-        beta,
-        tf.cast(moving_mean, dtype),
-        tf.cast(moving_variance, dtype),
-        tf.constant(epsilon, dtype),
-    )
-
-
-def _form(x, axis, epsilon, inference=False):
-    """How the "xla" implementation computes this call.
-
-    - "plain": the arithmetic as plain TensorFlow ops, eagerly (a compiled
-      call would compile for every new input shape, and costs more than
-      these few ops), and in inference traced for an exporter
-      (`_tracing_for_export`: converters cannot see into a nested
-      XLA-compiled function, which reaches them as an opaque
-      `PartitionedCall`);
-    - "compiled": the XLA-compiled functions, inside a function that XLA
-      compiles as a whole (`jit_compile=True`), into which they are inlined;
-    - in a graph that TensorFlow runs op by op, `_graph_form`; "by_size"
-      where the size of `x` is not known when traced (Keras' `fit`,
-      `evaluate` and `predict` trace with an unknown batch size): then
-      `_by_size` makes `_graph_form`'s choice when the graph runs.
+    Returns:
+        tuple: ``(forms, index)``: the candidate forms and the index of the
+        one taken, an int when the size of `x` is known when traced, else
+        an int32 tensor computed when the graph runs.
     """
     import tensorflow as tf
 
     if tf.executing_eagerly():
-        return "plain"
+        return (_forms.KERNEL if gpu_visible() else _forms.PLAIN,), 0
     if in_xla_context():
-        return "compiled"
-    if inference and _tracing_for_export():
-        return "plain"
-    return _graph_form(x, axis, epsilon, inference)
+        return (_forms.COMPILED,), 0
+    forms, index = graph_forms(x, spec, inference)
+    if index is None:
+        index = _forms.form_rule(gpu_visible()).runtime_index(
+            tf.size(x, out_type=tf.int64)
+        )
+    return forms, index
 
 
-def _graph_form(x, axis, epsilon, inference=False):
-    """The form of a call in a graph that TensorFlow runs op by op (Keras'
-    `fit`, `evaluate` and `predict` off a GPU, a user's own `tf.function`).
+def graph_forms(x, spec, inference):
+    """`choose` in a graph that TensorFlow runs op by op (`x`: anything with
+    `.shape` and `.dtype`, a `tf.TensorSpec` too).
 
-    Chosen by what measured fastest on 2 CPU cores (`examples/benchmark.py`,
-    `examples/benchmark_models.py`; see the performance page):
-
-    - "plain" below `PLAIN_MAX_ELEMENTS` elements, where a compiled call's
-      fixed cost, and the kernel's, exceed the work;
-    - "kernel", the "kernel" implementation (FusedBatchNormV3 fed shifted
-      values, as on a GPU), for features on the last axis in float16,
-      bfloat16 or float32: in whole models it beat the compiled calls in
-      training and in inference. In inference only up to
-      `KERNEL_INFERENCE_MAX_ELEMENTS`: above it the compiled call is
-      the faster, alone and in models;
-    - "compiled" otherwise: features on another axis (which the kernel
-      transposes on CPU), float64 (which it does not take), an epsilon
-      below its lower bound.
+    Returns:
+        tuple: ``(forms, index)``, `index` None when the size of `x` is not
+        known (the choice is then made when the graph runs).
     """
-    return _form_for_size(
-        x.shape.num_elements(), x.shape.rank, x.dtype, axis, epsilon, inference
+    rule = _forms.form_rule(gpu_visible())
+    candidates = rule.forms(inference)
+    # Where the kernel cannot take the call: the compiled call, except in
+    # inference under a rule that keeps it convertible (no compiled call).
+    fallback = (
+        _forms.PLAIN
+        if inference and _forms.COMPILED not in candidates
+        else _forms.COMPILED
+    )
+    forms = tuple(
+        fallback
+        if form == _forms.KERNEL and not _kernel_fits(x, spec)
+        else form
+        for form in candidates
+    )
+    n = x.shape.num_elements()
+    if n is not None:
+        return forms, rule.index(n)
+    if len(set(forms)) == 1:
+        return forms[:1], 0
+    if inference and _forms.COMPILED not in forms:
+        # A graph that converters read (tf2onnx cannot convert
+        # `tf.switch_case`) takes one form: that of the largest sizes.
+        return forms[-1:], 0
+    return forms, None
+
+
+def _kernel_fits(x, spec):
+    """Whether the kernel takes this call: float16, bfloat16 or float32, an
+    epsilon cuDNN accepts, and off a GPU features on the last axis (the
+    kernel transposes any other layout on CPU)."""
+    return (
+        backend.standardize_dtype(x.dtype) in KERNEL_DTYPES
+        and spec.epsilon >= KERNEL_MIN_EPSILON
+        and (spec.axis == x.shape.rank - 1 or gpu_visible())
     )
 
 
-def _form_for_size(n, rank, dtype, axis, epsilon, inference):
-    """`_graph_form` for `n` elements; "by_size" when `n` is None."""
-    if n is None:
-        return "by_size"
-    if n < PLAIN_MAX_ELEMENTS:
-        return "plain"
-    if (
-        axis == rank - 1
-        and backend.standardize_dtype(dtype) in KERNEL_DTYPES
-        and epsilon >= KERNEL_MIN_EPSILON
-        and not (inference and n > KERNEL_INFERENCE_MAX_ELEMENTS)
-    ):
-        return "kernel"
-    return "compiled"
-
-
-def _read_outside(*variables):
-    """The values of `variables` (None stays None), read before `_by_size`'s
-    branches: a variable read inside one leaves its gradient without a way
-    back out of the branch."""
+def _in_chosen_form(x, params, spec, inference):
+    """The call computed in the form `choose` picks; where that is known
+    only when the graph runs, by `tf.switch_case` (the branch not taken
+    costs nothing), with the variables read outside the branches (a
+    variable read inside one leaves its gradient without a way back out of
+    the branch)."""
     import tensorflow as tf
 
-    return tuple(v if v is None else tf.convert_to_tensor(v) for v in variables)
-
-
-def _by_size(x, axis, epsilon, inference, compute):
-    """`compute(form)` in the form `_graph_form` would give `x` if its size
-    were known when traced, chosen when the graph runs (`tf.switch_case`;
-    the branch not taken costs nothing)."""
-    import tensorflow as tf
-
-    # One representative size per range of the rule: below the plain limit,
-    # up to the kernel's inference limit, above it.
-    sizes = (0, PLAIN_MAX_ELEMENTS, KERNEL_INFERENCE_MAX_ELEMENTS + 1)
-    forms = [
-        _form_for_size(n, x.shape.rank, x.dtype, axis, epsilon, inference)
-        for n in sizes
-    ]
-    n = tf.size(x, out_type=tf.int64)
-    index = tf.cast(n >= PLAIN_MAX_ELEMENTS, tf.int32) + tf.cast(
-        n > KERNEL_INFERENCE_MAX_ELEMENTS, tf.int32
+    x = tf.convert_to_tensor(x)
+    forms, index = choose(x, spec, inference)
+    table = _INFERENCE if inference else _TRAINING
+    if isinstance(index, int):
+        return table[forms[index]](x, params, spec)
+    params = _contract.Parameters(
+        *(v if v is None else tf.convert_to_tensor(v) for v in params)
     )
-    return tf.switch_case(index, [lambda f=f: compute(f) for f in forms])
+    return tf.switch_case(
+        index,
+        [lambda f=f: table[f](x, params, spec) for f in forms],
+    )
+
+
+def _in_statistics_dtype(x, params, spec):
+    """gamma, beta (ones and zeros where None), the moving statistics and
+    epsilon as tensors in the statistics dtype of `x`: the inputs of the
+    plain and compiled forms."""
+    import tensorflow as tf
+
+    dtype = _math.statistics_dtype(x.dtype)
+    gamma, beta = _parameters(x, spec.axis, params.gamma, params.beta, dtype)
+    return (
+        gamma,
+        beta,
+        tf.cast(params.moving_mean, dtype),
+        tf.cast(params.moving_variance, dtype),
+        tf.constant(spec.epsilon, dtype),
+    )
 
 
 def _count(x, axis, dtype):
@@ -282,11 +223,7 @@ def _count(x, axis, dtype):
 
     shape = _geometry.static_shape(x)
     if None not in shape:
-        n = 1
-        for i, d in enumerate(shape):
-            if i != axis:
-                n *= d
-        return tf.constant(n, dtype)
+        return tf.constant(_geometry.per_feature_count(shape, axis), dtype)
     return tf.cast(tf.size(x, out_type=tf.int64) // shape[axis], dtype)
 
 
@@ -299,49 +236,60 @@ def _count(x, axis, dtype):
 # arithmetic is in the dtype of `gamma` (the statistics dtype).
 
 
-@functools.cache
-def _xla_functions():
-    """The four XLA-compiled functions, traced once per input signature.
+# The compiled functions' helpers, on inputs in the merged layout
+# (`_geometry.merged_shape`); run when the functions are traced.
 
-    Only graphs call them (fit(), a tf.function): there a compiled function
-    is traced once for the traced shape. Eager calls take plain ops
-    (`_plain_training`, `_plain_inference`) instead, which compile nothing
-    for a new input shape.
-    """
+
+def _merged(x, axis):
+    import tensorflow as tf
+
+    shape = tf.shape(x, out_type=tf.int64)
+    dims = [tf.reduce_prod(shape[:axis]), shape[axis]]
+    if axis < x.shape.rank - 1:
+        dims.append(tf.reduce_prod(shape[axis + 1 :]))
+    return tf.reshape(x, dims)
+
+
+def _stats_axes(x):
+    return list(_geometry.merged_reduction(x.shape.rank))
+
+
+def _per_feature(v, x):
+    import tensorflow as tf
+
+    return tf.reshape(v, [1, -1] if x.shape.rank == 2 else [1, -1, 1])
+
+
+def _first_sample(x):
+    """Each feature's first element (`_math.choose_shift`); 0 for an empty batch."""
+    import tensorflow as tf
+
+    # A slice and a concatenation, not a reduction: XLA fuses them into
+    # the loops that read the shift, where a reduction would be a loop
+    # of its own.
+    if x.shape.rank == 2:
+        rows = tf.concat([x[:1], tf.zeros([1, tf.shape(x)[1]], x.dtype)], 0)
+        return rows[0]
+    rows = tf.concat(
+        [x[:1, :, :1], tf.zeros([1, tf.shape(x)[1], 1], x.dtype)], 0
+    )
+    return rows[0, :, 0]
+
+
+def _merged_count(x, dtype):
+    """Elements per feature, at least 1 (an empty batch gives zeros, not NaN)."""
+    import tensorflow as tf
+
+    n = tf.size(x, out_type=tf.int64) // tf.shape(x, out_type=tf.int64)[1]
+    return tf.cast(tf.maximum(n, 1), dtype)
+
+
+@functools.cache
+def _compiled_training():
+    """`forward` and `backward`, XLA-compiled, traced once per input signature."""
     import tensorflow as tf
 
     function = functools.partial(tf.function, jit_compile=True, autograph=False)
-
-    def merged(x, axis):
-        shape = tf.shape(x, out_type=tf.int64)
-        dims = [tf.reduce_prod(shape[:axis]), shape[axis]]
-        if axis < x.shape.rank - 1:
-            dims.append(tf.reduce_prod(shape[axis + 1 :]))
-        return tf.reshape(x, dims)
-
-    def stats_axes(x):
-        return [0] if x.shape.rank == 2 else [0, 2]
-
-    def per_feature(v, x):
-        return tf.reshape(v, [1, -1] if x.shape.rank == 2 else [1, -1, 1])
-
-    def first_sample(x):
-        """Each feature's first element (`_math.choose_shift`); 0 for an empty batch."""
-        # A slice and a concatenation, not a reduction: XLA fuses them into
-        # the loops that read the shift, where a reduction would be a loop
-        # of its own.
-        if x.shape.rank == 2:
-            rows = tf.concat([x[:1], tf.zeros([1, tf.shape(x)[1]], x.dtype)], 0)
-            return rows[0]
-        rows = tf.concat(
-            [x[:1, :, :1], tf.zeros([1, tf.shape(x)[1], 1], x.dtype)], 0
-        )
-        return rows[0, :, 0]
-
-    def count(x, dtype):
-        """Elements per feature, at least 1 (an empty batch gives zeros, not NaN)."""
-        n = tf.size(x, out_type=tf.int64) // tf.shape(x, out_type=tf.int64)[1]
-        return tf.cast(tf.maximum(n, 1), dtype)
 
     @function
     def forward(
@@ -357,22 +305,22 @@ def _xla_functions():
     ):
         """Outputs, the shift and residual mean, the variance, the new moving statistics."""
         shape = tf.shape(x)
-        x = tf.cast(merged(x, axis), gamma.dtype)
-        n = count(x, gamma.dtype)
+        x = tf.cast(_merged(x, axis), gamma.dtype)
+        n = _merged_count(x, gamma.dtype)
         # Every sum is of x - shift, values of the order of the spread: the
         # offset of the data never enters the rounding (see _math).
-        shift = first_sample(x)
-        d = x - per_feature(shift, x)
+        shift = _first_sample(x)
+        d = x - _per_feature(shift, x)
         # Two passes on shifted values (_math.shifted_moments). The one-pass
         # form (both sums in one read of x) measured slower here: XLA's CPU
         # reductions take a materialized operand, so sum(d) and sum(d^2) cost
         # two temporaries either way.
-        residual = tf.reduce_sum(d, stats_axes(x)) / n
-        centred = d - per_feature(residual, x)
-        var = tf.reduce_sum(tf.square(centred), stats_axes(x)) / n
-        y = centred * per_feature(
+        residual = tf.reduce_sum(d, _stats_axes(x)) / n
+        centred = d - _per_feature(residual, x)
+        var = tf.reduce_sum(tf.square(centred), _stats_axes(x)) / n
+        y = centred * _per_feature(
             tf.math.rsqrt(var + epsilon) * gamma, x
-        ) + per_feature(beta, x)
+        ) + _per_feature(beta, x)
         # The Keras update rule, here rather than in a dozen small ops
         # outside; an empty batch leaves the moving statistics as they are.
         mean = shift + residual
@@ -391,72 +339,93 @@ def _xla_functions():
     @function
     def backward(dy, x, shift, residual, var, gamma, epsilon, axis):
         shape, dtype = tf.shape(x), x.dtype
-        x = tf.cast(merged(x, axis), gamma.dtype)
-        dy = tf.cast(merged(dy, axis), gamma.dtype)
-        n = count(x, gamma.dtype)
+        x = tf.cast(_merged(x, axis), gamma.dtype)
+        dy = tf.cast(_merged(dy, axis), gamma.dtype)
+        n = _merged_count(x, gamma.dtype)
         inv = tf.math.rsqrt(var + epsilon)
         # (x - shift) - residual, as in the forward: exact at any offset.
-        centred = (x - per_feature(shift, x)) - per_feature(residual, x)
-        dbeta = tf.reduce_sum(dy, stats_axes(x))
-        dgamma = tf.reduce_sum(dy * centred, stats_axes(x)) * inv
+        centred = (x - _per_feature(shift, x)) - _per_feature(residual, x)
+        dbeta = tf.reduce_sum(dy, _stats_axes(x))
+        dgamma = tf.reduce_sum(dy * centred, _stats_axes(x)) * inv
         # With xhat = (x - mean) * inv and the batch statistics depending on
         # x, the derivative of gamma * xhat + beta is
         # gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), and
         # sum(dy * xhat) is dgamma.
-        dx = per_feature(gamma * inv, x) * (
+        dx = _per_feature(gamma * inv, x) * (
             dy
-            - per_feature(dbeta / n, x)
-            - centred * per_feature(inv * dgamma / n, x)
+            - _per_feature(dbeta / n, x)
+            - centred * _per_feature(inv * dgamma / n, x)
         )
         return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
+
+    return forward, backward
+
+
+@functools.cache
+def _compiled_inference():
+    """`inference` and its backward, XLA-compiled, traced once per input signature."""
+    import tensorflow as tf
+
+    function = functools.partial(tf.function, jit_compile=True, autograph=False)
 
     @function
     def inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
         shape = tf.shape(x)
-        x = tf.cast(merged(x, axis), gamma.dtype)
+        x = tf.cast(_merged(x, axis), gamma.dtype)
         # The mean is subtracted before scaling, as in the reference path
         # (x * a + b would lose digits when the mean is large next to the spread).
-        y = (x - per_feature(mean, x)) * per_feature(
+        y = (x - _per_feature(mean, x)) * _per_feature(
             tf.math.rsqrt(var + epsilon) * gamma, x
         )
-        return tf.reshape(tf.cast(y + per_feature(beta, x), out_dtype), shape)
+        return tf.reshape(tf.cast(y + _per_feature(beta, x), out_dtype), shape)
 
     @function
     def inference_backward(dy, x, mean, var, gamma, epsilon, axis):
         shape, dtype = tf.shape(x), x.dtype
-        x = tf.cast(merged(x, axis), gamma.dtype)
-        dy = tf.cast(merged(dy, axis), gamma.dtype)
+        x = tf.cast(_merged(x, axis), gamma.dtype)
+        dy = tf.cast(_merged(dy, axis), gamma.dtype)
         inv = tf.math.rsqrt(var + epsilon)
-        dx = dy * per_feature(inv * gamma, x)
+        dx = dy * _per_feature(inv * gamma, x)
         dgamma = (
-            tf.reduce_sum(dy * (x - per_feature(mean, x)), stats_axes(x)) * inv
+            tf.reduce_sum(dy * (x - _per_feature(mean, x)), _stats_axes(x))
+            * inv
         )
-        dbeta = tf.reduce_sum(dy, stats_axes(x))
+        dbeta = tf.reduce_sum(dy, _stats_axes(x))
         return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
 
-    return forward, backward, inference, inference_backward
+    return inference, inference_backward
 
 
-def _xla_training(
-    x, gamma, beta, moving_mean, moving_var, epsilon, momentum, axis, out_dtype
-):
+def _xla_functions():
+    """The four XLA-compiled functions, traced once per input signature.
+
+    Only graphs call them (fit(), a tf.function): there a compiled function
+    is traced once for the traced shape. Eager calls take plain ops
+    (`_plain_training`, `_plain_inference`) instead, which compile nothing
+    for a new input shape.
+
+    Returns:
+        tuple: ``(forward, backward, inference, inference_backward)``.
+    """
+    return _compiled_training() + _compiled_inference()
+
+
+def _xla_training(x, params, spec):
+    """The compiled form in training (`forward` and `backward`)."""
     import tensorflow as tf
 
-    forward, backward, _, _ = _xla_functions()
+    gamma, beta, moving_mean, moving_var, epsilon = _in_statistics_dtype(
+        x, params, spec
+    )
+    momentum = tf.constant(spec.momentum, gamma.dtype)
+    axis, out_dtype = spec.axis, spec.out_dtype
+    forward, backward = _compiled_training()
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        y, shift, residual, var, new_mean, new_var = forward(
-            x,
-            gamma,
-            beta,
-            moving_mean,
-            moving_var,
-            momentum,
-            epsilon,
-            axis,
-            out_dtype,
-        )
+        moving = (moving_mean, moving_var, momentum)
+        outputs = forward(x, gamma, beta, *moving, epsilon, axis, out_dtype)
+        y, shift, residual, var, new_mean, new_var = outputs
 
         def grad(dy, dmean, dvar):
             # The moving statistics carry no gradient.
@@ -469,30 +438,19 @@ def _xla_training(
     return y, tf.stop_gradient(new_mean), tf.stop_gradient(new_var)
 
 
-# Below this many elements (known when traced) a graph takes the plain ops:
-# measured on 2 CPU cores, they were the faster at (256, 128) and
-# (16, 2, 2, 1280), the compiled call from (16, 4, 4, 672) up.
-PLAIN_MAX_ELEMENTS = 1 << 17
-
-
-# Above this many elements inference takes the compiled call rather than the
-# kernel: measured on 2 CPU cores, the compiled call was 0.65x to 0.87x the
-# built-in's time from (16, 32, 32, 128) up, the kernel 0.80x to 1.07x; at
-# and below (16, 16, 16, 256) the two were level, and in whole models
-# (ResNet50, DenseNet121 and EfficientNetB0 at 64x64) the kernel the faster.
-KERNEL_INFERENCE_MAX_ELEMENTS = 1 << 20
-
-
-def _plain_training(
-    x, gamma, beta, moving_mean, moving_var, epsilon, momentum, axis, out_dtype
-):
+def _plain_training(x, params, spec):
     """`forward` as plain TensorFlow ops on `x` in its own layout (autodiff
     gives the gradients)."""
     import tensorflow as tf
 
+    gamma, beta, moving_mean, moving_var, epsilon = _in_statistics_dtype(
+        x, params, spec
+    )
+    momentum = tf.constant(spec.momentum, gamma.dtype)
+    axis, out_dtype = spec.axis, spec.out_dtype
     rank = x.shape.rank
-    reduction = [i for i in range(rank) if i != axis]
-    shape = _geometry.param_shape([axis], rank, [-1])
+    reduction = _geometry.reduction_axes([axis], rank)
+    shape = _geometry.vector_shape(rank, axis)
     gamma, beta = tf.reshape(gamma, shape), tf.reshape(beta, shape)
     x = tf.cast(x, gamma.dtype)
     if x.shape.num_elements() == 0:
@@ -501,9 +459,7 @@ def _plain_training(
         return tf.cast(x * gamma + beta, out_dtype), moving_mean, moving_var
     # Every sum is of x - shift (the first sample of each feature, as
     # `_math.choose_shift`): the offset of the data never enters the rounding.
-    shift = tf.stop_gradient(
-        x[tuple(slice(None) if i == axis else slice(0, 1) for i in range(rank))]
-    )
+    shift = tf.stop_gradient(x[_geometry.first_sample(rank, axis)])
     d = x - shift
     residual = tf.reduce_mean(d, reduction, keepdims=True)
     centred = d - residual
@@ -518,11 +474,14 @@ def _plain_training(
     )
 
 
-def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
-    """Outputs with the moving statistics, by the XLA-compiled `inference`."""
+def _xla_inference(x, params, spec):
+    """The compiled form in inference (`inference`, `inference_backward`)."""
     import tensorflow as tf
 
-    _, _, inference, inference_backward = _xla_functions()
+    gamma, beta, mean, var, epsilon = _in_statistics_dtype(x, params, spec)
+    axis, out_dtype = spec.axis, spec.out_dtype
+
+    inference, inference_backward = _compiled_inference()
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
@@ -536,18 +495,19 @@ def _xla_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
     return normalize(x, gamma, beta)
 
 
-def _plain_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
+def _plain_inference(x, params, spec):
     """`inference` as plain ops on `x` in its own layout (autodiff gives the gradients)."""
     import tensorflow as tf
 
-    rank = x.shape.rank
+    gamma, beta, mean, var, epsilon = _in_statistics_dtype(x, params, spec)
+    rank, axis = x.shape.rank, spec.axis
     if axis == rank - 1:
 
         def per_feature(v):
             return v
 
     else:
-        shape = _geometry.param_shape([axis], rank, [-1])
+        shape = _geometry.vector_shape(rank, axis)
 
         def per_feature(v):
             return tf.reshape(v, shape)
@@ -557,35 +517,7 @@ def _plain_inference(x, mean, var, gamma, beta, epsilon, axis, out_dtype):
     # lose digits when the mean is large next to the spread).
     scale = tf.math.rsqrt(var + epsilon) * gamma
     y = (x - per_feature(mean)) * per_feature(scale) + per_feature(beta)
-    return tf.cast(y, out_dtype)
-
-
-# Modules whose code traces functions in order to convert or save them.
-_EXPORTERS = (
-    "keras.src.export.",
-    "tensorflow.python.saved_model.",
-    "tensorflow.lite.",
-    "tf2onnx.",
-)
-
-
-def _tracing_for_export():
-    """True when an exporter's code is on the call stack (checked at trace time only).
-
-    `tf.saved_model.save` traces anew what it writes, so a SavedModel
-    always holds plain ops; a concrete function that the user's own code
-    traced and then hands to a converter keeps the compiled call.
-    """
-    import sys
-    import types
-
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if module.startswith(_EXPORTERS):
-            return True
-        frame = frame.f_back
-    return False
+    return tf.cast(y, spec.out_dtype)
 
 
 # ------------------------------------------------------------- kernel path
@@ -631,14 +563,16 @@ def _kernel_inputs(x, axis, out_dtype):
     return x, xk, kernel_shape, data_format
 
 
-def _kernel_training(
-    x, gamma, beta, moving_mean, moving_var, axis, epsilon, momentum, out_dtype
-):
+def _kernel_training(x, params, spec):
+    """The kernel form in training (FusedBatchNormV3 on shifted values)."""
     import tensorflow as tf
+
+    gamma, beta, moving_mean, moving_var = params
+    axis, epsilon, momentum, out_dtype = spec
 
     x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
     scale, offset = _parameters(x, axis, gamma, beta, tf.float32)
-    reduction = [i for i in range(len(x.shape)) if i != axis]
+    reduction = _geometry.reduction_axes([axis], len(x.shape))
     # The kernel sums what it is given; shifted by one sample per feature
     # it never sees the offset of the data (_math.choose_shift). The
     # shifted values stay float32: rounded back to float16 they would not
@@ -681,10 +615,12 @@ def _kernel_training(
     return tf.cast(y, out_dtype), new_mean, new_var
 
 
-def _kernel_inference(
-    x, gamma, beta, moving_mean, moving_var, axis, epsilon, out_dtype
-):
+def _kernel_inference(x, params, spec):
+    """The kernel form in inference (FusedBatchNormV3 with the moving statistics)."""
     import tensorflow as tf
+
+    gamma, beta, moving_mean, moving_var = params
+    axis, epsilon, _, out_dtype = spec
 
     x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
     scale, offset = _parameters(x, axis, gamma, beta, tf.float32)
@@ -701,3 +637,16 @@ def _kernel_inference(
     if kernel_shape is not None:
         y = tf.reshape(y, tf.shape(x))
     return tf.cast(y, out_dtype)
+
+
+# What each form runs, in training and in inference.
+_TRAINING = {
+    _forms.PLAIN: _plain_training,
+    _forms.KERNEL: _kernel_training,
+    _forms.COMPILED: _xla_training,
+}
+_INFERENCE = {
+    _forms.PLAIN: _plain_inference,
+    _forms.KERNEL: _kernel_inference,
+    _forms.COMPILED: _xla_inference,
+}

@@ -50,6 +50,7 @@ another Keras backend does not import it.
 
 from keras import backend
 
+from bnlayers import _geometry
 from bnlayers import _math
 
 
@@ -60,13 +61,8 @@ def _layout(x, axis):
     if axis == x.dim() - 1:
         # (Even a reshape to the same shape costs microseconds per call.)
         return (x if x.dim() == 2 else x.reshape(-1, channels)), (0,)
-    before = after = 1
-    for d in shape[:axis]:
-        before *= d
-    for d in shape[axis + 1 :]:
-        after *= d
     # (Sizes spelled out: -1 is ambiguous for an empty batch.)
-    return x.reshape(before, channels, after), (0, 2)
+    return x.reshape(_geometry.merged_shape(shape, axis)), (0, 2)
 
 
 def _per_feature(v, view):
@@ -211,26 +207,21 @@ def _normalize():
     return _NORMALIZE
 
 
-def training(
-    x,
-    gamma,
-    beta,
-    moving_mean,
-    moving_variance,
-    axis,
-    epsilon,
-    momentum,
-    out_dtype,
-):
-    """Batch normalization with batch statistics; as `_fused.training`."""
+def training(x, params, spec):
+    """`_fused.training` on PyTorch.
+
+    Returns:
+        tuple: ``(y, new_moving_mean, new_moving_variance)``.
+    """
     import torch
 
-    dtype, out_dtype = _dtypes(x.dtype, out_dtype)
-    gamma, beta = _tensor(gamma, dtype), _tensor(beta, dtype)
-    view, dims = _layout(x, axis)
+    epsilon, momentum = spec.epsilon, spec.momentum
+    dtype, out_dtype = _dtypes(x.dtype, spec.out_dtype)
+    gamma, beta = _tensor(params.gamma, dtype), _tensor(params.beta, dtype)
+    view, dims = _layout(x, spec.axis)
     # (The moving statistics are not trainable: no gradient is recorded.)
-    moving_mean = _tensor(moving_mean, dtype)
-    moving_variance = _tensor(moving_variance, dtype)
+    moving_mean = _tensor(params.moving_mean, dtype)
+    moving_variance = _tensor(params.moving_variance, dtype)
     if view.numel() == 0:
         # No statistics: what the reference path computes (outputs of the
         # empty shape, gradients of zeros), moving statistics unchanged.
@@ -255,25 +246,22 @@ def training(
     return _restore(y, x, out_dtype), new_mean, new_var
 
 
-def inference(
-    x,
-    gamma,
-    beta,
-    moving_mean,
-    moving_variance,
-    axis,
-    epsilon,
-    out_dtype,
-):
-    """Batch normalization with the moving statistics; as `_fused.inference`."""
+def inference(x, params, spec):
+    """`_fused.inference` on PyTorch.
+
+    Returns:
+        torch.Tensor: the outputs.
+    """
     import torch
 
-    dtype, out_dtype = _dtypes(x.dtype, out_dtype)
-    gamma, beta = _tensor(gamma, dtype), _tensor(beta, dtype)
-    view, _ = _layout(x, axis)
+    dtype, out_dtype = _dtypes(x.dtype, spec.out_dtype)
+    gamma, beta = _tensor(params.gamma, dtype), _tensor(params.beta, dtype)
+    view, _ = _layout(x, spec.axis)
     with torch.no_grad():
-        mean = _tensor(moving_mean, dtype)
-        invstd = torch.rsqrt(_tensor(moving_variance, dtype) + epsilon)
+        mean = _tensor(params.moving_mean, dtype)
+        invstd = torch.rsqrt(
+            _tensor(params.moving_variance, dtype) + spec.epsilon
+        )
     scale = invstd if gamma is None else invstd * gamma
     if _foldable(view, mean, scale):
         # One pass, x * scale + (beta - mean * scale). (torch's batch-norm

@@ -163,3 +163,69 @@ def static_shape(inputs):
     return tuple(
         d if d is None or isinstance(d, int) else int(d) for d in inputs.shape
     )
+
+
+# ------------------------------------------------- the fast paths' layouts
+#
+# Every fast path sees inputs with one feature axis `axis` as a matrix
+# (rows, C) when the features are the last axis, else as (before, C, after):
+# a reshape, no data moves, and reductions over merged axes measured fastest.
+
+
+def merged_shape(shape, axis):
+    """The merged layout of inputs of `shape` (ints) with features on `axis`.
+
+    Returns:
+        tuple[int, ...]: ``(rows, C)`` for a last feature axis, else
+        ``(before, C, after)``.
+    """
+    before = after = 1
+    for d in shape[:axis]:
+        before *= d
+    for d in shape[axis + 1 :]:
+        after *= d
+    if axis == len(shape) - 1:
+        return (before, shape[axis])
+    return (before, shape[axis], after)
+
+
+def merged_reduction(rank):
+    """The axes the statistics reduce over in a merged layout of `rank` (2 or 3).
+
+    Returns:
+        tuple[int, ...]: every axis but the features (axis 1).
+    """
+    return (0,) if rank == 2 else (0, 2)
+
+
+def vector_shape(rank, axis):
+    """The shape that broadcasts a per-feature vector against inputs of `rank`.
+
+    Returns:
+        list[int]: ones, with -1 at `axis`.
+    """
+    return param_shape([axis], rank, [-1])
+
+
+def first_sample(rank, axis):
+    """The index that takes each feature's first sample (`_math.choose_shift`).
+
+    Returns:
+        tuple[slice, ...]: every axis but `axis` cut to its first element,
+        dimensions kept (the result broadcasts against the inputs).
+    """
+    return tuple(slice(None) if i == axis else slice(0, 1) for i in range(rank))
+
+
+def per_feature_count(shape, axis):
+    """Elements per feature, for a static `shape` (ints).
+
+    Returns:
+        int: the product of every size but the features'; 0 for an empty
+        batch, which leaves the moving statistics as they are.
+    """
+    n = 1
+    for i, d in enumerate(shape):
+        if i != axis:
+            n *= d
+    return n

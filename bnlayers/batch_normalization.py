@@ -400,15 +400,15 @@ class BatchNormalization(keras.layers.Layer):
         return outputs
 
     def _fast_path(self, inputs, mask):
-        """The fast path's implementation for this call (see `_fused`), or None."""
+        """The backend whose fast path takes this call (see `_fused`), or None."""
         if self.fused is False:
             return None
-        implementation = _fused.implementation()
+        name = _fused.fast_backend()
         reason = _fused.ineligibility(
-            self, inputs, mask, self._feature_axes, implementation
+            self, inputs, mask, self._feature_axes, name
         )
         if reason is None:
-            return implementation
+            return name
         if self.fused:
             raise ValueError(
                 f"`fused=True` but the fused fast path cannot be taken here: {reason}. "
@@ -416,23 +416,22 @@ class BatchNormalization(keras.layers.Layer):
             )
         return None
 
-    def _fast_call(self, inputs, use_batch_statistics, implementation):
-        args = dict(
-            x=inputs,
-            gamma=self.gamma if self.scale else None,
-            beta=self.beta if self.center else None,
-            moving_mean=self.moving_mean,
-            moving_variance=self.moving_variance,
-            axis=self._feature_axes[0],
-            epsilon=self.epsilon,
-            out_dtype=self.compute_dtype,
-            implementation=implementation,
+    def _fast_call(self, inputs, use_batch_statistics, name):
+        params = _fused.Parameters(
+            self.gamma if self.scale else None,
+            self.beta if self.center else None,
+            self.moving_mean,
+            self.moving_variance,
+        )
+        spec = _fused.Spec(
+            self._feature_axes[0],
+            self.epsilon,
+            self.momentum,
+            self.compute_dtype,
         )
         if not use_batch_statistics:
-            return _fused.inference(**args)
-        outputs, new_mean, new_var = _fused.training(
-            momentum=self.momentum, **args
-        )
+            return _fused.inference(inputs, params, spec)
+        outputs, new_mean, new_var = _fused.training(inputs, params, spec)
         self._update_moving(
             None,
             (self.moving_mean, new_mean, None),

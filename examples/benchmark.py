@@ -154,7 +154,6 @@ def bench_layer(case, rounds):
     import tensorflow as tf
 
     import bnlayers
-    from bnlayers import _fast_tf
     from bnlayers import _fused
 
     layers = {
@@ -175,18 +174,8 @@ def bench_layer(case, rounds):
     reason = bnlayers.fused_eligibility(layers["bnlayers"], x)
 
     def path(step):
-        if reason is not None:
-            return "reference"
-        if _fused.implementation() != "xla":
-            return f"fused ({_fused.implementation()})"
-        # In a tf.function off a GPU: plain ops, the kernel or compiled calls.
-        form = _fast_tf._graph_form(
-            x,
-            case.axis % len(case.shape),
-            layers["bnlayers"].epsilon,
-            inference=step == "infer",
-        )
-        return f"fused (xla: {form})"
+        # In a tf.function: plain ops, the kernel or compiled calls.
+        return _fused.describe(layers["bnlayers"], x, inference=step == "infer")
 
     times, cpu = interleaved(contenders, rounds)
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -238,7 +227,6 @@ def bench_model(epochs, train_size):
     import tensorflow as tf
 
     import bnlayers
-    from bnlayers import _fast_tf
     from bnlayers import _fused
 
     x, y, _, _ = load_bundled()
@@ -267,13 +255,7 @@ def bench_model(epochs, train_size):
         "batch_size": 64,
         "steps_per_epoch": int(-(-len(x) // 64)),
         "epochs_timed": epochs,
-        "bnlayers_path": (
-            f"fused (xla: {_fast_tf._graph_form(spec, 3, bn.epsilon)})"
-            if _fused.implementation() == "xla"
-            else f"fused ({_fused.implementation()})"
-        )
-        if bnlayers.fused_eligibility(bn, spec) is None
-        else "reference",
+        "bnlayers_path": _fused.describe(bn, spec, inference=False),
         "seconds_per_epoch": {
             name: statistics.median(t) for name, t in seconds.items()
         },

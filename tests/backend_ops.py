@@ -16,7 +16,7 @@ BACKEND = keras.backend.backend()
 def _has_fast_path():
     from bnlayers import _fused
 
-    return _fused.implementation() is not None
+    return _fused.fast_backend() is not None
 
 
 # Whether bnlayers has a fused fast path on this backend (`fused=None`

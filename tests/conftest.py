@@ -131,26 +131,6 @@ _FUSED_MODES = (
 )
 
 
-@pytest.fixture(autouse=True)
-def compiled_fast_path_in_graphs(monkeypatch):
-    """On TensorFlow, graphs take the XLA-compiled form of the fast path.
-
-    By default a graph that TensorFlow runs op by op picks a form by size,
-    axis and dtype (`_fast_tf._graph_form`): plain ops for the suite's
-    small tensors, which would then never reach the compiled form outside
-    `jit_compile=True`. The plain form runs in every eager test, the
-    kernel form wherever test_fused.py runs the "kernel" implementation,
-    and test_fused.py checks the default choice.
-    """
-    from bnlayers import _fast_tf
-
-    monkeypatch.setattr(
-        _fast_tf,
-        "_graph_form",
-        lambda x, axis, epsilon, inference=False: "compiled",
-    )
-
-
 @pytest.fixture(params=_FUSED_MODES[0], ids=_FUSED_MODES[1])
 def fused_mode(request):
     """The `fused` argument for bnlayers layers: a test that takes it runs

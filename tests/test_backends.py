@@ -29,7 +29,7 @@ def no_fast_path(monkeypatch):
     """As on a Keras backend bnlayers has no fast path for (NumPy, OpenVINO)."""
     from bnlayers import _fused
 
-    monkeypatch.setattr(_fused, "implementation", lambda: None)
+    monkeypatch.setattr(_fused, "fast_backend", lambda: None)
 
 
 def _data(shape=(8, 5, 3), seed=0):

@@ -2,11 +2,13 @@
 is taken, and that it computes what the float64 reference and the built-in
 layer compute (through the parity harness, `parity.py`).
 
-Both implementations run here on CPU: "xla" (the arithmetic compiled by
-XLA, what CPUs take) and "kernel" (TensorFlow's FusedBatchNormV3, what a GPU
-takes), chosen by pretending a GPU is or is not visible
-(`_fast_tf.gpu_visible`). Layers are built with `fused=True`, which raises
-unless the fast path is really taken.
+The rest of the suite runs the default choice of form (plain ops for its
+small tensors). Here the other two forms run on CPU too, through the
+`implementation` fixture: "compiled" (the arithmetic compiled by XLA, in
+every graph, by the user's rule `bnlayers.set_form_rule("compiled")`) and
+"kernel" (TensorFlow's FusedBatchNormV3 everywhere outside XLA, as on a
+GPU, by pretending one is visible: `_fast_tf.gpu_visible`). Layers are
+built with `fused=True`, which raises unless the fast path is really taken.
 """
 
 import json
@@ -21,16 +23,27 @@ import bnlayers
 import parity
 from article import article_model
 from bnlayers import _fast_tf
+from bnlayers import _forms
 from bnlayers import _fused
 from example_scripts import example_module
 
 
-@pytest.fixture(params=["xla", "kernel"])
+@pytest.fixture(params=["compiled", "kernel"])
 def implementation(request, monkeypatch):
+    """The compiled form in every graph, or the kernel as on a GPU."""
     monkeypatch.setattr(
         _fast_tf, "gpu_visible", lambda: request.param == "kernel"
     )
+    _rule_for_the_test(
+        monkeypatch, "compiled" if request.param == "compiled" else None
+    )
     return request.param
+
+
+def _rule_for_the_test(monkeypatch, rule):
+    """`bnlayers.set_form_rule(rule)`, undone after the test."""
+    monkeypatch.setattr(_forms, "_user_rule", _forms._user_rule)
+    bnlayers.set_form_rule(rule)
 
 
 # ------------------------------------------------------------ eligibility
@@ -93,16 +106,16 @@ def test_backend_rule(monkeypatch):
     """JAX and PyTorch have fast paths of their own; a backend without one
     gets the reason."""
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    assert _fused.implementation() == "jax"
+    assert _fused.fast_backend() == "jax"
     assert bnlayers.fused_eligibility(_built(), (4, 5, 5, 3)) is None
     # The common rules hold there too.
     reason = bnlayers.fused_eligibility(_built(renorm=True), (4, 5, 5, 3))
     assert "renorm=True" in reason
     monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
-    assert _fused.implementation() == "torch"
+    assert _fused.fast_backend() == "torch"
     # Keras' NumPy backend: one with no fast path.
     monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
-    assert _fused.implementation() is None
+    assert _fused.fast_backend() is None
     reason = bnlayers.fused_eligibility(_built(), (4, 5, 5, 3))
     assert (
         reason == "the Keras backend is 'numpy', which has no fused fast path"
@@ -112,7 +125,7 @@ def test_backend_rule(monkeypatch):
 def test_dtype_and_epsilon_rules(implementation):
     x64 = tf.zeros((4, 5, 5, 3), tf.float64)
     small_eps = _built(epsilon=1e-5)
-    if implementation == "xla":
+    if implementation == "compiled":
         assert bnlayers.fused_eligibility(_built(), x64) is None
         assert bnlayers.fused_eligibility(small_eps, (4, 5, 5, 3)) is None
     else:
@@ -136,7 +149,7 @@ def test_unknown_dimension_besides_the_batch(implementation):
     """XLA would compile for every sequence length; the kernel does not compile."""
     layer = _built(shape=(None, None, 8))
     reason = bnlayers.fused_eligibility(layer, (None, None, 8))
-    if implementation == "xla":
+    if implementation == "compiled":
         assert (
             "input shape (None, None, 8) has an unknown dimension besides the batch"
             in reason
@@ -247,7 +260,7 @@ def test_auto_takes_fast_path_in_parity_grid(monkeypatch):
         monkeypatch.setattr(
             _fused,
             name,
-            lambda real=real, **kw: calls.append(kw["x"].shape) or real(**kw),
+            lambda x, *args, real=real: calls.append(x.shape) or real(x, *args),
         )
     taken = 0
     for case in test_parity.CASES:
@@ -255,7 +268,7 @@ def test_auto_takes_fast_path_in_parity_grid(monkeypatch):
         expected = (
             not case.mask and not case.renorm and len(case.feature_axes) == 1
         )
-        if _fused.implementation() == "kernel":  # on a GPU
+        if _fused._kernel_only():  # on a GPU
             expected = expected and case.epsilon >= _fused.KERNEL_MIN_EPSILON
             expected = expected and case.policy != "float64"
         assert (reason is None) == expected, (case.name, reason)
@@ -332,28 +345,18 @@ FAST_CASES = [
 ]
 
 
-def _other_implementation():
-    """The implementation the parity grid's automatic choice does not take here."""
-    return "kernel" if _fused.implementation() == "xla" else "xla"
-
-
 @pytest.mark.parametrize("case", [parity.param(c) for c in FAST_CASES])
 def test_fast_path_matches_reference_and_builtin(
-    case, monkeypatch, float32_policy_after
+    case, implementation, float32_policy_after
 ):
     """The fast path, forced (`fused=True`), through the parity harness.
 
-    The implementation this machine takes by default (XLA on a CPU, the
-    kernel on a GPU) already runs the whole parity grid (test_parity.py,
-    `fused=None`, which takes it in every eligible case: see
-    test_auto_takes_fast_path_in_parity_grid); here runs the other one.
-    Under XLA ("jit") the implementation is always "xla", so that execution
-    is the parity grid's alone.
+    The default choice (on CPU plain ops for these small tensors) already
+    runs the whole parity grid (test_parity.py, `fused=None`, which takes
+    the fast path in every eligible case: see
+    test_auto_takes_fast_path_in_parity_grid); here run the compiled form
+    and the kernel. Under XLA ("jit") the form is always the compiled one.
     """
-    implementation = _other_implementation()
-    monkeypatch.setattr(
-        _fast_tf, "gpu_visible", lambda: implementation == "kernel"
-    )
     if implementation == "kernel" and case.policy == "float64":
         pytest.skip(
             "the kernel takes no float64 (see test_dtype_and_epsilon_rules)"
@@ -499,9 +502,8 @@ def test_benchmark_quick_run(tmp_path):
         ("tiny", "infer"),
     ]
     for row in saved["layer"]:
-        assert row["bnlayers_path"].startswith(
-            f"fused ({_fused.implementation()}"
-        )
+        # 1,152 elements: plain ops in a graph, by the default rule.
+        assert row["bnlayers_path"] == "fused (plain)", row
         assert all(v > 0 for v in row["ms"].values())
         assert all(v > 0 for v in row["passes"].values())
         assert (
@@ -584,14 +586,17 @@ GRAPH_FORMS = {
 
 @pytest.mark.parametrize("case", sorted(GRAPH_FORMS))
 def test_graphs_pick_the_form_by_size_axis_and_dtype(monkeypatch, case):
-    """In a graph TensorFlow runs op by op, the default choice of form
-    (`_graph_form`, with the size limit lowered to 500 elements): plain ops
-    for a small tensor, the kernel for features last in float32, the
-    compiled call otherwise. Each gives the reference path's outputs and
-    gradients."""
+    """In a graph TensorFlow runs op by op, the default rule's forms (with
+    its breakpoint lowered to 500 elements): plain ops for a small tensor,
+    the kernel for features last in float32, where the kernel cannot take
+    the call the compiled call in training. Each gives the reference
+    path's outputs and gradients."""
     shape, axis, dtype, epsilon, form = GRAPH_FORMS[case]
-    monkeypatch.undo()  # the suite's own choice (conftest.py) is lifted
-    monkeypatch.setattr(_fast_tf, "PLAIN_MAX_ELEMENTS", 500)
+    default = _forms.FormRule()
+    _rule_for_the_test(
+        monkeypatch,
+        _forms.FormRule((500,), default.training, default.inference),
+    )
     monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: False)
     rng = np.random.default_rng(3)
     x = tf.constant(rng.normal(3.0, 2.0, shape).astype(dtype))
@@ -615,8 +620,9 @@ def test_graphs_pick_the_form_by_size_axis_and_dtype(monkeypatch, case):
         np.testing.assert_allclose(auto, reference, rtol=8e-6, atol=4e-6)
 
 
-# (shape, form in inference, form in training) with the limits lowered to
-# 100 elements (plain below) and 1000 (the kernel's inference limit).
+# (shape, form in inference, form in training) with the breakpoints of
+# `FormRule.throughput()` lowered to 100 elements (plain below) and 1001
+# (the compiled call in inference from there on).
 SIZED_FORMS = {
     "small": ((2, 4, 4, 3), "plain", "plain"),
     "mid": ((8, 5, 5, 3), "kernel", "kernel"),
@@ -624,21 +630,41 @@ SIZED_FORMS = {
 }
 
 
+def _counting_forms(monkeypatch):
+    """Counters of the forms that run, raised when the graph runs a form
+    (not when it is traced: `tf.switch_case` traces every branch)."""
+    counts = {form: tf.Variable(0) for form in _forms.FORMS}
+    for table in (_fast_tf._TRAINING, _fast_tf._INFERENCE):
+        for form, fn in list(table.items()):
+
+            def counted(x, params, spec, form=form, fn=fn):
+                with tf.control_dependencies([counts[form].assign_add(1)]):
+                    return tf.nest.map_structure(
+                        tf.identity, fn(x, params, spec)
+                    )
+
+            monkeypatch.setitem(table, form, counted)
+    return counts
+
+
 @pytest.mark.parametrize("batch", ["known", "unknown"])
 @pytest.mark.parametrize("case", list(SIZED_FORMS))
 def test_forms_by_size_when_traced_and_when_run(monkeypatch, case, batch):
-    """The size rule of `_graph_form`, with its limits lowered: plain ops
-    below `PLAIN_MAX_ELEMENTS`, the kernel, and in inference the compiled
-    call above `KERNEL_INFERENCE_MAX_ELEMENTS`. With the batch size unknown
-    when traced (as Keras' `fit`, `evaluate` and `predict` trace), the
-    choice is made when the graph runs. Either way each step's outputs,
-    moving statistics and gradients are the reference path's, at a mean
-    offset of 1e4."""
+    """One table picks the form by size when traced and when run: plain ops
+    below the first breakpoint, the kernel, and (by this rule) in inference
+    the compiled call from the second. With the batch size unknown when
+    traced (as Keras' `fit`, `evaluate` and `predict` trace), the choice is
+    made when the graph runs; counters raised by the forms that run show
+    which one did. Either way each step's outputs, moving statistics and
+    gradients are the reference path's, at a mean offset of 1e4."""
     shape, inference_form, training_form = SIZED_FORMS[case]
-    monkeypatch.undo()  # the suite's own choice (conftest.py) is lifted
-    monkeypatch.setattr(_fast_tf, "PLAIN_MAX_ELEMENTS", 100)
-    monkeypatch.setattr(_fast_tf, "KERNEL_INFERENCE_MAX_ELEMENTS", 1000)
+    throughput = _forms.FormRule.throughput()
+    _rule_for_the_test(
+        monkeypatch,
+        _forms.FormRule((100, 1001), throughput.training, throughput.inference),
+    )
     monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: False)
+    counts = _counting_forms(monkeypatch)
     rng = np.random.default_rng(5)
     x = tf.constant(rng.normal(1e4, 2.0, shape).astype("float32"))
     dy = tf.constant(rng.normal(size=shape).astype("float32"))
@@ -670,18 +696,20 @@ def test_forms_by_size_when_traced_and_when_run(monkeypatch, case, batch):
             lambda x, dy, step=step: step(x, dy, True),
             input_signature=[spec, spec],
         )
-        if fused is None:
-            for fn, form in ((infer, inference_form), (train, training_form)):
-                ops = _graph_ops(fn, x, dy)
-                if batch == "unknown":
-                    assert ops & {"Case", "StatelessCase"}, ops
-                else:
-                    assert ("FusedBatchNormV3" in ops) == (form == "kernel"), (
-                        ops
-                    )
-                    assert _compiled(fn, x, dy) == (form == "compiled"), ops
-                    assert not ops & {"Case", "StatelessCase"}, ops
-        results[fused] = [t.numpy() for t in infer(x, dy) + train(x, dy)]
+        results[fused] = []
+        for fn, form in ((infer, inference_form), (train, training_form)):
+            ops = _graph_ops(fn, x, dy)
+            if fused is None and batch == "unknown":
+                assert ops & {"Case", "StatelessCase"}, ops
+            elif fused is None:
+                assert ("FusedBatchNormV3" in ops) == (form == "kernel"), ops
+                assert _compiled(fn, x, dy) == (form == "compiled"), ops
+                assert not ops & {"Case", "StatelessCase"}, ops
+            before = {f: int(c.numpy()) for f, c in counts.items()}
+            results[fused] += [t.numpy() for t in fn(x, dy)]
+            ran = {f: int(c.numpy()) - before[f] for f, c in counts.items()}
+            expected = {f: int(fused is None and f == form) for f in counts}
+            assert ran == expected, (case, batch, form, ran)
         results[fused] += [w.numpy() for w in layer.non_trainable_weights]
     for auto, reference in zip(results[None], results[False], strict=True):
         # Measured, relative to each result's largest value: up to 1.0e-7
@@ -689,3 +717,106 @@ def test_forms_by_size_when_traced_and_when_run(monkeypatch, case, batch):
         # order); every path takes its statistics on shifted values.
         scale = np.max(np.abs(reference))
         np.testing.assert_allclose(auto, reference, rtol=0, atol=1e-5 * scale)
+
+
+# ------------------------------------------------------- the rule of forms
+
+
+def test_one_table_feeds_the_traced_and_the_run_time_choice():
+    """`index` (size known when traced) and `runtime_index` (when run) give
+    the same range at and around every breakpoint, for the default rule
+    and the throughput rule."""
+    for rule in (_forms.FormRule(), _forms.FormRule.throughput()):
+        sizes = [0, 1]
+        for b in rule.breakpoints:
+            sizes += [b - 1, b, b + 1]
+        for n in sizes:
+            traced = rule.index(n)
+            run = int(rule.runtime_index(tf.constant(n, tf.int64)).numpy())
+            assert traced == run, (rule, n, traced, run)
+        assert [rule.index(n) for n in (0, 1 << 17, (1 << 20) + 1)] == (
+            [0, 1, 1] if rule == _forms.FormRule() else [0, 1, 2]
+        )
+
+
+def test_default_rule_keeps_inference_convertible(monkeypatch):
+    """Whatever the size, axis or dtype, an inference graph that TensorFlow
+    runs op by op holds no XLA-compiled call and no run-time choice (which
+    exporters cannot convert): plain ops or the kernel, the kernel where
+    the size is unknown when traced. Training takes the compiled call
+    where the kernel cannot take it."""
+    monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: False)
+    default = _forms.FormRule()
+    _rule_for_the_test(
+        monkeypatch, _forms.FormRule((50,), default.training, default.inference)
+    )
+    for shape, axis, dtype in [
+        ((8, 5, 5, 3), -1, "float32"),
+        ((8, 3, 5, 5), 1, "float32"),
+        ((8, 5, 5, 3), -1, "float64"),
+    ]:
+        layer = _built(shape=shape, axis=axis, dtype=dtype)
+        for batch in (shape[0], None):
+            spec = tf.TensorSpec((batch,) + shape[1:], dtype)
+            infer = tf.function(
+                lambda x, layer=layer: layer(x, training=False),
+                input_signature=[spec],
+            )
+            train = tf.function(
+                lambda x, layer=layer: layer(x, training=True),
+                input_signature=[spec],
+            )
+            x = tf.zeros(shape, dtype)
+            assert not _compiled(infer, x), (shape, axis, dtype, batch)
+            # No run-time choice either (tf2onnx cannot convert one).
+            ops = _graph_ops(infer, x)
+            assert not ops & {"Case", "StatelessCase"}, ops
+            assert ("FusedBatchNormV3" in ops) == (
+                axis == -1 and dtype == "float32"
+            )
+            assert _compiled(train, x) == (axis == 1 or dtype == "float64")
+    # A rule that takes the compiled call in inference (not convertible
+    # anyway) takes it where the kernel cannot run, too.
+    _rule_for_the_test(
+        monkeypatch,
+        _forms.FormRule(
+            (50, 10_000),
+            ("plain",) + ("kernel",) * 2,
+            ("plain", "kernel", "compiled"),
+        ),
+    )
+    layer = _built(shape=(8, 3, 5, 5), axis=1)
+    infer = tf.function(lambda x: layer(x, training=False))
+    assert _compiled(infer, tf.zeros((8, 3, 5, 5)))
+
+
+def test_set_form_rule(monkeypatch):
+    """The public switch: a form name, a rule, None for the default; the
+    previous rule is returned; bad values are refused with the value."""
+    monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: False)
+    _rule_for_the_test(monkeypatch, None)
+    x = tf.zeros((4, 5, 5, 3))
+
+    def forms_in_graph():
+        layer = _built()
+        fn = tf.function(lambda x: layer(x, training=True))
+        ops = _graph_ops(fn, x)
+        return ("kernel" if "FusedBatchNormV3" in ops else "") + (
+            "compiled" if _compiled(fn, x) else ""
+        ) or "plain"
+
+    assert bnlayers.form_rule() == bnlayers.FormRule()
+    assert forms_in_graph() == "plain"  # 300 elements
+    assert bnlayers.set_form_rule("compiled") is None
+    assert forms_in_graph() == "compiled"
+    previous = bnlayers.set_form_rule(bnlayers.FormRule.always("kernel"))
+    assert previous == bnlayers.FormRule.always("compiled")
+    assert forms_in_graph() == "kernel"
+    bnlayers.set_form_rule(None)
+    assert forms_in_graph() == "plain"
+    with pytest.raises(ValueError, match=r"Received: rule='xla'"):
+        bnlayers.set_form_rule("xla")
+    with pytest.raises(ValueError, match=r"Received: breakpoints=\(5, 2\)"):
+        bnlayers.FormRule((5, 2), ("plain",) * 3, ("plain",) * 3)
+    with pytest.raises(ValueError, match=r"Received: inference=\('plain',\)"):
+        bnlayers.FormRule((5,), ("plain", "kernel"), ("plain",))
