@@ -55,6 +55,36 @@ def fraction(name: str, value: Any) -> float:
     return float(value)
 
 
+def momentum(value: Any) -> float | None:
+    """None (a cumulative average of every batch), or a float in [0, 1]."""
+    if value is None:
+        return None
+    return fraction("momentum", value)
+
+
+def renorm_momentum(value: Any) -> float:
+    """A float in [0, 1]; None is `momentum`'s alone (see the message)."""
+    if value is None:
+        raise ValueError(
+            "`renorm_momentum` must be a float in [0, 1]; None (a cumulative "
+            "average) is accepted for `momentum` only: renorm's correction "
+            "needs statistics that follow the current weights, and a "
+            "cumulative average falls further behind them at every step. "
+            "Received: renorm_momentum=None"
+        )
+    return fraction("renorm_momentum", value)
+
+
+def debias_moving_statistics(value: Any) -> bool:
+    """A bool."""
+    if not isinstance(value, (bool, numbers.Integral)) or value not in (0, 1):
+        raise TypeError(
+            "`debias_moving_statistics` must be True or False. "
+            f"Received: debias_moving_statistics={value!r}"
+        )
+    return bool(value)
+
+
 def epsilon(value: Any) -> float:
     """A float > 0."""
     if not _is_real(value):

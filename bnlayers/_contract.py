@@ -9,7 +9,7 @@ new_moving_variance)`` and `inference(x, params, spec)` the outputs.
 Room is left, by design, for what later work adds:
 
 - a momentum given per step as a tensor (debiased or cumulative moving
-  averages) belongs in `Parameters`, beside the statistics it updates;
+  averages) is `Parameters.momentum`, beside the statistics it updates;
 - a fused activation (relu, relu6, silu, hard_swish, gelu) applied to the
   outputs inside the fast path is one more static field of `Spec`, named
   by a string;
@@ -28,7 +28,7 @@ class Spec(NamedTuple):
         axis: the one feature axis, non-negative.
         epsilon: added to the variance.
         momentum: the moving averages' momentum (Keras' rule); unused in
-            inference.
+            inference, and where `Parameters.momentum` is given.
         out_dtype: the outputs' dtype (the layer's compute dtype), a
             standardized name.
     """
@@ -47,9 +47,14 @@ class Parameters(NamedTuple):
         beta: the per-feature offset, or None for none.
         moving_mean: the moving mean (a vector).
         moving_variance: the moving variance (a vector).
+        momentum: this step's momentum, a tensor of the moving statistics'
+            shape (`_moving.step_momentum`: debiased or cumulative
+            averages), which takes the place of `Spec.momentum`; or None
+            (the default): `Spec.momentum`. Unused in inference.
     """
 
     gamma: Any
     beta: Any
     moving_mean: Any
     moving_variance: Any
+    momentum: Any = None

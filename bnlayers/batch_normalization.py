@@ -18,6 +18,7 @@ from bnlayers import _fused
 from bnlayers import _geometry
 from bnlayers import _ghost
 from bnlayers import _math
+from bnlayers import _moving
 from bnlayers import _renorm
 from bnlayers import _sync
 
@@ -36,6 +37,8 @@ _CONFIG_KEYS = (
     "gamma_regularizer beta_constraint gamma_constraint synchronized renorm "
     "renorm_clipping renorm_momentum virtual_batch_size fused"
 ).split()
+# (bnlayers' moving-statistics options, after the built-in's keys.)
+_CONFIG_KEYS += ["debias_moving_statistics"]
 _SERIALIZERS = {
     "initializer": initializers.serialize,
     "regularizer": regularizers.serialize,
@@ -185,7 +188,7 @@ class BatchNormalization(keras.layers.Layer):
     def __init__(
         self,
         axis: int | Sequence[int] = -1,
-        momentum: float = 0.99,
+        momentum: float | None = 0.99,
         epsilon: float = 1e-3,
         center: bool = True,
         scale: bool = True,
@@ -203,11 +206,12 @@ class BatchNormalization(keras.layers.Layer):
         synchronized: bool = False,
         virtual_batch_size: int | None = None,
         fused: bool | None = None,
+        debias_moving_statistics: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.axis = _checks.axis(axis)
-        self.momentum = _checks.fraction("momentum", momentum)
+        self.momentum = _checks.momentum(momentum)
         self.epsilon = _checks.epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
@@ -225,9 +229,7 @@ class BatchNormalization(keras.layers.Layer):
         self.renorm_clipping = _checks.renorm_clipping(
             renorm_clipping, self.renorm
         )
-        self.renorm_momentum = _checks.fraction(
-            "renorm_momentum", renorm_momentum
-        )
+        self.renorm_momentum = _checks.renorm_momentum(renorm_momentum)
         self.synchronized = _checks.synchronized(
             synchronized, backend.backend()
         )
@@ -235,12 +237,17 @@ class BatchNormalization(keras.layers.Layer):
             virtual_batch_size, self.renorm, self.synchronized
         )
         self.fused = _checks.fused(fused)
+        self.debias_moving_statistics = _checks.debias_moving_statistics(
+            debias_moving_statistics
+        )
         self.supports_masking = True
         # Variables once built (`build`); None before.
         self.gamma: Any = None
         self.beta: Any = None
         self.moving_mean: Any = None
         self.moving_variance: Any = None
+        # Built only where an option averages by step (`_counts_steps`).
+        self.moving_count: Any = None
         self._feature_axes: list[int] = []
         self._reduction_axes: list[int] = []
 
@@ -293,6 +300,9 @@ class BatchNormalization(keras.layers.Layer):
                 _renorm.clone_initializer(self.moving_mean_initializer),
             )
             self.renorm_stddev = weight("renorm_stddev", stddev_initializer)
+        if self._counts_steps():
+            # Last, so that the weights before it are the built-in's list.
+            self.moving_count = weight("moving_count", "zeros")
         self.input_spec = keras.layers.InputSpec(
             ndim=ndim, axes={a: input_shape[a] for a in self._feature_axes}
         )
@@ -389,14 +399,19 @@ class BatchNormalization(keras.layers.Layer):
             outputs = _math.normalize(
                 x - shift, residual, var, gamma, beta, self.epsilon
             )
+        momentum, renorm_momentum, steps = self._step_momenta()
         if self.renorm:
-            self._update_renorm_statistics(count, mean, var)
+            self._update_renorm_statistics(
+                count, mean, var, momentum, renorm_momentum
+            )
         else:
             self._update_moving(
                 count,
-                (self.moving_mean, mean, self.momentum),
-                (self.moving_variance, var, self.momentum),
+                (self.moving_mean, mean, momentum),
+                (self.moving_variance, var, momentum),
             )
+        if steps is not None:
+            self._count_step(count, steps)
         return outputs
 
     def _fast_path(self, inputs, mask):
@@ -417,16 +432,22 @@ class BatchNormalization(keras.layers.Layer):
         return None
 
     def _fast_call(self, inputs, use_batch_statistics, name):
+        momentum, steps = None, None
+        if use_batch_statistics:
+            momentum, _, steps = self._step_momenta()
+        per_step = steps is not None
         params = _fused.Parameters(
             self.gamma if self.scale else None,
             self.beta if self.center else None,
             self.moving_mean,
             self.moving_variance,
+            momentum if per_step else None,
         )
         spec = _fused.Spec(
             self._feature_axes[0],
             self.epsilon,
-            self.momentum,
+            # (Unused where a per-step momentum is given.)
+            0.0 if self.momentum is None else self.momentum,
             self.compute_dtype,
         )
         if not use_batch_statistics:
@@ -437,20 +458,72 @@ class BatchNormalization(keras.layers.Layer):
             (self.moving_mean, new_mean, None),
             (self.moving_variance, new_var, None),
         )
+        if per_step:
+            # The fast path takes one feature axis and no mask: every
+            # feature counts the batch unless it is empty.
+            self._count_step(ops.size(inputs), steps)
         return outputs
+
+    # ---- moving statistics averaged by step (debias_moving_statistics,
+    # momentum=None); see `_moving`.
+
+    def _counts_steps(self):
+        """Whether the moving averages' weights depend on the step count."""
+        return self.momentum is None or self.debias_moving_statistics
+
+    def _step_momenta(self):
+        """This step's `(momentum, renorm_momentum, steps)`.
+
+        The layer's own floats and None where no option counts steps; else
+        per-feature tensors and the count `steps` of this step (the counter
+        plus one), which `_count_step` stores.
+        """
+        if not self._counts_steps():
+            return self.momentum, self.renorm_momentum, None
+        if self.moving_count is None:
+            raise ValueError(
+                f"Layer {self.name!r} was built without a step counter, which "
+                "`momentum=None` and `debias_moving_statistics=True` need: set "
+                "them in the constructor, not after the layer is built. "
+                f"Received: momentum={self.momentum!r}, "
+                f"debias_moving_statistics={self.debias_moving_statistics!r}"
+            )
+        steps = ops.convert_to_tensor(self.moving_count) + 1.0
+        momentum = _moving.step_momentum(self.momentum, steps)
+        renorm_momentum = None
+        if self.renorm:
+            renorm_momentum = self.renorm_momentum
+            if self.debias_moving_statistics:
+                renorm_momentum = _moving.step_momentum(renorm_momentum, steps)
+        return momentum, renorm_momentum, steps
+
+    def _count_step(self, count, steps):
+        """The counter takes `steps` where `count` (per feature, or one
+        number for all) is positive: an empty or fully masked batch is no
+        step."""
+        counted = ops.convert_to_tensor(count) > 0
+        shape = self.moving_count.shape
+        if len(counted.shape):
+            counted = ops.reshape(counted, shape)
+        else:
+            counted = ops.broadcast_to(counted, shape)
+        self.moving_count.assign(
+            ops.where(counted, steps, ops.convert_to_tensor(self.moving_count))
+        )
+    # ---- (end of the averages by step)
 
     def _update_moving(self, count, *updates):
         """The one update of the moving statistics, for every path.
 
         Each update is `(variable, value, momentum)`: `value` is a batch
-        statistic, averaged in by the Keras rule (`_math.moving_average`),
-        or with momentum None the new moving value itself, as the fast
-        path's fused loops average it with `self.momentum`. Where `count`
-        (per feature) is 0, a fully masked or empty batch, the variable
-        keeps its value; None: the caller applied that rule. A per-step
-        momentum (zero-debiased, (1 - m) / (1 - m**t) at step t; cumulative,
-        1 / t) goes here, and into the momentum the fast path is handed.
-        Returns the averaged values, before the `count` rule.
+        statistic, averaged in by the Keras rule (`_math.moving_average`)
+        with `momentum` (a float, or a per-feature tensor: the per-step
+        momentum of `_step_momenta`), or with momentum None the new moving
+        value itself, as the fast path's fused loops average it (with
+        `Parameters.momentum` or `Spec.momentum`). Where `count` (per
+        feature) is 0, a fully masked or empty batch, the variable keeps
+        its value; None: the caller applied that rule. Returns the averaged
+        values, before the `count` rule.
         """
         counted = None
         averaged = []
@@ -460,6 +533,10 @@ class BatchNormalization(keras.layers.Layer):
             if momentum is not None or count is not None:
                 current = ops.cast(variable, value.dtype)
             if momentum is not None:
+                if not isinstance(momentum, float):
+                    momentum = ops.reshape(
+                        ops.cast(momentum, value.dtype), variable.shape
+                    )
                 value = _math.moving_average(current, value, momentum)
             averaged.append(value)
             if count is not None:
@@ -473,15 +550,17 @@ class BatchNormalization(keras.layers.Layer):
             variable.assign(value)
         return averaged
 
-    def _update_renorm_statistics(self, count, mean, var):
+    def _update_renorm_statistics(
+        self, count, mean, var, momentum, renorm_momentum
+    ):
         """Renorm's statistics: means and standard deviations, each at its momentum."""
         stddev = _renorm.stddev(var, self.epsilon)
         *_, moving_stddev = self._update_moving(
             count,
-            (self.renorm_mean, mean, self.renorm_momentum),
-            (self.renorm_stddev, stddev, self.renorm_momentum),
-            (self.moving_mean, mean, self.momentum),
-            (self.moving_stddev, stddev, self.momentum),
+            (self.renorm_mean, mean, renorm_momentum),
+            (self.renorm_stddev, stddev, renorm_momentum),
+            (self.moving_mean, mean, momentum),
+            (self.moving_stddev, stddev, momentum),
         )
         # The inference variance follows the moving stddev.
         variance = _renorm.variance(moving_stddev, self.epsilon)
