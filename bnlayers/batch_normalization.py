@@ -68,6 +68,9 @@ class BatchNormalization(keras.layers.Layer):
         moving_mean = moving_mean * momentum + mean(x) * (1 - momentum)
         moving_variance = moving_variance * momentum + var(x) * (1 - momentum)
 
+    (or, with `debias_moving_statistics=True` or `momentum=None`, with a
+    momentum that depends on the step, see below).
+
     `var` is the biased (population) variance. Both statistics are taken
     on inputs shifted by one of their own values per feature, so they stay
     exact to float32 rounding whatever the mean of the data, on every path
@@ -95,7 +98,15 @@ class BatchNormalization(keras.layers.Layer):
             also be a list of axes, e.g. `[1, 2]`, to keep separate
             statistics for every combination of those axes; the weights
             then have the shape of those axes, in increasing axis order.
-        momentum: Momentum of the moving averages, in [0, 1].
+        momentum: Momentum of the moving averages, in [0, 1]; or None for
+            the cumulative average of every batch seen (PyTorch's meaning):
+            the moving statistics are then the plain mean of the batch
+            statistics of all training steps so far, each batch weighing
+            `1 / t` at step `t`. That suits recalibration runs and short
+            fine-tunes with fixed weights; while the weights still change,
+            the early batches never fade out, so prefer a float there. With
+            `renorm`, the moving standard deviation is what is averaged.
+            Adds the `moving_count` weight (see `debias_moving_statistics`).
         epsilon: Small float added to the variance to avoid dividing by
             zero; must be > 0.
         center: If True, add the learned offset `beta`.
@@ -118,7 +129,9 @@ class BatchNormalization(keras.layers.Layer):
         renorm_clipping: Optional dict with keys among `"rmax"`, `"rmin"`,
             `"dmax"`: the correction `r` is clipped to `[rmin, rmax]` and `d`
             to `[-dmax, dmax]`. Missing keys mean no clipping on that side.
-        renorm_momentum: Momentum of the renorm moving averages, in [0, 1].
+        renorm_momentum: Momentum of the renorm moving averages, in [0, 1]
+            (not None: renorm's correction must follow the current
+            weights).
         synchronized: If True and the layer runs inside a `tf.distribute`
             strategy with several replicas, the batch statistics are taken
             over the global batch of all replicas (two all-reduce rounds,
@@ -141,6 +154,27 @@ class BatchNormalization(keras.layers.Layer):
             `bnlayers.fused_eligibility(layer, inputs)` says why a call
             would not take it. What runs on each backend, and when:
             [The fused fast path](performance.md#the-fused-fast-path).
+        debias_moving_statistics: If True, the moving statistics are the
+            zero-debiased moving average (Adam's bias correction, Haiku's
+            `zero_debias`): at step `t` the batch statistic weighs
+            `(1 - momentum) / (1 - momentum**t)` instead of
+            `1 - momentum`, so the first batch replaces the initializer's
+            value and the statistics are a usable estimate from the first
+            step on, not after the `1 / (1 - momentum)` steps it takes the
+            initial values to fade (100 at the default momentum). The
+            estimate is kept in `moving_mean` and `moving_variance`
+            themselves: inference needs no correction and the weights move
+            to Keras' layer as they are (`bnlayers.swap_batchnorm`). The
+            trade: values loaded into the moving statistics before
+            training (pretrained ones) are replaced at the first training
+            step as the initial values are; with renorm, renorm's own
+            averages (`renorm_momentum`) are debiased too. The layer keeps
+            a step counter, the non-trainable weight `moving_count` (per
+            feature: a batch that a mask leaves a feature out of, or an
+            empty batch, is no step for it), last among its weights, and
+            saved and restored with them. False (default): Keras' rule.
+            Which to pick when: [Training and
+            inference](training-inference.md).
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:

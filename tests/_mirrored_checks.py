@@ -334,6 +334,50 @@ def dataset_remainder(strategy, replicas):
 # Each case runs with even per-replica batches under one device count and
 # uneven ones under the other (4 replicas: one of them empty), which covers
 # both at half the run time.
+def step_averages(strategy, sizes, steps=3):
+    """`debias_moving_statistics=True` and `momentum=None` with
+    `synchronized=True`: every replica's moving statistics against the
+    float64 average of the global batches' statistics, and its step count."""
+    import bnlayers
+
+    rng = np.random.default_rng(7)
+    results = {}
+    options = {
+        "debiased": {"debias_moving_statistics": True, "momentum": 0.9},
+        "cumulative": {"momentum": None},
+    }
+    for name, kwargs in options.items():
+        with strategy.scope():
+            layer = bnlayers.BatchNormalization(
+                synchronized=True, epsilon=EPSILON, **kwargs
+            )
+            layer.build((None, 3))
+        mean_est, var_est = np.zeros(3), np.ones(3)
+        for t in range(1, steps + 1):
+            x = (3.0 + rng.uniform(0.5, 2.0) * rng.standard_normal((sum(sizes), 3)))
+            x = x.astype("float32")
+            train_once(strategy, layer, split(x, sizes))
+            x = x.astype("float64")
+            m = kwargs["momentum"]
+            w = 1.0 / t if m is None else (1.0 - m) / (1.0 - m**t)
+            mean_est = mean_est + w * (x.mean(0) - mean_est)
+            var_est = var_est + w * (x.var(0) - var_est)
+        results[name] = {
+            "mean_rel_err": max(
+                rel_err(c, mean_est)
+                for c in variable_copies(strategy, layer.moving_mean)
+            ),
+            "var_rel_err": max(
+                rel_err(c, var_est)
+                for c in variable_copies(strategy, layer.moving_variance)
+            ),
+            "counts": [
+                c.tolist() for c in variable_copies(strategy, layer.moving_count)
+            ],
+        }
+    return results
+
+
 PLAN = {
     2: {
         "exactness": [64, 64],
@@ -360,6 +404,7 @@ def main(replicas):
         "mixed_precision": mixed_precision(strategy, [32] * replicas),
         "dataset_remainder": dataset_remainder(strategy, replicas),
         "equivalence": {},
+        "step_averages": step_averages(strategy, UNEVEN[replicas]),
     }
     for case in plan["even"]:
         results["equivalence"][case + "_even"] = equivalence(

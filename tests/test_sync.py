@@ -265,3 +265,19 @@ def test_synchronized_config_round_trip():
         keras.layers.deserialize(keras.layers.serialize(layer)).synchronized
         is True
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", DEVICE_COUNTS)
+@pytest.mark.parametrize("option", ["debiased", "cumulative"])
+def test_moving_statistics_averaged_by_step_over_replicas(
+    measured, replicas, option
+):
+    """`debias_moving_statistics` and `momentum=None`: the global batch's
+    statistics, averaged by step, on every replica (uneven shares, one
+    empty with 4 replicas: a replica's empty share is still a step)."""
+    result = measured[replicas]["step_averages"][option]
+    assert result["counts"] == [[3.0] * 3] * replicas
+    # Measured 5e-8 (3 steps, float32 sums over replicas).
+    ref.check_error(result["mean_rel_err"], VARIANCE_RTOL, f"{option} mean")
+    ref.check_error(result["var_rel_err"], VARIANCE_RTOL, f"{option} variance")
