@@ -579,7 +579,9 @@ def _kernel_training(x, params, spec):
 
     gamma, beta, moving_mean, moving_var = params[:4]
     axis, epsilon, out_dtype = spec.axis, spec.epsilon, spec.out_dtype
-    momentum = _momentum(params, spec, tf.float32)
+    momentum = spec.momentum
+    if params.momentum is not None:
+        momentum = _momentum(params, spec, tf.float32)
 
     x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
     scale, offset = _parameters(x, axis, gamma, beta, tf.float32)

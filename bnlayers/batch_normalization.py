@@ -544,6 +544,7 @@ class BatchNormalization(keras.layers.Layer):
         self.moving_count.assign(
             ops.where(counted, steps, ops.convert_to_tensor(self.moving_count))
         )
+
     # ---- (end of the averages by step)
 
     def _update_moving(self, count, *updates):

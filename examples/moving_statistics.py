@@ -62,7 +62,10 @@ def run_variant(options, steps, seed, data, batch_size=64):
     )
     rng = np.random.default_rng(seed)
     order = np.concatenate(
-        [rng.permutation(len(x_train)) for _ in range(max(steps) * batch_size // len(x_train) + 1)]
+        [
+            rng.permutation(len(x_train))
+            for _ in range(max(steps) * batch_size // len(x_train) + 1)
+        ]
     )
     results = {}
     for step in range(1, max(steps) + 1):
@@ -85,7 +88,9 @@ def measure(steps=(10, 30, 100, 500), seeds=(0,), variants=tuple(VARIANTS)):
     per_seed = {}
     for name in variants:
         for seed in seeds:
-            per_seed[name, seed] = run_variant(VARIANTS[name], steps, seed, data)
+            per_seed[name, seed] = run_variant(
+                VARIANTS[name], steps, seed, data
+            )
     rows = []
     for name in variants:
         for step in steps:
@@ -99,23 +104,34 @@ def measure(steps=(10, 30, 100, 500), seeds=(0,), variants=tuple(VARIANTS)):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 30, 100, 500])
-    parser.add_argument("--seeds", type=int, default=1, help="how many seeds (0, 1, ...)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=[10, 30, 100, 500]
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="how many seeds (0, 1, ...)"
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS)
+    )
     args = parser.parse_args(argv)
     import keras
 
     rows, per_seed = measure(args.steps, range(args.seeds), args.variants)
     print(f"backend {keras.backend.backend()}, {args.seeds} seed(s), medians")
-    print("| layer | steps | inference mode | population statistics | gap (points) |")
+    print(
+        "| layer | steps | inference mode | population statistics | gap (points) |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, step, moving, population, gap in rows:
-        print(f"| {name} | {step} | {moving:.1f} % | {population:.1f} % | {gap:.1f} |")
+        print(
+            f"| {name} | {step} | {moving:.1f} % | {population:.1f} % | {gap:.1f} |"
+        )
     if args.seeds > 1:
         print("per seed (inference %, population %):")
         for (name, seed), results in per_seed.items():
             cells = ", ".join(
-                f"{s}: {100 * m:.1f}/{100 * p:.1f}" for s, (m, p) in results.items()
+                f"{s}: {100 * m:.1f}/{100 * p:.1f}"
+                for s, (m, p) in results.items()
             )
             print(f"  {name} seed {seed}: {cells}")
     return 0

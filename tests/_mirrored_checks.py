@@ -354,7 +354,9 @@ def step_averages(strategy, sizes, steps=3):
             layer.build((None, 3))
         mean_est, var_est = np.zeros(3), np.ones(3)
         for t in range(1, steps + 1):
-            x = (3.0 + rng.uniform(0.5, 2.0) * rng.standard_normal((sum(sizes), 3)))
+            x = 3.0 + rng.uniform(0.5, 2.0) * rng.standard_normal(
+                (sum(sizes), 3)
+            )
             x = x.astype("float32")
             train_once(strategy, layer, split(x, sizes))
             x = x.astype("float64")
@@ -372,7 +374,8 @@ def step_averages(strategy, sizes, steps=3):
                 for c in variable_copies(strategy, layer.moving_variance)
             ),
             "counts": [
-                c.tolist() for c in variable_copies(strategy, layer.moving_count)
+                c.tolist()
+                for c in variable_copies(strategy, layer.moving_count)
             ],
         }
     return results

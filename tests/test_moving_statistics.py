@@ -15,16 +15,15 @@ import pytest
 
 import bn_reference as ref
 import bnlayers
-from backend_ops import BACKEND
 from backend_ops import HAS_FAST_PATH
 from backend_ops import to_numpy
 
 EPSILON = 1e-3
 # bn_reference.rel_err of the moving statistics against float64, about ten
 # times the largest measured on TensorFlow, JAX and PyTorch (float32
-# rounding of the batch sums and of the per-step update: measured 2.2e-7
-# for the debiased average, 1.4e-7 for the cumulative one over 20 steps).
-RTOL = 2e-6
+# rounding of the batch sums and of the per-step update: measured 4.6e-7,
+# the variance after `fit` on PyTorch; 1.5e-7 over the 20 cumulative steps).
+RTOL = 5e-6
 # The goal for momentum=None: the float64 mean of the batch statistics
 # within 1e-6 relative.
 CUMULATIVE_GOAL = 1e-6
@@ -102,7 +101,12 @@ def _check(layer, expected, what, tol=RTOL):
 
 
 AVERAGES = [(0.9, True), (0.99, True), (None, False), (None, True)]
-AVERAGE_IDS = ["debiased-0.9", "debiased-0.99", "cumulative", "cumulative+debias"]
+AVERAGE_IDS = [
+    "debiased-0.9",
+    "debiased-0.99",
+    "cumulative",
+    "cumulative+debias",
+]
 
 
 @pytest.mark.parametrize(("momentum", "debias"), AVERAGES, ids=AVERAGE_IDS)
@@ -130,7 +134,12 @@ def test_cumulative_average_meets_the_goal_over_many_steps(fused_mode):
     layer = bnlayers.BatchNormalization(momentum=None, fused=fused_mode)
     for x in batches:
         layer(x, training=True)
-    _check(layer, _expected(batches, None, False, [1]), "cumulative", CUMULATIVE_GOAL)
+    _check(
+        layer,
+        _expected(batches, None, False, [1]),
+        "cumulative",
+        CUMULATIVE_GOAL,
+    )
 
 
 def test_the_first_step_replaces_the_initial_values(fused_mode):
@@ -148,7 +157,9 @@ def test_the_first_step_replaces_the_initial_values(fused_mode):
     np.testing.assert_array_equal(y, to_numpy(plain(x, training=True)))
     _, mean, var = ref.batch_moments(x, [1])
     ref.check_error(
-        ref.rel_err(to_numpy(layer.moving_mean), mean.ravel()), RTOL, "first mean"
+        ref.rel_err(to_numpy(layer.moving_mean), mean.ravel()),
+        RTOL,
+        "first mean",
     )
     ref.check_error(
         ref.rel_err(to_numpy(layer.moving_variance), var.ravel()),
@@ -158,7 +169,9 @@ def test_the_first_step_replaces_the_initial_values(fused_mode):
 
 
 @pytest.mark.skipif(not HAS_FAST_PATH, reason="no fast path on this backend")
-@pytest.mark.parametrize(("momentum", "debias"), AVERAGES[:3], ids=AVERAGE_IDS[:3])
+@pytest.mark.parametrize(
+    ("momentum", "debias"), AVERAGES[:3], ids=AVERAGE_IDS[:3]
+)
 def test_fast_path_and_reference_path_agree(momentum, debias):
     batches = _batches((8, 4, 6), 5, seed=1)
     layers = [
@@ -190,7 +203,9 @@ def test_fit_averages_by_step(jit_compile):
 
 @pytest.mark.backends("tensorflow", reason="TensorFlow's three fast-path forms")
 @pytest.mark.parametrize("form", ["plain", "kernel", "compiled"])
-@pytest.mark.parametrize(("momentum", "debias"), AVERAGES[:3:2], ids=AVERAGE_IDS[:3:2])
+@pytest.mark.parametrize(
+    ("momentum", "debias"), AVERAGES[:3:2], ids=AVERAGE_IDS[:3:2]
+)
 def test_every_tensorflow_form(form, momentum, debias):
     import tensorflow as tf
 
@@ -213,7 +228,9 @@ def test_every_tensorflow_form(form, momentum, debias):
     _check(layer, _expected(batches, momentum, debias, [2]), form)
 
 
-@pytest.mark.parametrize(("momentum", "debias"), AVERAGES[1:3], ids=AVERAGE_IDS[1:3])
+@pytest.mark.parametrize(
+    ("momentum", "debias"), AVERAGES[1:3], ids=AVERAGE_IDS[1:3]
+)
 def test_masked_positions_and_empty_batches_are_no_step(momentum, debias):
     """A feature a mask leaves out of a batch keeps its statistics and its
     count; a fully masked batch and an empty one change nothing."""
@@ -240,7 +257,9 @@ def test_masked_positions_and_empty_batches_are_no_step(momentum, debias):
             np.testing.assert_array_equal(to_numpy(b), a)
 
 
-@pytest.mark.parametrize(("momentum", "debias"), AVERAGES[1:3], ids=AVERAGE_IDS[1:3])
+@pytest.mark.parametrize(
+    ("momentum", "debias"), AVERAGES[1:3], ids=AVERAGE_IDS[1:3]
+)
 def test_ghost_batches(momentum, debias):
     batches = _batches((10, 3), 4, seed=6)
     layer = bnlayers.BatchNormalization(
@@ -252,7 +271,11 @@ def test_ghost_batches(momentum, debias):
     _check(layer, expected, "ghost")
 
 
-@pytest.mark.parametrize(("momentum", "debias"), [(0.9, True), (None, False)], ids=["debiased", "cumulative"])
+@pytest.mark.parametrize(
+    ("momentum", "debias"),
+    [(0.9, True), (None, False)],
+    ids=["debiased", "cumulative"],
+)
 def test_renorm(momentum, debias):
     """The inference statistics follow the moving stddev, averaged by step;
     renorm's own averages are debiased with `debias_moving_statistics`."""
@@ -274,7 +297,9 @@ def test_renorm(momentum, debias):
         # moving_stddev and renorm_stddev start at sqrt(1), as Keras'.
         estimate = np.zeros(3) if values is means else np.ones(3)
         for t, v in enumerate(values, 1):
-            estimate = estimate + _weight(m, debiased, np.float64(t)) * (v - estimate)
+            estimate = estimate + _weight(m, debiased, np.float64(t)) * (
+                v - estimate
+            )
         return estimate
 
     stddev = average(stddevs, momentum, debias)
@@ -287,13 +312,17 @@ def test_renorm(momentum, debias):
     }
     for name, value in expected.items():
         ref.check_error(
-            ref.rel_err(to_numpy(getattr(layer, name)), value), RTOL, f"renorm {name}"
+            ref.rel_err(to_numpy(getattr(layer, name)), value),
+            RTOL,
+            f"renorm {name}",
         )
     np.testing.assert_array_equal(to_numpy(layer.moving_count), [4, 4, 4])
 
 
 def test_momentum_one_keeps_the_statistics_and_inference_changes_nothing():
-    layer = bnlayers.BatchNormalization(momentum=1.0, debias_moving_statistics=True)
+    layer = bnlayers.BatchNormalization(
+        momentum=1.0, debias_moving_statistics=True
+    )
     (x,) = _batches((8, 3), 1)
     layer(x, training=False)
     assert to_numpy(layer.moving_count).tolist() == [0, 0, 0]
@@ -327,10 +356,14 @@ def test_weights_and_config():
         assert clone.get_config() == config
 
 
-@pytest.mark.parametrize(("momentum", "debias"), AVERAGES[1:3], ids=AVERAGE_IDS[1:3])
+@pytest.mark.parametrize(
+    ("momentum", "debias"), AVERAGES[1:3], ids=AVERAGE_IDS[1:3]
+)
 def test_keras_file_keeps_the_counter(tmp_path, momentum, debias):
     batches = _batches((8, 3), 3, seed=8)
-    layer = bnlayers.BatchNormalization(momentum=momentum, debias_moving_statistics=debias)
+    layer = bnlayers.BatchNormalization(
+        momentum=momentum, debias_moving_statistics=debias
+    )
     model = keras.Sequential([keras.Input((3,)), layer])
     for x in batches[:2]:
         layer(x, training=True)
@@ -346,9 +379,13 @@ def test_keras_file_keeps_the_counter(tmp_path, momentum, debias):
     _check(restored, _expected(batches, momentum, debias, [1]), "reloaded")
 
 
-@pytest.mark.parametrize(("momentum", "debias"), AVERAGES[1:3], ids=AVERAGE_IDS[1:3])
+@pytest.mark.parametrize(
+    ("momentum", "debias"), AVERAGES[1:3], ids=AVERAGE_IDS[1:3]
+)
 def test_swap_to_keras_keeps_the_estimate_and_warns(momentum, debias):
-    layer = bnlayers.BatchNormalization(momentum=momentum, debias_moving_statistics=debias)
+    layer = bnlayers.BatchNormalization(
+        momentum=momentum, debias_moving_statistics=debias
+    )
     model = keras.Sequential([keras.Input((3,)), layer])
     for x in _batches((8, 3), 3, seed=9):
         layer(x, training=True)
@@ -370,23 +407,28 @@ def test_swap_to_keras_keeps_the_estimate_and_warns(momentum, debias):
         atol=1e-5,  # float32 rounding of the two layers' arithmetic (5e-7)
     )
     # Back to bnlayers: no option set, so no warning and no counter.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         back = bnlayers.swap_batchnorm(swapped, to="bnlayers")
+    assert not [w for w in caught if "swap_batchnorm" in str(w.message)]
     assert back.layers[0].moving_count is None
 
 
 def test_fused_eligibility_is_unchanged_by_the_options():
     for kwargs in ({"debias_moving_statistics": True}, {"momentum": None}):
         layer = bnlayers.BatchNormalization(**kwargs)
-        expected = bnlayers.fused_eligibility(bnlayers.BatchNormalization(), (8, 3))
+        expected = bnlayers.fused_eligibility(
+            bnlayers.BatchNormalization(), (8, 3)
+        )
         assert bnlayers.fused_eligibility(layer, (8, 3)) == expected
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"Received: renorm_momentum=None"):
         bnlayers.BatchNormalization(renorm=True, renorm_momentum=None)
-    with pytest.raises(TypeError, match=r"Received: debias_moving_statistics='yes'"):
+    with pytest.raises(
+        TypeError, match=r"Received: debias_moving_statistics='yes'"
+    ):
         bnlayers.BatchNormalization(debias_moving_statistics="yes")
     with pytest.raises(ValueError, match=r"Received: momentum=1.5"):
         bnlayers.BatchNormalization(momentum=1.5)

@@ -35,7 +35,9 @@ def _averaging_dropped(layer, config):
         dropped.append("debias_moving_statistics=True")
     if config.get("momentum", _KERAS_MOMENTUM) is None:
         config["momentum"] = _KERAS_MOMENTUM
-        dropped.append(f"momentum=None (the copy has momentum={_KERAS_MOMENTUM})")
+        dropped.append(
+            f"momentum=None (the copy has momentum={_KERAS_MOMENTUM})"
+        )
     if dropped:
         warnings.warn(
             f"swap_batchnorm(to='keras'): layer {layer.name!r} has "
@@ -51,7 +53,9 @@ def _builtin_weights(layer):
     counter = getattr(layer, "moving_count", None)
     return [
         value
-        for variable, value in zip(layer.weights, layer.get_weights(), strict=True)
+        for variable, value in zip(
+            layer.weights, layer.get_weights(), strict=True
+        )
         if variable is not counter
     ]
 
