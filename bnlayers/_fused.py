@@ -110,12 +110,9 @@ def ineligibility(layer, inputs, mask, feature_axes, implementation):
     if layer.synchronized:
         from bnlayers import _sync
 
-        replicas = _sync.replica_context()
-        if replicas is not None:
-            return (
-                f"synchronized=True with {replicas.num_replicas_in_sync} replicas (the fused "
-                "path sees one replica's batch only)"
-            )
+        reason = _sync.ineligibility(layer)
+        if reason is not None:
+            return reason
     if len(feature_axes) != 1:
         return f"axis={layer.axis!r} names several feature axes (the fused path takes one)"
     dtype = backend.standardize_dtype(inputs.dtype)

@@ -294,6 +294,7 @@ class BatchNormalization(keras.layers.Layer):
     synchronized: bool
     virtual_batch_size: int | None
     fused: bool | None
+    replica_group_size: int | None
 
     def __init__(
         self,
@@ -316,6 +317,7 @@ class BatchNormalization(keras.layers.Layer):
         synchronized: bool = False,
         virtual_batch_size: int | None = None,
         fused: bool | None = None,
+        replica_group_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -351,12 +353,6 @@ class BatchNormalization(keras.layers.Layer):
             "renorm_momentum", renorm_momentum
         )
 
-        if synchronized and backend.backend() != "tensorflow":
-            raise ValueError(
-                "`synchronized=True` needs the TensorFlow backend (tf.distribute); "
-                f"the Keras backend is {backend.backend()!r}. "
-                f"Received: synchronized={synchronized!r}"
-            )
         self.synchronized = bool(synchronized)
 
         if virtual_batch_size is not None:
@@ -388,6 +384,9 @@ class BatchNormalization(keras.layers.Layer):
                 f"`fused` must be None, True or False. Received: fused={fused!r}"
             )
         self.fused = fused
+        self.replica_group_size = _sync.check_replica_group_size(
+            replica_group_size, self.synchronized
+        )
 
         self.supports_masking = True
         # Variables once built (`build`); None before.
@@ -537,27 +536,34 @@ class BatchNormalization(keras.layers.Layer):
         elif self.virtual_batch_size is not None:
             outputs = self._ghost_batch_call(x, weights, gamma, beta)
         else:
-            replicas = _sync.replica_context() if self.synchronized else None
-            if replicas is None:
+            synced = (
+                _sync.synchronized_moments(
+                    x, self._reduction_axes, weights, self.replica_group_size
+                )
+                if self.synchronized
+                else None
+            )
+            if synced is None:
                 count, shift, residual, m2 = _math.shifted_moments(
                     x, self._reduction_axes, weights
                 )
+                moving = None
             else:
-                count, shift, residual, m2 = _sync.cross_replica_moments(
-                    replicas, x, self._reduction_axes, weights
-                )
+                count, shift, residual, m2, moving = synced
             mean = shift + residual
             # The residual is the part of the mean a float32 shift cannot
             # hold; subtracting the two in turn keeps it (see _math).
             centred, offset = x - shift, residual
             var = _math.variance(count, m2)
+            # With replica groups the moving statistics pool the groups'.
+            moving = moving or (count, mean, var)
             if self.renorm:
                 gamma, beta = self._renorm_transform(
                     mean, var, gamma, beta, param_shape
                 )
-                self._update_renorm_statistics(count, mean, var)
+                self._update_renorm_statistics(*moving)
             else:
-                self._update_moving_statistics(count, mean, var)
+                self._update_moving_statistics(*moving)
             outputs = _math.normalize(
                 centred, offset, var, gamma, beta, self.epsilon
             )
@@ -805,6 +811,7 @@ class BatchNormalization(keras.layers.Layer):
                 "renorm_momentum": self.renorm_momentum,
                 "virtual_batch_size": self.virtual_batch_size,
                 "fused": self.fused,
+                "replica_group_size": self.replica_group_size,
             }
         )
         return config
