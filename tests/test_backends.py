@@ -42,8 +42,7 @@ def test_synchronized_outside_replicas_is_exactly_unsynchronized():
         layer = bnlayers.BatchNormalization(synchronized=synchronized)
         y = layer(x, training=True)
         results.append(
-            [to_numpy(y)]
-            + [np.asarray(w) for w in layer.get_weights()]
+            [to_numpy(y)] + [np.asarray(w) for w in layer.get_weights()]
         )
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
