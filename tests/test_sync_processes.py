@@ -130,9 +130,7 @@ def test_statistics_and_gradients_equal_the_global_batch(results):
                     if quantity.startswith("d")
                     else STATISTICS_RTOL
                 )
-                ref.check_error(
-                    err, tol, f"{quantity} ({name})"
-                )
+                ref.check_error(err, tol, f"{quantity} ({name})")
 
 
 def test_processes_train_as_one_with_the_global_batch(results):
