@@ -215,8 +215,10 @@ def fused_eligibility(layer, inputs, mask=None):
     - the Keras backend is TensorFlow, JAX or PyTorch;
     - no mask is given;
     - `renorm=False` and `virtual_batch_size=None`;
-    - not `synchronized=True` inside a `tf.distribute` strategy with several
-      replicas (outside one, `synchronized` changes nothing);
+    - not `synchronized=True` over several replicas (a `tf.distribute`
+      strategy, a `torch.distributed` process group), nor
+      `replica_group_size` under a JAX distribution (elsewhere
+      `synchronized` changes nothing);
     - a single feature axis (any one);
     - floating inputs: float16, bfloat16, float32 or float64 (on TensorFlow
       float64 not on a GPU, where TensorFlow's fused kernel does not take

@@ -139,7 +139,7 @@ def _torch_all_reduce_sum():
     return _AllReduceSum.apply
 
 
-_TORCH_ALL_REDUCE = []
+_TORCH_ALL_REDUCE: list = []  # the autograd.Function's apply, built once
 
 
 def _torch_replicas():

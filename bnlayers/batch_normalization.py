@@ -181,11 +181,14 @@ class BatchNormalization(keras.layers.Layer):
             `"dmax"`: the correction `r` is clipped to `[rmin, rmax]` and `d`
             to `[-dmax, dmax]`. Missing keys mean no clipping on that side.
         renorm_momentum: Momentum of the renorm moving averages, in [0, 1].
-        synchronized: If True and the layer runs inside a `tf.distribute`
-            strategy with several replicas, the batch statistics are taken
-            over the global batch of all replicas (two all-reduce rounds,
-            exact whatever the mean of the data). Outside a strategy it
-            behaves exactly as False. TensorFlow backend only.
+        synchronized: If True, the batch statistics are taken over the
+            global batch of all replicas, exact whatever the mean of the
+            data: on TensorFlow the replicas of a `tf.distribute` strategy,
+            on PyTorch the processes of an initialized `torch.distributed`
+            process group (two all-reduce rounds, with all-reduced
+            gradients), on JAX the devices of a `keras.distribution`
+            (a jitted step's batch is one global array). With one replica
+            it behaves exactly as False.
         virtual_batch_size: None (default) or a positive int. In training,
             the batch is split into consecutive "ghost" batches of this many
             examples, each normalized with its own statistics (Hoffer et
@@ -222,14 +225,21 @@ class BatchNormalization(keras.layers.Layer):
             PyTorch's batch-norm kernel) in place of the reference path's
             chain of small eager operations. It is eligible on every one of
             the three backends with a single feature axis, no mask, no
-            `renorm`, no `virtual_batch_size` and no `synchronized` strategy
-            of several replicas;
+            `renorm`, no `virtual_batch_size`, no `synchronized=True` over
+            several replicas (TensorFlow, PyTorch) and no
+            `replica_group_size` under a JAX distribution;
             `bnlayers.fused_eligibility(layer, inputs)` gives the reason
             when it is not. On TensorFlow off a GPU, inference in a graph
             traced by an exporter (`model.export` for SavedModel, LiteRT
             and ONNX, `tf.saved_model.save`, TensorFlow's LiteRT converter,
             tf2onnx) is written as plain TensorFlow ops, which converters
             know.
+        replica_group_size: None (default: all replicas) or a positive
+            int dividing the number of replicas, with `synchronized=True`:
+            consecutive groups of this many replicas (ids 0 to g-1, g to
+            2g-1, ...) each normalize with their own group's statistics.
+            The moving statistics are updated on every replica alike with
+            the mean of the groups' means and their pooled variance.
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:
