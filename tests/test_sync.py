@@ -306,3 +306,11 @@ def test_replica_group_size_config_and_checks(tmp_path):
             )
     with pytest.raises(ValueError, match="needs `synchronized=True`"):
         bnlayers.BatchNormalization(replica_group_size=2)
+    from bnlayers import _sync
+
+    # At call, against the number of replicas found.
+    with pytest.raises(
+        ValueError, match=r"divide the number of replicas \(4\)"
+    ):
+        _sync._check_groups(4, 3)
+    assert _sync._check_groups(4, 2) == 2
