@@ -42,8 +42,8 @@ TIMEOUT_S = 300
 # (relative per feature) 1.0e-7 / 1.4e-7.
 STATISTICS_RTOL = 2e-6
 GRADIENT_RTOL = 4e-6
-# Training losses, relative: 2 processes sum in another order than one
-# (measured 2.4e-7 on PyTorch, 1.0e-6 on JAX).
+# Training losses, relative: the processes sum in another order than one
+# process (measured 2.4e-7 on PyTorch, 7.9e-8 on JAX).
 TRAIN_RTOL = 1e-5
 
 
