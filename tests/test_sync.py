@@ -19,7 +19,6 @@ import pytest
 import tensorflow as tf
 
 import _mirrored_checks as checks
-import _sync_process_checks as process_cases
 import bn_reference as ref
 import bnlayers
 
@@ -262,12 +261,13 @@ GRADIENT_RTOL = 4e-6
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(process_cases.CASES))
+@pytest.mark.parametrize("case", checks.REFERENCE_CASES)
 def test_reference_cases_with_four_replicas(measured, case):
-    """The cases the PyTorch and JAX processes run (test_sync_processes.py),
-    here under MirroredStrategy: means 0 to 1e6, masks, uneven and empty
-    shares, and `replica_group_size=2` (each group its own global batch's
-    statistics); every replica's moving statistics the same."""
+    """Cases the PyTorch and JAX processes run (test_sync_processes.py),
+    here under MirroredStrategy: gradients at a mean of 1e6, and
+    `replica_group_size=2` (each group its own global batch's statistics)
+    with a mask and with uneven and empty shares; every replica's moving
+    statistics the same."""
     result = dict(measured[4]["reference_cases"][case])
     assert result.pop("copies_equal")
     for quantity, err in result.items():
