@@ -8,6 +8,9 @@ and a list of feature axes.
 
 from bnlayers._fused import fused_eligibility
 from bnlayers.batch_normalization import BatchNormalization
+from bnlayers.tools import FreezeBNStatistics
+from bnlayers.tools import PreciseBN
+from bnlayers.tools import diagnose
 from bnlayers.tools import fold_batchnorm
 from bnlayers.tools import freeze_batchnorm
 from bnlayers.tools import recalibrate
@@ -17,6 +20,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNormalization",
+    "FreezeBNStatistics",
+    "PreciseBN",
+    "diagnose",
     "fold_batchnorm",
     "freeze_batchnorm",
     "fused_eligibility",
