@@ -53,10 +53,12 @@ STALE_WORST = 0.3
 ACCURACY_GAP = 1.0  # points
 CHANGED_PREDICTIONS = 0.01
 LOSS_RISE = 0.05
-# Batches whose own statistics are as far from the population's as a stale
-# layer's (the same error, typical channel, RMS over batches) make training
-# noisy and the moving average a poor estimate.
-BATCH_NOISE = STALE_TYPICAL
+# How far one batch's statistics are from the population's (the same error,
+# typical channel, RMS over batches). For n independent values per channel
+# it is about sqrt(1.5 / n): 0.3 for batches of 16 samples into a Dense
+# layer (a convolution sees many positions per sample, so far less). Above
+# it, the batch statistics of training are noisy.
+BATCH_NOISE = 0.3
 # A channel is collapsed when its inputs' standard deviation is below 1 %
 # of sqrt(epsilon) (a constant input, usually a dead ReLU unit: the
 # article's model has live channels with variances down to 0.1 epsilon)
@@ -417,7 +419,7 @@ def diagnose(
       layer, whose variance in training differs from inference;
     - `small-batches`: normalizing with a single batch's statistics instead
       of the population's gives an output error (typical channel, RMS over
-      the batches) above 0.1, the stale threshold.
+      the batches) above 0.3, what batches of 16 independent samples give.
 
     Stale and non-finite statistics make a layer unhealthy. The model is
     healthy when every layer is and its inference-mode accuracy is at most
