@@ -42,7 +42,9 @@ def _data(n=96, seed=4):
 
 
 def _weights(model, name):
-    return [np.asarray(w, "float64") for w in model.get_layer(name).get_weights()]
+    return [
+        np.asarray(w, "float64") for w in model.get_layer(name).get_weights()
+    ]
 
 
 def _reference(model, x, y):
@@ -59,7 +61,9 @@ def _reference(model, x, y):
         logits = z @ head_kernel + head_bias
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
-        return 100 * np.mean(p.argmax(1) == y), -np.mean(np.log(p[np.arange(len(y)), y]))
+        return 100 * np.mean(p.argmax(1) == y), -np.mean(
+            np.log(p[np.arange(len(y)), y])
+        )
 
     r = np.sqrt((var + eps) / (moving_var + eps))
     d = (mean - moving_mean) / np.sqrt(moving_var + eps)
@@ -79,7 +83,9 @@ def _snapshot(model):
 
 
 @pytest.mark.parametrize("bn", BOTH, ids=["builtin", "bnlayers"])
-def test_stale_statistics_match_a_float64_reference_and_the_model_is_left_as_it_was(bn):
+def test_stale_statistics_match_a_float64_reference_and_the_model_is_left_as_it_was(
+    bn,
+):
     model = _model(bn)
     x, y = _data()
     before = _snapshot(model)
@@ -91,25 +97,37 @@ def test_stale_statistics_match_a_float64_reference_and_the_model_is_left_as_it_
     (layer,) = report.layers
     assert layer.name == "bn" and layer.channels == 4
     for key in ("mean_shift", "variance_ratio", "error", "population_mean"):
-        np.testing.assert_allclose(getattr(layer, key), ref[key], rtol=RTOL, atol=1e-6)
+        np.testing.assert_allclose(
+            getattr(layer, key), ref[key], rtol=RTOL, atol=1e-6
+        )
     np.testing.assert_allclose(
         layer.population_variance, ref["population_variance"], rtol=RTOL
     )
     assert layer.worst_channel == int(np.argmax(ref["error"]))
-    np.testing.assert_allclose(layer.error_typical, np.median(ref["error"]), rtol=RTOL)
+    np.testing.assert_allclose(
+        layer.error_typical, np.median(ref["error"]), rtol=RTOL
+    )
     effect = report.effect
     # One sample in 96 is 1.04 points; float32 rounding moves no prediction here.
-    assert effect.accuracy_inference == pytest.approx(ref["inference"][0], abs=1e-9)
-    assert effect.accuracy_population == pytest.approx(ref["population"][0], abs=1e-9)
+    assert effect.accuracy_inference == pytest.approx(
+        ref["inference"][0], abs=1e-9
+    )
+    assert effect.accuracy_population == pytest.approx(
+        ref["population"][0], abs=1e-9
+    )
     assert effect.loss_inference == pytest.approx(ref["inference"][1], rel=1e-5)
-    assert effect.loss_population == pytest.approx(ref["population"][1], rel=1e-5)
+    assert effect.loss_population == pytest.approx(
+        ref["population"][1], rel=1e-5
+    )
     assert not layer.healthy and not report.healthy
     assert [flag.kind for flag in layer.flags] == ["stale"]
     assert "bn" in str(report) and "UNHEALTHY" in str(report)
 
     bnlayers.recalibrate(model, x, batch_size=96, verbose=0)
     after = bnlayers.diagnose(model, x, y, batch_size=96)
-    assert after.healthy and after.layers[0].healthy and not after.layers[0].flags
+    assert (
+        after.healthy and after.layers[0].healthy and not after.layers[0].flags
+    )
     # Only the float32 storage of the statistics is left: measured 2e-7.
     assert after.layers[0].error_worst < 1e-5
     assert after.effect.accuracy_gap == 0.0
@@ -124,8 +142,12 @@ def test_data_forms_give_the_same_report():
     tupled = bnlayers.diagnose(model, (x, y), batch_size=32)
     without_labels = bnlayers.diagnose(model, x, batch_size=32)
     for other in (generator, tupled):
-        np.testing.assert_allclose(other.layers[0].error, arrays.layers[0].error, rtol=1e-6)
-        assert other.effect.accuracy_inference == arrays.effect.accuracy_inference
+        np.testing.assert_allclose(
+            other.layers[0].error, arrays.layers[0].error, rtol=1e-6
+        )
+        assert (
+            other.effect.accuracy_inference == arrays.effect.accuracy_inference
+        )
     assert without_labels.effect.accuracy_inference is None
     assert without_labels.effect.changed_predictions == pytest.approx(
         arrays.effect.changed_predictions
@@ -148,8 +170,14 @@ def test_nested_model_and_bad_arguments():
     model = keras.Model(inputs, outputs)
     x, _ = _data()
     report = bnlayers.diagnose(model, x)
-    assert sorted(layer.name for layer in report.layers) == ["inner_bn", "outer_bn"]
-    assert report.worst_first()[0].error_worst >= report.worst_first()[1].error_worst
+    assert sorted(layer.name for layer in report.layers) == [
+        "inner_bn",
+        "outer_bn",
+    ]
+    assert (
+        report.worst_first()[0].error_worst
+        >= report.worst_first()[1].error_worst
+    )
 
     plain = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="no BatchNormalization"):
@@ -189,7 +217,9 @@ def test_each_flag_from_a_constructed_case():
     model.get_layer("bn").trainable = False
     layer = bnlayers.diagnose(model, x, y).layers[0]
     kinds = [f.kind for f in layer.flags]
-    assert kinds == ["stale", "frozen"] and "trainable=True" in layer.flags[0].fix
+    assert (
+        kinds == ["stale", "frozen"] and "trainable=True" in layer.flags[0].fix
+    )
 
     # BN straight after Dropout.
     model = _model(OURS, dropout=True)
@@ -204,16 +234,24 @@ def test_each_flag_from_a_constructed_case():
     small = bnlayers.diagnose(model, x, y, batch_size=2).layers[0]
     large = bnlayers.diagnose(model, x, y, batch_size=96).layers[0]
     assert "small-batches" in [f.kind for f in small.flags]
-    assert small.batch_noise > diagnosis.BATCH_NOISE and large.batch_noise == 0.0
+    assert (
+        small.batch_noise > diagnosis.BATCH_NOISE and large.batch_noise == 0.0
+    )
 
 
-def test_article_model_after_ten_steps_is_unhealthy_until_recalibrated(mnist_subset):
+def test_article_model_after_ten_steps_is_unhealthy_until_recalibrated(
+    mnist_subset,
+):
     x_train, y_train, _, _ = mnist_subset
     x, y = x_train[:2048], y_train[:2048]
     keras.utils.set_random_seed(0)
     model = article_model(BUILTIN())
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
-    model.fit(x[:640], y[:640], batch_size=64, epochs=1, verbose=0, shuffle=False)
+    model.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy"
+    )
+    model.fit(
+        x[:640], y[:640], batch_size=64, epochs=1, verbose=0, shuffle=False
+    )
     report = bnlayers.diagnose(model, x, y, batch_size=64)
     assert not report.healthy and not report.layers[0].healthy
     # Measured 5.5 points here (the first 640 images, in order); the docs'
@@ -230,7 +268,9 @@ def test_plot(tmp_path):
     report = bnlayers.diagnose(_model(OURS), x, y)
     figure = report.plot(path=tmp_path / "gap.png")
     assert (tmp_path / "gap.png").stat().st_size > 1000
-    assert len(figure.axes[0].patches) == 2  # worst and typical bar of one layer
+    assert (
+        len(figure.axes[0].patches) == 2
+    )  # worst and typical bar of one layer
 
 
 def test_command_line(tmp_path, capsys):
@@ -238,19 +278,39 @@ def test_command_line(tmp_path, capsys):
     x, y = _data()
     model.save(tmp_path / "model.keras")
     np.savez(tmp_path / "data.npz", x=x, y=y)
-    assert diagnosis.main([str(tmp_path / "model.keras"), str(tmp_path / "data.npz")]) == 1
+    assert (
+        diagnosis.main(
+            [str(tmp_path / "model.keras"), str(tmp_path / "data.npz")]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "UNHEALTHY" in out and "stale" in out
 
     (tmp_path / "notes.txt").write_text("not a model")
     np.savez(tmp_path / "other.npz", images=x, labels=y)
-    assert diagnosis.main([str(tmp_path / "notes.txt"), str(tmp_path / "data.npz")]) == 2
+    assert (
+        diagnosis.main(
+            [str(tmp_path / "notes.txt"), str(tmp_path / "data.npz")]
+        )
+        == 2
+    )
     assert "not a Keras model file" in capsys.readouterr().err
     plain = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
     plain.save(tmp_path / "plain.keras")
-    assert diagnosis.main([str(tmp_path / "plain.keras"), str(tmp_path / "data.npz")]) == 2
+    assert (
+        diagnosis.main(
+            [str(tmp_path / "plain.keras"), str(tmp_path / "data.npz")]
+        )
+        == 2
+    )
     assert "holds no BatchNormalization layer" in capsys.readouterr().err
-    assert diagnosis.main([str(tmp_path / "model.keras"), str(tmp_path / "other.npz")]) == 2
+    assert (
+        diagnosis.main(
+            [str(tmp_path / "model.keras"), str(tmp_path / "other.npz")]
+        )
+        == 2
+    )
     assert "pass --x-key" in capsys.readouterr().err
     assert (
         diagnosis.main(
