@@ -1,4 +1,4 @@
-"""Tests for the `PreciseBN` and `FreezeBNStatistics` callbacks, against float64 NumPy statistics."""
+"""Tests for `PreciseBN` and `FreezeBNStatistics`, against float64 NumPy statistics."""
 
 import keras
 import numpy as np

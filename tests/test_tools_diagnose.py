@@ -1,4 +1,4 @@
-"""Tests for `diagnose`: its figures against float64 NumPy references, its flags, its command line."""
+"""Tests for `diagnose`: figures against float64 NumPy references, flags, command line."""
 
 import keras
 import numpy as np
@@ -31,6 +31,10 @@ def _model(bn, seed=3, dropout=False):
     layer.moving_variance.assign(np.array([1.0, 4.0, 0.5, 9.0], "float32"))
     layer.gamma.assign(np.array([1.5, 0.7, 1.0, 1.2], "float32"))
     layer.beta.assign(np.array([0.1, -0.2, 0.3, 0.0], "float32"))
+    # Moderate logits: no probability near Keras' clipping at 1e-7, where
+    # the backends' crossentropies part from the exact log.
+    head = model.get_layer("head")
+    head.kernel.assign(head.kernel * 0.3)
     return model
 
 
@@ -243,9 +247,9 @@ def test_article_model_after_ten_steps_is_unhealthy_until_recalibrated(
     mnist_subset,
 ):
     x_train, y_train, _, _ = mnist_subset
-    x, y = x_train[:2048], y_train[:2048]
+    x, y = x_train[:1024], y_train[:1024]
     keras.utils.set_random_seed(0)
-    model = article_model(BUILTIN())
+    model = article_model(BUILTIN(), filters=8)
     model.compile(
         keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy"
     )
@@ -254,10 +258,11 @@ def test_article_model_after_ten_steps_is_unhealthy_until_recalibrated(
     )
     report = bnlayers.diagnose(model, x, y, batch_size=64)
     assert not report.healthy and not report.layers[0].healthy
-    # Measured 5.5 points here (the first 640 images, in order); the docs'
-    # table has the full-data figures. The loss is what is far off.
-    assert report.effect.accuracy_gap > 2.5
-    assert report.effect.loss_inference > 2 * report.effect.loss_population
+    # The article's model with 8 filters instead of 32, to keep the test
+    # light: measured 16.4 points (44.9 against 61.3 %) and a loss of 2.01
+    # against 1.22 on TensorFlow; the docs' table has the full model's.
+    assert report.effect.accuracy_gap > 8
+    assert report.effect.loss_inference > 1.3 * report.effect.loss_population
     bnlayers.recalibrate(model, x, batch_size=64, verbose=0)
     assert bnlayers.diagnose(model, x, y, batch_size=64).healthy
 
