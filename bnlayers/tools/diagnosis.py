@@ -3,7 +3,7 @@
 Also a command line, on a saved `.keras` file and an `.npz` of inputs
 (and optional labels):
 
-    python -m bnlayers.tools.diagnosis model.keras data.npz
+    python -m bnlayers.tools.diagnose_cli model.keras data.npz
     bnlayers-diagnose model.keras data.npz --batch-size 64 --plot gap.png
 
 It prints the report and exits with status 0 if the model is healthy, 1 if
@@ -1001,7 +1001,7 @@ def _accuracy(y, outputs):
 
 
 def main(argv=None):
-    """The command line: `python -m bnlayers.tools.diagnosis model.keras data.npz`."""
+    """The command line: `python -m bnlayers.tools.diagnose_cli model.keras data.npz`."""
     parser = argparse.ArgumentParser(
         prog="bnlayers-diagnose",
         description="Diagnose the batch normalization layers of a saved Keras model: "
@@ -1068,6 +1068,8 @@ def _load_model(path):
         model = keras.saving.load_model(path)
     except Exception as error:  # Keras raises many kinds for a bad file
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if len(first) > 160:  # Keras' messages run on with advice about formats
+            first = first[: first.rfind(". ", 0, 160) + 1] or first[:160]
         raise _UsageError(
             f"{path}: not a Keras model file that loads ({type(error).__name__}: "
             f"{first[:200]})"
@@ -1108,7 +1110,3 @@ def _load_data(path, x_key, y_key):
                 f"{path}: no key {y_key!r}. Keys in the file: {keys}"
             )
         return data[x_key], (data[y_key] if y_key else None)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
