@@ -38,8 +38,9 @@ from bnlayers.tools._common import to_numpy64
 #   steps   accuracy gap   loss: inference / population   error typical / worst
 #   10      22.8 points    2.02 / 0.60                    0.96 / 0.97
 #   100      5.4           1.58 / 0.18                    0.94 / 0.95
-#   500      0.5           0.110 / 0.031                  0.56 / 0.62
+#   500      0.2           0.101 / 0.028                  0.56 / 0.61
 #   1500     0.0           0.001 / 0.001                  0.014 / 0.075
+#   (1500: 500 steps, then 1000 more in another data order)
 #
 # The 500-step model still has moving variances about 5 times the
 # population's: 0.99**500 = 0.0066 of their initial 1 is left, against
@@ -407,8 +408,8 @@ def diagnose(
     - `stale`: the typical channel's output error is above 0.1 or the
       worst channel's above 0.3 (measured on the article's MNIST model at
       batch 64: 0.96 / 0.97 after 10 steps, where inference mode loses 23
-      accuracy points; 0.56 / 0.62 after 500 steps, where the accuracy
-      gap is 0.5 points but the loss 3.5 times the population one; 0.014 /
+      accuracy points; 0.56 / 0.61 after 500 steps, where the accuracy
+      gap is 0.2 points but the loss 3.6 times the population one; 0.014 /
       0.075 after 1,500 steps, no gap);
     - `non-finite`: NaN or infinite moving or population statistics;
     - `collapsed`: channels whose input variance is below 1e-4 epsilon or
