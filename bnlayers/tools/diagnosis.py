@@ -269,7 +269,7 @@ class DiagnosisReport:
                 "  ".join(
                     cell.ljust(width)
                     for cell, width in zip(row, widths, strict=True)
-                )
+                ).rstrip()
             )
         details = [
             f"- {layer.name}: {flag.message} Fix: {flag.fix}"
