@@ -259,9 +259,10 @@ def test_article_model_after_ten_steps_is_unhealthy_until_recalibrated(
     report = bnlayers.diagnose(model, x, y, batch_size=64)
     assert not report.healthy and not report.layers[0].healthy
     # The article's model with 8 filters instead of 32, to keep the test
-    # light: measured 16.4 points (44.9 against 61.3 %) and a loss of 2.01
-    # against 1.22 on TensorFlow; the docs' table has the full model's.
-    assert report.effect.accuracy_gap > 8
+    # light. Measured: 16.4 points (44.9 against 61.3 %), loss 2.01 against
+    # 1.22 on TensorFlow; 7.8 points, loss 2.15 against 1.42 on JAX (another
+    # initialization). The docs' table has the full model's figures.
+    assert report.effect.accuracy_gap > 4
     assert report.effect.loss_inference > 1.3 * report.effect.loss_population
     bnlayers.recalibrate(model, x, batch_size=64, verbose=0)
     assert bnlayers.diagnose(model, x, y, batch_size=64).healthy
