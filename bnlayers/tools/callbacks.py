@@ -40,9 +40,10 @@ class PreciseBN(keras.callbacks.Callback):
     With an optimizer built with `use_ema=True`, `fit` replaces the weights
     by their moving averages after the last epoch and before the callbacks'
     `on_train_end`; the recalibration runs there, so the statistics are
-    those of the averaged weights the model is left with. (The statistics
-    computed every N epochs are those of the weights of that moment, as
-    `validation` sees them.)
+    those of the averaged weights the model is left with. The statistics
+    computed every N epochs are those of the weights of that moment (not
+    averaged); `fit` validates before `on_epoch_end`, so validation sees
+    them from the next epoch on.
 
     ```python
     model.fit(
