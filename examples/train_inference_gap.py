@@ -231,6 +231,9 @@ def main(argv=None):
         "--quick", action="store_true", help="three regimes only"
     )
     parser.add_argument(
+        "--regimes", help="comma-separated indices into REGIMES (default: all)"
+    )
+    parser.add_argument(
         "--data-dir", help="a directory of MNIST-format IDX files"
     )
     parser.add_argument(
