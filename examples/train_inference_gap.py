@@ -218,7 +218,8 @@ def plot(results, regimes, names, path):
     ax.set_xticklabels(
         [regime.name for regime in regimes], rotation=20, ha="right"
     )
-    ax.set_ylabel("gap (points): population statistics - inference mode")
+    ax.set_ylabel("gap (points)")
+    ax.set_title("test accuracy: population statistics minus inference mode")
     ax.axhline(0, color="k", lw=0.5)
     ax.legend(fontsize="small")
     figure.tight_layout()
