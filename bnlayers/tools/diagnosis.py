@@ -228,7 +228,8 @@ class DiagnosisReport:
 
     def __repr__(self):
         return (
-            f"<DiagnosisReport {self.model_name!r}: {len(self.layers)} BN layers, "
+            f"<DiagnosisReport {self.model_name!r}: {len(self.layers)} BN "
+            f"layer{'s' if len(self.layers) != 1 else ''}, "
             f"{'healthy' if self.healthy else 'unhealthy'}>"
         )
 
