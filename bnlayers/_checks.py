@@ -131,17 +131,6 @@ def renorm_clipping(value: Any, renorm: bool) -> dict[str, float] | None:
     return dict(value)
 
 
-def synchronized(value: Any, backend_name: str) -> bool:
-    """A bool; True only on the TensorFlow backend (`tf.distribute`)."""
-    if value and backend_name != "tensorflow":
-        raise ValueError(
-            "`synchronized=True` needs the TensorFlow backend (tf.distribute); "
-            f"the Keras backend is {backend_name!r}. "
-            f"Received: synchronized={value!r}"
-        )
-    return bool(value)
-
-
 def virtual_batch_size(
     value: Any, renorm: bool, synchronized: bool
 ) -> int | None:

@@ -35,7 +35,7 @@ _CONFIG_KEYS = (
     "axis momentum epsilon center scale beta_initializer gamma_initializer "
     "moving_mean_initializer moving_variance_initializer beta_regularizer "
     "gamma_regularizer beta_constraint gamma_constraint synchronized renorm "
-    "renorm_clipping renorm_momentum virtual_batch_size fused"
+    "renorm_clipping renorm_momentum virtual_batch_size fused replica_group_size"
 ).split()
 # (bnlayers' moving-statistics options, after the built-in's keys.)
 _CONFIG_KEYS += ["debias_moving_statistics"]
@@ -132,11 +132,15 @@ class BatchNormalization(keras.layers.Layer):
         renorm_momentum: Momentum of the renorm moving averages, in [0, 1]
             (not None: renorm's correction must follow the current
             weights).
-        synchronized: If True and the layer runs inside a `tf.distribute`
-            strategy with several replicas, the batch statistics are taken
-            over the global batch of all replicas (two all-reduce rounds,
-            exact whatever the mean of the data). Outside a strategy it
-            behaves exactly as False. TensorFlow backend only.
+        synchronized: If True, the batch statistics are taken over the
+            global batch of all replicas, exact whatever the mean of the
+            data: on TensorFlow the replicas of a `tf.distribute` strategy,
+            on PyTorch the processes of an initialized `torch.distributed`
+            process group (two all-reduce rounds, with all-reduced
+            gradients), on JAX the devices of a `keras.distribution`
+            (a jitted step's batch is one global array). With one replica
+            it behaves exactly as False. More in
+            [Synchronized statistics](distributed.md#synchronized-statistics-synchronizedtrue).
         virtual_batch_size: None (default) or a positive int. In training,
             the batch is split into consecutive "ghost" batches of this many
             examples, each normalized with its own statistics (Hoffer et
@@ -154,6 +158,12 @@ class BatchNormalization(keras.layers.Layer):
             `bnlayers.fused_eligibility(layer, inputs)` says why a call
             would not take it. What runs on each backend, and when:
             [The fused fast path](performance.md#the-fused-fast-path).
+        replica_group_size: None (default: all replicas) or a positive
+            int dividing the number of replicas, with `synchronized=True`:
+            consecutive groups of this many replicas (ids 0 to g-1, g to
+            2g-1, ...) each normalize with their own group's statistics.
+            The moving statistics are updated on every replica alike with
+            the mean of the groups' means and their pooled variance.
         debias_moving_statistics: If True, the moving statistics are the
             zero-debiased moving average (Adam's bias correction, Haiku's
             `zero_debias`): at step `t` the batch statistic weighs
@@ -240,6 +250,7 @@ class BatchNormalization(keras.layers.Layer):
         synchronized: bool = False,
         virtual_batch_size: int | None = None,
         fused: bool | None = None,
+        replica_group_size: int | None = None,
         debias_moving_statistics: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -264,13 +275,14 @@ class BatchNormalization(keras.layers.Layer):
             renorm_clipping, self.renorm
         )
         self.renorm_momentum = _checks.renorm_momentum(renorm_momentum)
-        self.synchronized = _checks.synchronized(
-            synchronized, backend.backend()
-        )
+        self.synchronized = bool(synchronized)
         self.virtual_batch_size = _checks.virtual_batch_size(
             virtual_batch_size, self.renorm, self.synchronized
         )
         self.fused = _checks.fused(fused)
+        self.replica_group_size = _sync.check_replica_group_size(
+            replica_group_size, self.synchronized
+        )
         self.debias_moving_statistics = _checks.debias_moving_statistics(
             debias_moving_statistics
         )
@@ -403,15 +415,20 @@ class BatchNormalization(keras.layers.Layer):
                 self.epsilon,
             )
         else:
-            replicas = _sync.replica_context() if self.synchronized else None
-            if replicas is None:
+            synced = (
+                _sync.synchronized_moments(
+                    x, self._reduction_axes, mask, self.replica_group_size
+                )
+                if self.synchronized
+                else None
+            )
+            if synced is None:
                 count, shift, residual, m2 = _math.shifted_moments(
                     x, self._reduction_axes, mask
                 )
+                moving = None
             else:
-                count, shift, residual, m2 = _sync.cross_replica_moments(
-                    replicas, x, self._reduction_axes, mask
-                )
+                count, shift, residual, m2, moving = synced
             mean = shift + residual
             var = _math.variance(count, m2)
             if self.renorm:
@@ -433,6 +450,9 @@ class BatchNormalization(keras.layers.Layer):
             outputs = _math.normalize(
                 x - shift, residual, var, gamma, beta, self.epsilon
             )
+            # With replica groups the moving statistics pool the groups'.
+            if moving is not None:
+                count, mean, var = moving
         momentum, renorm_momentum, steps = self._step_momenta()
         if self.renorm:
             self._update_renorm_statistics(

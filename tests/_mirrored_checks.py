@@ -331,6 +331,69 @@ def dataset_remainder(strategy, replicas):
     return result
 
 
+# The other cases' offsets, masks and uneven shares are `exactness`'s and
+# `equivalence`'s here; each case costs seconds of tracing.
+REFERENCE_CASES = (
+    "offset_1e6",
+    "groups_1e6",
+    "groups_masked_1e4",
+    "groups_uneven_1e4",
+)
+
+
+def reference_cases(strategy):
+    """Cases of `_sync_process_checks` (4 replicas) under this strategy.
+
+    Every case's errors against the float64 reference of the global batch
+    (of each group's, with `replica_group_size`): outputs, input, gamma and
+    beta gradients of ``sum(upstream * outputs)``, moving statistics; the
+    same measurements as the PyTorch and JAX processes make.
+    """
+    import _sync_process_checks as cases
+
+    results = {}
+    for name in REFERENCE_CASES:
+        x, dy, mask, sizes, gamma, beta = cases.case_data(name)
+        with strategy.scope():
+            layer = cases.make_layer(name, gamma, beta)
+        args = [per_replica(strategy, split(x, sizes))]
+        args.append(per_replica(strategy, split(dy, sizes)))
+        if mask is not None:
+            args.append(per_replica(strategy, split(mask, sizes)))
+
+        def replica_step(x, dy, m=None, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True, mask=m)
+                loss = tf.reduce_sum(y * dy)
+            dx, dgamma, dbeta = tape.gradient(
+                loss, [x, layer.gamma.value, layer.beta.value]
+            )
+            return y, dx, dgamma, dbeta
+
+        @tf.function
+        def step(*args, replica_step=replica_step):
+            return strategy.run(replica_step, args=args)
+
+        y, dx, dgamma, dbeta = (local(strategy, t) for t in step(*args))
+        means = variable_copies(strategy, layer.moving_mean)
+        variances = variable_copies(strategy, layer.moving_variance)
+        got = {
+            "y": np.concatenate(y),
+            "dx": np.concatenate(dx),
+            # The gradient of the summed losses: the replicas' sum.
+            "dgamma": np.sum(dgamma, axis=0),
+            "dbeta": np.sum(dbeta, axis=0),
+            "moving_mean": means[0],
+            "moving_variance": variances[0],
+        }
+        results[name] = cases.errors(name, got, slice(None))
+        results[name]["copies_equal"] = all(
+            np.array_equal(c, means[0]) for c in means
+        ) and all(np.array_equal(c, variances[0]) for c in variances)
+    return results
+
+
 # Each case runs with even per-replica batches under one device count and
 # uneven ones under the other (4 replicas: one of them empty), which covers
 # both at half the run time.
@@ -409,6 +472,8 @@ def main(replicas):
         "equivalence": {},
         "step_averages": step_averages(strategy, UNEVEN[replicas]),
     }
+    if replicas == 4:
+        results["reference_cases"] = reference_cases(strategy)
     for case in plan["even"]:
         results["equivalence"][case + "_even"] = equivalence(
             strategy, case, [6] * replicas

@@ -18,7 +18,10 @@ from bnlayers.tools._rebuild import copy_layer
 _SWAP_TARGETS = {"bnlayers": BatchNormalization, "keras": BUILTIN}
 # Config keys of bnlayers.BatchNormalization that the built-in does not have,
 # with the value that means "as the built-in does".
-_BNLAYERS_ONLY_DEFAULTS = {"virtual_batch_size": None}
+_BNLAYERS_ONLY_DEFAULTS = {
+    "virtual_batch_size": None,
+    "replica_group_size": None,
+}
 # `fused` only picks the kernel that computes the same result, so any value
 # carries over to the built-in (which picks its own kernel).
 _BNLAYERS_ONLY_DROPPED = ("fused",)
