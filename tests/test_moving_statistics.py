@@ -437,3 +437,30 @@ def test_bad_arguments():
     layer.momentum = None
     with pytest.raises(ValueError, match="without a step counter"):
         layer(np.ones((4, 3), "float32"), training=True)
+
+
+@pytest.mark.parametrize(
+    ("momentum", "debias"), AVERAGES[1:3], ids=AVERAGE_IDS[1:3]
+)
+def test_recalibrate_sets_the_statistics_and_keeps_the_count(momentum, debias):
+    batches = _batches((8, 3), 2, seed=12)
+    layer = bnlayers.BatchNormalization(
+        momentum=momentum, debias_moving_statistics=debias
+    )
+    model = keras.Sequential([keras.Input((3,)), layer])
+    for x in batches:
+        layer(x, training=True)
+    data = np.concatenate(_batches((8, 3), 3, seed=13))
+    bnlayers.recalibrate(model, data, batch_size=8, verbose=0)
+    _, mean, var = ref.batch_moments(data, [1])
+    ref.check_error(
+        ref.rel_err(to_numpy(layer.moving_mean), mean.ravel()),
+        RTOL,
+        "recalibrated mean",
+    )
+    ref.check_error(
+        ref.rel_err(to_numpy(layer.moving_variance), var.ravel()),
+        RTOL,
+        "recalibrated variance",
+    )
+    np.testing.assert_array_equal(to_numpy(layer.moving_count), [2, 2, 2])
