@@ -15,6 +15,7 @@ import pytest
 
 import bn_reference as ref
 import bnlayers
+from backend_ops import BACKEND
 from backend_ops import HAS_FAST_PATH
 from backend_ops import to_numpy
 
@@ -192,6 +193,10 @@ def test_fast_path_and_reference_path_agree(momentum, debias):
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "jit"])
 def test_fit_averages_by_step(jit_compile):
     """In Keras' own training loop (traced, and compiled by XLA)."""
+    if jit_compile and BACKEND == "torch":
+        # Passes, but torch.compile takes 18 s here; Keras trains eagerly
+        # on PyTorch unless asked.
+        pytest.skip("jit_compile on PyTorch is torch.compile: too slow for CI")
     batches = _batches((8, 6), 4, seed=2)
     layer = bnlayers.BatchNormalization(debias_moving_statistics=True)
     model = keras.Sequential([keras.Input((6,)), layer])
