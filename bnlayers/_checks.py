@@ -59,6 +59,11 @@ def momentum(value: Any) -> float | None:
     """None (a cumulative average of every batch), or a float in [0, 1]."""
     if value is None:
         return None
+    if not _is_real(value):
+        raise TypeError(
+            "`momentum` must be a float in [0, 1], or None (a cumulative "
+            f"average). Received: momentum={value!r}"
+        )
     return fraction("momentum", value)
 
 
