@@ -629,14 +629,22 @@ def _inference_function(model):
 
 
 @dataclasses.dataclass
+class _Outputs:
+    outputs: list
+    labels: list
+    samples: int
+    several: bool
+
+
+@dataclasses.dataclass
 class _Passes:
     """What the three passes over the data give."""
 
-    current: "_Outputs"  # the model's outputs in inference mode, as it is
+    current: _Outputs  # the model's outputs in inference mode, as it is
     moments: dict  # per index into the layers: each batch's (count, mean, m2)
     statistics: dict  # per index: the merged (count, mean, variance)
     batches: int
-    population: "_Outputs"  # the outputs with the population statistics
+    population: _Outputs  # the outputs with the population statistics
 
 
 def _passes(model, layers, source, verbose, x):
@@ -654,14 +662,6 @@ def _passes(model, layers, source, verbose, x):
         ) as progbar:
             population = _outputs(forward, source, progbar)
     return _Passes(current, moments, statistics, seen, population)
-
-
-@dataclasses.dataclass
-class _Outputs:
-    outputs: list
-    labels: list
-    samples: int
-    several: bool
 
 
 def _outputs(forward, source, progbar):
