@@ -258,8 +258,15 @@ def _calibration_mode(layers):
         for layer in layers
         for v in layer.non_trainable_weights
     ]
-    momenta = [
-        (layer, layer.momentum, getattr(layer, "renorm_momentum", None))
+    # A `call` set on the instance is another tool's (FreezeBNStatistics'
+    # during its frozen epochs): it goes back in place afterwards.
+    settings = [
+        (
+            layer,
+            layer.momentum,
+            getattr(layer, "renorm_momentum", None),
+            vars(layer).get("call"),
+        )
         for layer in layers
     ]
     try:
@@ -270,8 +277,10 @@ def _calibration_mode(layers):
                 layer.renorm_momentum = 1.0
         yield captured
     finally:
-        for layer, momentum, renorm_momentum in momenta:
-            if "call" in vars(layer):
+        for layer, momentum, renorm_momentum, call in settings:
+            if call is not None:
+                layer.call = call
+            elif "call" in vars(layer):
                 del layer.call
             layer.momentum = momentum
             if getattr(layer, "renorm", False):
