@@ -174,6 +174,54 @@ def test_freeze_bn_statistics_recalibrates_first_with_data():
         np.testing.assert_allclose(moving, population, rtol=RTOL)
 
 
+class _BatchSpy(keras.callbacks.Callback):
+    """Records after each training batch: the epoch, whether BN is frozen, its moving mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = None
+        self.batches = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        layer = self.model.get_layer("bn")
+        self.batches.append(
+            (self.epoch, "call" in vars(layer), _moving(self.model)[0])
+        )
+
+
+def test_precise_bn_during_frozen_epochs_keeps_them_frozen():
+    model = _model(OURS)
+    x, y = _data()
+    model.compile(keras.optimizers.Adam(0.05), "mse")
+    spy, end = _BatchSpy(), _Spy(x)
+    freeze = bnlayers.FreezeBNStatistics(last_epochs=2)
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=3,
+        verbose=0,
+        callbacks=[
+            freeze,
+            bnlayers.PreciseBN(x, batch_size=16, every_n_epochs=1, verbose=0),
+            spy,
+            end,
+        ],
+    )
+    frozen = [frozen for _, frozen, _ in spy.batches]
+    assert frozen == [False] * 4 + [True] * 8  # 4 batches an epoch
+    # Epoch 3 trains with the statistics recalibrated at the end of epoch
+    # 2, unchanged, not with batch statistics.
+    recalibrated = end.epochs[1][0][0]
+    for epoch, _, moving_mean in spy.batches:
+        if epoch == 2:
+            np.testing.assert_array_equal(moving_mean, recalibrated)
+    assert "call" not in vars(model.get_layer("bn")) and not freeze.frozen
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="every_n_epochs=0"):
         bnlayers.PreciseBN(np.zeros((4, 5)), every_n_epochs=0)

@@ -1,28 +1,13 @@
 """Callbacks for the BN statistics used at inference: PreciseBN, frozen for the last epochs."""
 
-import numbers
 from typing import Any
 
 import keras
 
 from bnlayers.tools._common import batchnorm_layers
-from bnlayers.tools.recalibration import _check_steps
+from bnlayers.tools._common import check_positive
 from bnlayers.tools.recalibration import _check_verbose
 from bnlayers.tools.recalibration import recalibrate
-
-
-def _check_positive(value, name, allow_none=True):
-    if value is None and allow_none:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < 1
-    ):
-        raise ValueError(
-            f"`{name}` must be {'None or ' if allow_none else ''}a positive int. "
-            f"Received: {name}={value!r}"
-        )
 
 
 class PreciseBN(keras.callbacks.Callback):
@@ -79,30 +64,18 @@ class PreciseBN(keras.callbacks.Callback):
         verbose: str | int = "auto",
     ):
         super().__init__()
-        _check_steps(steps)
-        _check_positive(every_n_epochs, "every_n_epochs")
-        _check_positive(batch_size, "batch_size")
-        self.verbose = _check_verbose(verbose)
-        self.data = data
-        self.steps = steps
-        self.batch_size = batch_size
-        self.every_n_epochs = every_n_epochs
-
-    def _recalibrate(self):
-        recalibrate(
-            self.model,
-            self.data,
-            self.steps,
-            batch_size=self.batch_size,
-            verbose=self.verbose,
+        self.data, self.steps, self.batch_size, self.verbose = _settings(
+            data, steps, batch_size, verbose
         )
+        check_positive(every_n_epochs, "every_n_epochs")
+        self.every_n_epochs = every_n_epochs
 
     def on_epoch_end(self, epoch, logs=None):
         if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
-            self._recalibrate()
+            _recalibrate(self)
 
     def on_train_end(self, logs=None):
-        self._recalibrate()
+        _recalibrate(self)
 
 
 class FreezeBNStatistics(keras.callbacks.Callback):
@@ -146,14 +119,11 @@ class FreezeBNStatistics(keras.callbacks.Callback):
         verbose: str | int = "auto",
     ):
         super().__init__()
-        _check_positive(last_epochs, "last_epochs", allow_none=False)
-        _check_steps(steps)
-        _check_positive(batch_size, "batch_size")
+        check_positive(last_epochs, "last_epochs", allow_none=False)
         self.last_epochs = int(last_epochs)
-        self.data = data
-        self.steps = steps
-        self.batch_size = batch_size
-        self.verbose = _check_verbose(verbose)
+        self.data, self.steps, self.batch_size, self.verbose = _settings(
+            data, steps, batch_size, verbose
+        )
         self._frozen: list = []
 
     @property
@@ -174,13 +144,7 @@ class FreezeBNStatistics(keras.callbacks.Callback):
         if self._frozen or epoch < epochs - self.last_epochs:
             return
         if self.data is not None:
-            recalibrate(
-                self.model,
-                self.data,
-                self.steps,
-                batch_size=self.batch_size,
-                verbose=self.verbose,
-            )
+            _recalibrate(self)
         for layer in batchnorm_layers(self.model):
             if layer.trainable and "call" not in vars(layer):
                 layer.call = _inference_call(layer.call)
@@ -198,6 +162,24 @@ class FreezeBNStatistics(keras.callbacks.Callback):
         # `fit` calls `train_function` anew at every step, so a fresh one
         # (traced with the BN layers' new `call`) takes effect at once.
         self.model.make_train_function(force=True)
+
+
+def _settings(data, steps, batch_size, verbose):
+    """What a callback passes on to `recalibrate`, checked now, not when `fit` ends."""
+    check_positive(steps, "steps")
+    check_positive(batch_size, "batch_size")
+    return data, steps, batch_size, _check_verbose(verbose)
+
+
+def _recalibrate(callback):
+    """`recalibrate` of the callback's model over its data, with its settings."""
+    recalibrate(
+        callback.model,
+        callback.data,
+        callback.steps,
+        batch_size=callback.batch_size,
+        verbose=callback.verbose,
+    )
 
 
 def _inference_call(original):

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import numbers
 import sys
 from typing import Any
 
@@ -29,6 +28,7 @@ from bnlayers.tools import recalibration as _recal
 from bnlayers.tools._common import batchnorm_layers
 from bnlayers.tools._common import check_built
 from bnlayers.tools._common import check_model
+from bnlayers.tools._common import check_positive
 from bnlayers.tools._common import to_numpy64
 
 # The thresholds, from measurements on the article's model (Conv2D, BN,
@@ -77,6 +77,25 @@ _DROPOUTS = (
 @dataclasses.dataclass(frozen=True)
 class Flag:
     """One finding about a BN layer: what is wrong and what to do about it.
+
+    The kinds, and what raises each:
+
+    - `stale`: the typical channel's output error is above 0.1 or the
+      worst channel's above 0.3 (measured on the article's MNIST model at
+      batch 64: 0.96 / 0.97 after 10 steps, where inference mode loses 23
+      accuracy points; 0.56 / 0.61 after 500 steps, where the accuracy
+      gap is 0.2 points but the loss 3.6 times the population one; 0.014 /
+      0.075 after 1,500 steps, no gap);
+    - `non-finite`: NaN or infinite moving or population statistics;
+    - `collapsed`: channels whose input variance is below 1e-4 epsilon or
+      whose |gamma| is below 1e-3;
+    - `frozen`: `trainable=False`: training and `recalibrate` leave its
+      statistics as they are;
+    - `after-dropout`: the layer's input comes straight from a Dropout
+      layer, whose variance in training differs from inference;
+    - `small-batches`: normalizing with a single batch's statistics instead
+      of the population's gives an output error (typical channel, RMS over
+      the batches) above 0.3, what batches of 16 independent samples give.
 
     Attributes:
         kind: `"stale"`, `"non-finite"`, `"collapsed"`, `"frozen"`,
@@ -404,24 +423,9 @@ def diagnose(
     statistics are those of the activations each layer normalized in
     training.
 
-    Flags, each with the fix it suggests:
-
-    - `stale`: the typical channel's output error is above 0.1 or the
-      worst channel's above 0.3 (measured on the article's MNIST model at
-      batch 64: 0.96 / 0.97 after 10 steps, where inference mode loses 23
-      accuracy points; 0.56 / 0.61 after 500 steps, where the accuracy
-      gap is 0.2 points but the loss 3.6 times the population one; 0.014 /
-      0.075 after 1,500 steps, no gap);
-    - `non-finite`: NaN or infinite moving or population statistics;
-    - `collapsed`: channels whose input variance is below 1e-4 epsilon or
-      whose |gamma| is below 1e-3;
-    - `frozen`: `trainable=False`: training and `recalibrate` leave its
-      statistics as they are;
-    - `after-dropout`: the layer's input comes straight from a Dropout
-      layer, whose variance in training differs from inference;
-    - `small-batches`: normalizing with a single batch's statistics instead
-      of the population's gives an output error (typical channel, RMS over
-      the batches) above 0.3, what batches of 16 independent samples give.
+    Each layer gets flags, each with the fix it suggests: `stale`,
+    `non-finite`, `collapsed`, `frozen`, `after-dropout` and `small-batches`
+    (see `Flag` for what raises each).
 
     Stale and non-finite statistics make a layer unhealthy. The model is
     healthy when every layer is and its inference-mode accuracy is at most
@@ -459,56 +463,44 @@ def diagnose(
         A `DiagnosisReport`.
     """
     check_model(model, "diagnose")
-    _recal._check_steps(steps)
+    check_positive(steps, "steps")
     verbose = _recal._check_verbose(verbose) if verbose != 0 else 0
     check_built(model, "diagnose")
+    layers = _layers_to_diagnose(model)
+    source = _Source(x, y, batch_size, steps)
+    passes = _passes(model, layers, source, verbose, x)
+    return _report(model, layers, passes, loss)
+
+
+def _layers_to_diagnose(model):
     layers = [layer for layer in batchnorm_layers(model) if layer.built]
     if not layers:
         raise ValueError(
             "`diagnose` found no BatchNormalization layer (keras.layers or "
             f"bnlayers) in the model. Received: model={model.name!r}"
         )
-    source = _Source(x, y, batch_size, steps)
+    return layers
 
-    forward = _inference_function(model)
-    with _progress(source, verbose, "inference mode") as progbar:
-        current = _outputs(forward, source, progbar)
 
-    with _progress(source, verbose, "population statistics") as progbar:
-        with _recal._calibration_mode(layers) as captured:
-            collected, seen = _recal._collect_moments(
-                _recal._forward_function(model, captured),
-                source.inputs(),
-                progbar,
-            )
-    if not seen:
-        raise ValueError(
-            "`x` yielded no batches, so there is nothing to compute statistics over. "
-            f"Received: x of type {type(x).__name__}, steps={steps!r}"
-        )
-
-    statistics = {
-        i: _recal._merged_statistics(collected[i])
-        for i in range(len(layers))
-        if collected.get(i)
-    }
-    with _population_statistics(layers, statistics):
-        with _progress(
-            source, verbose, "population statistics, inference"
-        ) as progbar:
-            population = _outputs(forward, source, progbar)
-
+def _report(model, layers, passes, loss):
+    """The `DiagnosisReport` of what the passes over the data found."""
     diagnosed = [
-        _diagnose_layer(model, layer, statistics[i], collected[i])
+        _diagnose_layer(model, layer, passes.statistics[i], passes.moments[i])
         for i, layer in enumerate(layers)
-        if i in statistics
+        if i in passes.statistics
     ]
     unreached = [
-        layer.name for i, layer in enumerate(layers) if i not in statistics
+        layer.name
+        for i, layer in enumerate(layers)
+        if i not in passes.statistics
     ]
-    effect = _effect(current, population, loss, model)
     return DiagnosisReport(
-        model.name, diagnosed, effect, current.samples, seen, unreached
+        model.name,
+        diagnosed,
+        _effect(passes.current, passes.population, loss, model),
+        passes.current.samples,
+        passes.batches,
+        unreached,
     )
 
 
@@ -543,16 +535,7 @@ class _Source:
                     "`x` given as arrays must hold only arrays. "
                     f"Received: x of type {type(x).__name__}"
                 )
-            if batch_size is None:
-                batch_size = 32
-            if (
-                isinstance(batch_size, bool)
-                or not isinstance(batch_size, numbers.Integral)
-                or batch_size < 1
-            ):
-                raise ValueError(
-                    f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}"
-                )
+            batch_size = _recal._array_batch_size(batch_size)
             size = int(leaves[0].shape[0])
             if (
                 y is not None
@@ -563,10 +546,8 @@ class _Source:
                     f"{size} inputs and {np.shape(keras.tree.flatten(y)[0])[0]} labels"
                 )
             self._kind = "arrays"
-            self._data = (x, y, int(batch_size), size)
-            self.target = _recal._at_most(
-                math.ceil(size / int(batch_size)), steps
-            )
+            self._data = (x, y, batch_size, size)
+            self.target = _recal._at_most(math.ceil(size / batch_size), steps)
         elif hasattr(x, "__iter__") or hasattr(x, "__next__"):
             self._reject(y, "y", x)
             self._reject(batch_size, "batch_size", x)
@@ -628,11 +609,9 @@ class _Source:
 
 @contextlib.contextmanager
 def _progress(source, verbose, name):
-    if not verbose:
-        yield None
-        return
-    print(f"diagnose: {name}")
-    yield keras.utils.Progbar(source.target, verbose=verbose, unit_name="step")
+    if verbose:
+        print(f"diagnose: {name}")
+    yield _recal._progbar(source.target, verbose)
 
 
 # ------------------------------------------------------------ the passes
@@ -657,6 +636,34 @@ class _Outputs:
     several: bool
 
 
+@dataclasses.dataclass
+class _Passes:
+    """What the three passes over the data give."""
+
+    current: _Outputs  # the model's outputs in inference mode, as it is
+    moments: dict  # per index into the layers: each batch's (count, mean, m2)
+    statistics: dict  # per index: the merged (count, mean, variance)
+    batches: int
+    population: _Outputs  # the outputs with the population statistics
+
+
+def _passes(model, layers, source, verbose, x):
+    """The three runs over the data: as it is, recording, with population statistics."""
+    forward = _inference_function(model)
+    with _progress(source, verbose, "inference mode") as progbar:
+        current = _outputs(forward, source, progbar)
+    with _progress(source, verbose, "population statistics") as progbar:
+        moments, statistics, seen = _recal._population_moments(
+            model, layers, source.inputs(), progbar, ("x", x, source.steps)
+        )
+    with _population_statistics(layers, statistics):
+        with _progress(
+            source, verbose, "population statistics, inference"
+        ) as progbar:
+            population = _outputs(forward, source, progbar)
+    return _Passes(current, moments, statistics, seen, population)
+
+
 def _outputs(forward, source, progbar):
     outputs, labels = [], []
     samples = 0
@@ -670,12 +677,8 @@ def _outputs(forward, source, progbar):
         outputs.append(out)
         labels.append(None if y is None else keras.tree.flatten(y))
         samples += out.shape[0]
-        if progbar is not None and progbar.verbose == 1:
-            progbar.update(step, finalize=False)
-    if progbar is not None and outputs:
-        if progbar.target is None:
-            progbar.target = len(outputs)
-        progbar.update(progbar.target, finalize=True)
+        _recal._progress_step(progbar, step)
+    _recal._progress_end(progbar, len(outputs))
     return _Outputs(outputs, labels, samples, several)
 
 
@@ -692,9 +695,7 @@ def _population_statistics(layers, statistics):
         for v in layer.non_trainable_weights
     ]
     try:
-        for i, layer in enumerate(layers):
-            if layer.trainable and i in statistics:
-                _recal._assign_statistics(layer, *statistics[i])
+        _recal._assign_population_statistics(layers, statistics)
         yield
     finally:
         for variable, value in snapshot:
@@ -705,6 +706,7 @@ def _population_statistics(layers, statistics):
 
 
 def _diagnose_layer(model, layer, merged, triples):
+    """One layer's `LayerDiagnosis`, from its population statistics and its batches' moments."""
     total, mean, var = merged
     eps = float(layer.epsilon)
     moving_mean = to_numpy64(layer.moving_mean).reshape(-1)
@@ -727,6 +729,31 @@ def _diagnose_layer(model, layer, merged, triples):
         and np.all(np.isfinite(mean[counted]))
         and np.all(np.isfinite(var[counted]))
     )
+    figures: dict[str, Any] = dict(
+        _summary(error, shift, ratio, counted, finite),
+        batch_noise=noise,
+        collapsed_channels=_collapsed_channels(layer, var, counted, eps),
+        population_mean=mean,
+        population_variance=var,
+        error=error,
+        mean_shift=shift,
+        variance_ratio=ratio,
+    )
+    flags = _flags(model, layer, finite, figures)
+    return LayerDiagnosis(
+        name=layer.name,
+        path=layer.path,
+        class_name=f"{type(layer).__module__.split('.')[0]}.{type(layer).__name__}",
+        channels=int(mean.size),
+        healthy=not any(flag.problem for flag in flags),
+        flags=tuple(flags),
+        trainable=bool(layer.trainable),
+        **figures,
+    )
+
+
+def _summary(error, shift, ratio, counted, finite):
+    """The worst and the typical (median) channel's figures, by `LayerDiagnosis`' names."""
     if finite:
         worst = int(np.argmax(error))
         error_worst = float(error[worst])
@@ -739,34 +766,7 @@ def _diagnose_layer(model, layer, merged, triples):
         error_worst = math.inf
         error_typical = float(np.nanmedian(np.where(bad, np.nan, error)))
     log_ratio = np.abs(np.log(ratio))
-    worst_ratio = (
-        float(ratio[int(np.nanargmax(log_ratio))]) if finite else math.nan
-    )
-    collapsed = var < COLLAPSED_VARIANCE * eps
-    if layer.scale:
-        collapsed = collapsed | (
-            np.abs(to_numpy64(layer.gamma).reshape(-1)) < COLLAPSED_GAMMA
-        )
-    collapsed = collapsed & counted
-    flags = _flags(
-        model,
-        layer,
-        finite,
-        error_worst,
-        error_typical,
-        worst,
-        float(shift[worst]),
-        float(ratio[worst]),
-        int(collapsed.sum()),
-        noise,
-    )
-    return LayerDiagnosis(
-        name=layer.name,
-        path=layer.path,
-        class_name=f"{type(layer).__module__.split('.')[0]}.{type(layer).__name__}",
-        channels=int(mean.size),
-        healthy=not any(flag.problem for flag in flags),
-        flags=tuple(flags),
+    return dict(
         worst_channel=worst,
         error_worst=error_worst,
         error_typical=error_typical,
@@ -774,19 +774,23 @@ def _diagnose_layer(model, layer, merged, triples):
         mean_shift_typical=float(np.median(shift[counted]))
         if counted.any()
         else 0.0,
-        variance_ratio_worst=worst_ratio,
+        variance_ratio_worst=float(ratio[int(np.nanargmax(log_ratio))])
+        if finite
+        else math.nan,
         variance_ratio_typical=float(np.median(ratio[counted]))
         if counted.any()
         else 1.0,
-        batch_noise=noise,
-        collapsed_channels=int(collapsed.sum()),
-        trainable=bool(layer.trainable),
-        population_mean=mean,
-        population_variance=var,
-        error=error,
-        mean_shift=shift,
-        variance_ratio=ratio,
     )
+
+
+def _collapsed_channels(layer, var, counted, eps):
+    """How many counted channels have a constant input or a gamma near 0."""
+    collapsed = var < COLLAPSED_VARIANCE * eps
+    if layer.scale:
+        collapsed = collapsed | (
+            np.abs(to_numpy64(layer.gamma).reshape(-1)) < COLLAPSED_GAMMA
+        )
+    return int((collapsed & counted).sum())
 
 
 def _batch_noise(triples, mean, var, eps):
@@ -811,96 +815,104 @@ def _batch_noise(triples, mean, var, eps):
     return float(np.median(spread)) if spread.size else 0.0
 
 
-def _flags(
-    model,
-    layer,
-    finite,
-    error_worst,
-    error_typical,
-    worst,
-    shift,
-    ratio,
-    collapsed,
-    noise,
-):
-    flags = []
+def _flags(model, layer, finite, figures):
+    """The findings about one layer, in the order the report lists them."""
+    found = (
+        _statistics_flag(layer, finite, figures),
+        _collapsed_flag(figures["collapsed_channels"]),
+        _frozen_flag(layer),
+        _after_dropout_flag(model, layer),
+        _small_batches_flag(figures["batch_noise"]),
+    )
+    return [flag for flag in found if flag is not None]
+
+
+def _statistics_flag(layer, finite, figures):
+    """`non-finite` or `stale` moving statistics, or None."""
     if not finite:
-        flags.append(
-            Flag(
-                "non-finite",
-                True,
-                "NaN or infinite moving or population statistics.",
-                "find where the activations or weights become non-finite (a lower "
-                "learning rate, gradient clipping, mixed-precision loss scaling); "
-                "then bnlayers.recalibrate(model, training_data).",
-            )
+        return Flag(
+            "non-finite",
+            True,
+            "NaN or infinite moving or population statistics.",
+            "find where the activations or weights become non-finite (a lower "
+            "learning rate, gradient clipping, mixed-precision loss scaling); "
+            "then bnlayers.recalibrate(model, training_data).",
         )
-    elif error_typical > STALE_TYPICAL or error_worst > STALE_WORST:
-        frozen = not layer.trainable
-        flags.append(
-            Flag(
-                "stale",
-                True,
-                f"moving statistics far from the data's: output error {error_typical:.3f} "
-                f"(typical channel), {error_worst:.3f} (channel {worst}: mean shifted by "
-                f"{shift:.2f} population std, variance ratio {ratio:.2f}).",
-                "the layer is frozen (trainable=False), so neither training nor "
-                "recalibrate update it: set trainable=True and recalibrate, or leave "
-                "it frozen only where its statistics fit the new data."
-                if frozen
-                else "bnlayers.recalibrate(model, training_data) after training, or the "
-                "bnlayers.PreciseBN callback in fit; or freeze the statistics for the last "
-                "epochs (bnlayers.FreezeBNStatistics).",
-            )
-        )
-    if collapsed:
-        flags.append(
-            Flag(
-                "collapsed",
-                False,
-                f"{collapsed} channel{'s' if collapsed != 1 else ''} with input variance "
-                f"below {COLLAPSED_VARIANCE:g} epsilon or |gamma| below {COLLAPSED_GAMMA:g}: "
-                "a constant output.",
-                "usually dead ReLU units before the layer or weight decay on gamma; "
-                "a lower learning rate or less decay on gamma, or prune the channels.",
-            )
-        )
-    if not layer.trainable:
-        flags.append(
-            Flag(
-                "frozen",
-                False,
-                "trainable=False: it normalizes with its moving statistics in training "
-                "too and neither fit nor recalibrate changes them.",
-                "intended when fine-tuning on little data; otherwise set trainable=True.",
-            )
-        )
+    typical, worst = figures["error_typical"], figures["error_worst"]
+    if not (typical > STALE_TYPICAL or worst > STALE_WORST):
+        return None
+    channel = figures["worst_channel"]
+    shift = float(figures["mean_shift"][channel])
+    ratio = float(figures["variance_ratio"][channel])
+    return Flag(
+        "stale",
+        True,
+        f"moving statistics far from the data's: output error {typical:.3f} "
+        f"(typical channel), {worst:.3f} (channel {channel}: mean shifted by "
+        f"{shift:.2f} population std, variance ratio {ratio:.2f}).",
+        "the layer is frozen (trainable=False), so neither training nor "
+        "recalibrate update it: set trainable=True and recalibrate, or leave "
+        "it frozen only where its statistics fit the new data."
+        if not layer.trainable
+        else "bnlayers.recalibrate(model, training_data) after training, or the "
+        "bnlayers.PreciseBN callback in fit; or freeze the statistics for the last "
+        "epochs (bnlayers.FreezeBNStatistics).",
+    )
+
+
+def _collapsed_flag(collapsed):
+    if not collapsed:
+        return None
+    return Flag(
+        "collapsed",
+        False,
+        f"{collapsed} channel{'s' if collapsed != 1 else ''} with input variance "
+        f"below {COLLAPSED_VARIANCE:g} epsilon or |gamma| below {COLLAPSED_GAMMA:g}: "
+        "a constant output.",
+        "usually dead ReLU units before the layer or weight decay on gamma; "
+        "a lower learning rate or less decay on gamma, or prune the channels.",
+    )
+
+
+def _frozen_flag(layer):
+    if layer.trainable:
+        return None
+    return Flag(
+        "frozen",
+        False,
+        "trainable=False: it normalizes with its moving statistics in training "
+        "too and neither fit nor recalibrate changes them.",
+        "intended when fine-tuning on little data; otherwise set trainable=True.",
+    )
+
+
+def _after_dropout_flag(model, layer):
     dropout = _dropout_before(model, layer)
-    if dropout is not None:
-        flags.append(
-            Flag(
-                "after-dropout",
-                False,
-                f"its input comes straight from {dropout!r}: in training the dropout "
-                "scales the variance the layer normalizes, at inference it does not.",
-                "move the dropout after the BN layer (or to the end of the block); "
-                "bnlayers.recalibrate computes statistics with dropout off.",
-            )
-        )
-    if noise > BATCH_NOISE:
-        flags.append(
-            Flag(
-                "small-batches",
-                False,
-                f"one batch's statistics are {noise:.2f} from the population's (output "
-                "error, typical channel): the batch statistics used in training are noisy "
-                "(use the training batch size for the diagnosis).",
-                "larger batches (or synchronized=True across devices), renorm=True, or "
-                "a normalization that does not use the batch (GroupNormalization); "
-                "recalibrate after training.",
-            )
-        )
-    return flags
+    if dropout is None:
+        return None
+    return Flag(
+        "after-dropout",
+        False,
+        f"its input comes straight from {dropout!r}: in training the dropout "
+        "scales the variance the layer normalizes, at inference it does not.",
+        "move the dropout after the BN layer (or to the end of the block); "
+        "bnlayers.recalibrate computes statistics with dropout off.",
+    )
+
+
+def _small_batches_flag(noise):
+    if not noise > BATCH_NOISE:
+        return None
+    return Flag(
+        "small-batches",
+        False,
+        f"one batch's statistics are {noise:.2f} from the population's (output "
+        "error, typical channel): the batch statistics used in training are noisy "
+        "(use the training batch size for the diagnosis).",
+        "larger batches (or synchronized=True across devices), renorm=True, or "
+        "a normalization that does not use the batch (GroupNormalization); "
+        "recalibrate after training.",
+    )
 
 
 def _dropout_before(model, layer):
