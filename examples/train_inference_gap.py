@@ -9,7 +9,7 @@ The difference is the gap. Each remedy is a row of `REMEDIES`: a layer
 factory and the callbacks given to `fit`; a new layer option is one more
 row, e.g.
 
-    "debiased": Remedy(lambda: bnlayers.BatchNormalization(debias_moving_statistics=True)),
+    "cumulative": Remedy(lambda: bnlayers.BatchNormalization(momentum=None)),
 
 `diagnose` is run on every model trained without a remedy (on 1,000
 training images), and its verdict shown.
@@ -76,6 +76,12 @@ def _remedies():
                     verbose=0,
                 )
             ],
+        ),
+        "debiased": Remedy(
+            lambda: bnlayers.BatchNormalization(debias_moving_statistics=True)
+        ),
+        "cumulative": Remedy(
+            lambda: bnlayers.BatchNormalization(momentum=None)
         ),
         "renorm": Remedy(lambda: bnlayers.BatchNormalization(renorm=True)),
         # Recalibrated when freezing starts: frozen moving averages would
