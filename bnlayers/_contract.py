@@ -31,12 +31,16 @@ class Spec(NamedTuple):
             inference.
         out_dtype: the outputs' dtype (the layer's compute dtype), a
             standardized name.
+        activation: the activation applied to the outputs, after the
+            affine and before the cast to `out_dtype`, by its Keras name
+            (one of `_checks.ACTIVATIONS`), or None for none.
     """
 
     axis: int
     epsilon: float
     momentum: float
     out_dtype: str
+    activation: str | None = None
 
 
 class Parameters(NamedTuple):

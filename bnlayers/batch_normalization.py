@@ -34,7 +34,7 @@ _CONFIG_KEYS = (
     "axis momentum epsilon center scale beta_initializer gamma_initializer "
     "moving_mean_initializer moving_variance_initializer beta_regularizer "
     "gamma_regularizer beta_constraint gamma_constraint synchronized renorm "
-    "renorm_clipping renorm_momentum virtual_batch_size fused"
+    "renorm_clipping renorm_momentum virtual_batch_size fused activation"
 ).split()
 _SERIALIZERS = {
     "initializer": initializers.serialize,
@@ -138,6 +138,19 @@ class BatchNormalization(keras.layers.Layer):
             `bnlayers.fused_eligibility(layer, inputs)` says why a call
             would not take it. What runs on each backend, and when:
             [The fused fast path](performance.md#the-fused-fast-path).
+        activation: None (default: the outputs are the normalized values,
+            as the built-in layer's) or the activation applied to them,
+            by its Keras name: `"relu"`, `"relu6"`, `"silu"` (also
+            `"swish"`), `"hard_silu"` (also `"hard_swish"`) or `"gelu"`
+            (Keras' exact one), or that `keras.activations` function.
+            The same as a `keras.layers.Activation` after the layer, in
+            one layer: on the fast path the activation is computed in
+            the same pass as the normalization, and its gradient for
+            `relu` and `relu6` comes from the outputs (nothing more is
+            stored); on every path it follows the affine, in the
+            statistics dtype, before the cast to the compute dtype.
+            `bnlayers.tools.fuse_activations` merges the pairs of an
+            existing model.
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:
@@ -203,6 +216,7 @@ class BatchNormalization(keras.layers.Layer):
         synchronized: bool = False,
         virtual_batch_size: int | None = None,
         fused: bool | None = None,
+        activation: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -235,6 +249,7 @@ class BatchNormalization(keras.layers.Layer):
             virtual_batch_size, self.renorm, self.synchronized
         )
         self.fused = _checks.fused(fused)
+        self.activation = _checks.activation(activation)
         self.supports_masking = True
         # Variables once built (`build`); None before.
         self.gamma: Any = None
@@ -333,6 +348,8 @@ class BatchNormalization(keras.layers.Layer):
                 x, self.moving_mean, self.moving_variance, self.gamma, self.beta
             )
             outputs = _math.normalize(x, mean, var, gamma, beta, self.epsilon)
+        # After normalization on every path (ghost batches, renorm, masks).
+        outputs = _math.activate(outputs, self.activation)
         return ops.cast(outputs, self.compute_dtype)
 
     def _per_feature(self, x, *variables):
@@ -428,6 +445,7 @@ class BatchNormalization(keras.layers.Layer):
             self.epsilon,
             self.momentum,
             self.compute_dtype,
+            self.activation,
         )
         if not use_batch_statistics:
             return _fused.inference(inputs, params, spec)
