@@ -13,6 +13,7 @@ from bnlayers._fused import fused_eligibility
 from bnlayers.batch_normalization import BatchNormalization
 from bnlayers.tools import fold_batchnorm
 from bnlayers.tools import freeze_batchnorm
+from bnlayers.tools import fuse_activations
 from bnlayers.tools import recalibrate
 from bnlayers.tools import swap_batchnorm
 
@@ -24,6 +25,7 @@ __all__ = [
     "fold_batchnorm",
     "form_rule",
     "freeze_batchnorm",
+    "fuse_activations",
     "fused_eligibility",
     "recalibrate",
     "set_form_rule",

@@ -121,7 +121,7 @@ def _compare(activation, path, dtype, training, tol, shape=(6, 5, 5, 4)):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_float64_equals_bn_then_activation(activation, path, training):
     """float64: outputs, gradients and moving statistics within 1e-9 of the
-    unfused pair on every path (measured at most 4e-15)."""
+    unfused pair on every path (measured at most 1.1e-15 on each backend)."""
     _compare(activation, path, "float64", training, 1e-9)
 
 
@@ -130,15 +130,15 @@ def test_float64_equals_bn_then_activation(activation, path, training):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_float32_equals_bn_then_activation(activation, path, training):
     """float32 (the kernel form takes float32 only): within float32
-    rounding of the unfused pair (measured at most 1.5e-6)."""
-    _compare(activation, path, "float32", training, 2e-5)
+    rounding of the unfused pair (measured at most 9.3e-7)."""
+    _compare(activation, path, "float32", training, 1e-5)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_mixed_precision(activation, float32_policy_after):
     """Under mixed_float16 the activation is computed in float32, before
     the cast, on every path: the fused layer's float16 outputs are the
-    unfused pair's within float16 rounding (measured 9.8e-4)."""
+    unfused pair's within float16 rounding (measured 3.2e-4)."""
     keras.config.set_dtype_policy("mixed_float16")
     rng = np.random.default_rng(3)
     x = (rng.normal(size=(8, 3, 3, 4)) * 3).astype("float16")
@@ -158,7 +158,7 @@ def test_mixed_precision(activation, float32_policy_after):
         )
     )
     for actual in outputs:
-        ref.assert_close(actual, expected, 1e-2, f"mixed {activation}")
+        ref.assert_close(actual, expected, 3e-3, f"mixed {activation}")
 
 
 @pytest.mark.parametrize(
@@ -250,3 +250,122 @@ def test_keras_file_round_trip(tmp_path):
         to_numpy(loaded.predict(x, verbose=0)),
         to_numpy(model.predict(x, verbose=0)),
     )
+
+
+@pytest.mark.backends("torch", "tensorflow", reason="second-order autograd")
+@pytest.mark.parametrize(
+    "path", [p for p in PATHS if p not in ("reference", "kernel")]
+)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_second_order_gradients(activation, path):
+    """A gradient of the gradient through the fused activation (a gradient
+    penalty): as through the unfused pair (measured at most 1.4e-15)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(6, 5, 4)) * 2.0
+    dy = rng.normal(size=x.shape)
+    results = []
+    for fused in (True, False):
+        layer = bnlayers.BatchNormalization(
+            activation=activation if fused else None,
+            fused=fused,
+            dtype="float64",
+        )
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 4))
+        layer.beta.assign(np.linspace(-0.5, 0.5, 4))
+        act = keras.activations.get(activation)
+
+        def fn(t, layer=layer, fused=fused, act=act):
+            y = layer(t, training=True)
+            return y if fused else act(y)
+
+        with _path(path):
+            results.append(_penalty_gradients(fn, x, dy, layer.gamma))
+    for a, b in zip(*results, strict=True):
+        ref.assert_close(a, b, 1e-9, f"{activation} {path} second order")
+
+
+def _penalty_gradients(fn, x, dy, gamma):
+    """Gradients for `x` and `gamma` of sum(d(sum(fn(x) * dy))/dx ** 2)."""
+    if BACKEND == "torch":
+        import torch
+
+        t = torch.tensor(x, requires_grad=True)
+        y = fn(t)
+        (dx,) = torch.autograd.grad(y, [t], torch.tensor(dy), create_graph=True)
+        grads = torch.autograd.grad((dx**2).sum(), [t, gamma.value])
+        return [ref.as_float64(g) for g in grads]
+    import tensorflow as tf
+
+    @tf.function
+    def step(t):
+        with tf.GradientTape() as outer:
+            outer.watch(t)
+            with tf.GradientTape() as inner:
+                inner.watch(t)
+                loss = tf.reduce_sum(fn(t) * dy)
+            penalty = tf.reduce_sum(inner.gradient(loss, t) ** 2)
+        return outer.gradient(penalty, [t, gamma.value])
+
+    return [g.numpy() for g in step(tf.constant(x))]
+
+
+def _small_model(dtype):
+    L = keras.layers
+    inputs = keras.Input((6, 6, 3), dtype=dtype)
+    x = L.Conv2D(4, 3, padding="same", use_bias=False, dtype=dtype)(inputs)
+    x = bnlayers.BatchNormalization(dtype=dtype)(x)
+    x = L.Activation("relu", dtype=dtype)(x)
+    x = L.Conv2D(5, 1, use_bias=False, dtype=dtype)(x)
+    x = bnlayers.BatchNormalization(dtype=dtype)(x)
+    x = L.ReLU(max_value=6.0, dtype=dtype)(x)
+    x = L.Conv2D(5, 1, use_bias=False, dtype=dtype)(x)
+    x = bnlayers.BatchNormalization(dtype=dtype)(x)
+    x = L.Activation("gelu", dtype=dtype)(x)
+    outputs = L.Dense(2, dtype=dtype)(L.GlobalAveragePooling2D(dtype=dtype)(x))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize(
+    "dtype, tol",
+    [
+        # The goal: 1e-9. Measured 0 on TensorFlow and PyTorch (the same
+        # operations in the same order), 6.5e-15 on JAX (jax_enable_x64).
+        pytest.param("float64", 1e-9, marks=pytest.mark.needs_x64),
+        # Measured 0 on TensorFlow and PyTorch, 1.5e-6 on JAX (XLA orders
+        # the fused computation's sums differently).
+        ("float32", 2e-5),
+    ],
+)
+def test_model_gradients_equal_the_unfused_model(dtype, tol):
+    """A model whose BN layers took their activations (`fuse_activations`)
+    has the gradients of the unfused model, for every weight."""
+    keras.utils.set_random_seed(8)
+    model = _small_model(dtype)
+    fused = bnlayers.fuse_activations(model)
+    assert (
+        sum(
+            getattr(layer, "activation", None) is not None
+            and isinstance(layer, bnlayers.BatchNormalization)
+            for layer in fused.layers
+        )
+        == 3
+    )
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(4, 6, 6, 3)).astype(dtype)
+    dy = rng.normal(size=(4, 2)).astype(dtype)
+    results = []
+    for m in (model, fused):
+        y, grads = value_and_grads(
+            lambda t, m=m: m(t, training=True),
+            [x],
+            dy,
+            m.trainable_weights,
+            [m],
+        )
+        results.append([to_numpy(y)] + [to_numpy(g) for g in grads])
+    assert (
+        len(results[0]) == len(results[1]) == 2 + len(model.trainable_weights)
+    )
+    for i, (a, e) in enumerate(zip(*results, strict=True)):
+        ref.assert_close(a, e, tol, f"model {dtype} #{i}")

@@ -12,6 +12,8 @@ and fvcore have tools for and Keras does not:
   layer computing a fixed multiply-add elsewhere.
 - `recalibrate(model, data)`: the moving statistics replaced by the exact
   population statistics over `data` (as fvcore's PreciseBN does).
+- `fuse_activations(model)`: a copy with each BN layer and the activation
+  layer after it merged into one `bnlayers.BatchNormalization(activation=...)`.
 - `freeze_batchnorm(model)`: every BN layer in inference mode and
   non-trainable, for fine-tuning.
 
@@ -26,6 +28,7 @@ RuntimeError naming it.
 from bnlayers.tools.channel_affine import ChannelAffine
 from bnlayers.tools.fold import fold_batchnorm
 from bnlayers.tools.freeze import freeze_batchnorm
+from bnlayers.tools.fuse import fuse_activations
 from bnlayers.tools.recalibration import recalibrate
 from bnlayers.tools.swap import swap_batchnorm
 
@@ -33,6 +36,7 @@ __all__ = [
     "ChannelAffine",
     "fold_batchnorm",
     "freeze_batchnorm",
+    "fuse_activations",
     "recalibrate",
     "swap_batchnorm",
 ]

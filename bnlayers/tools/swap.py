@@ -20,8 +20,9 @@ _SWAP_TARGETS = {"bnlayers": BatchNormalization, "keras": BUILTIN}
 # with the value that means "as the built-in does".
 _BNLAYERS_ONLY_DEFAULTS = {"virtual_batch_size": None}
 # `fused` only picks the kernel that computes the same result, so any value
-# carries over to the built-in (which picks its own kernel).
-_BNLAYERS_ONLY_DROPPED = ("fused",)
+# carries over to the built-in (which picks its own kernel); `activation`
+# becomes an `Activation` layer after the built-in one (`activation_after`).
+_BNLAYERS_ONLY_DROPPED = ("fused", "activation")
 
 
 def _builtin_config(layer):
@@ -47,6 +48,17 @@ def _builtin_config(layer):
             )
         config["axis"] = int(axis[0])
     return config
+
+
+def activation_after(layer):
+    """The `keras.layers.Activation` that computes `layer`'s fused
+    activation after a layer without one (None if it has none)."""
+    name = getattr(layer, "activation", None)
+    if name is None:
+        return None
+    return keras.layers.Activation(
+        name, name=f"{layer.name}_activation", dtype=layer.dtype_policy
+    )
 
 
 def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
@@ -76,7 +88,9 @@ def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
 
     Converting to the built-in layer needs settings it can represent:
     `virtual_batch_size` must be None and `axis` a single axis (an int or a
-    list of one); `fused` only chooses bnlayers' kernel and is dropped.
+    list of one); `fused` only chooses bnlayers' kernel and is dropped. A
+    layer with a fused `activation` becomes the built-in layer followed by
+    a `keras.layers.Activation` (named after it, with `_activation`).
     Anything else raises a `ValueError` naming the layer.
 
     The optimizer's state is carried over variable by variable: the copy's
@@ -118,16 +132,17 @@ def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
             )
         if isinstance(layer, BatchNormalization) and target is BUILTIN:
             config = _builtin_config(layer)
+            after = activation_after(layer)
         else:
-            config = layer.get_config()
-        return target.from_config(config), layer.get_weights()
+            config, after = layer.get_config(), None
+        return target.from_config(config), layer.get_weights(), after
 
     new = Rebuilder(convert, "swap_batchnorm").rebuild(model)
     _carry_optimizer_state(model, new)
     return new
 
 
-def _carry_optimizer_state(old, new):
+def _carry_optimizer_state(old, new, function="swap_batchnorm"):
     """Gives `new`'s optimizer the state of `old`'s, slot for slot; warns where it cannot."""
     optimizer = getattr(old, "optimizer", None) if old.compiled else None
     if optimizer is None or not optimizer.built:
@@ -147,7 +162,7 @@ def _carry_optimizer_state(old, new):
         reason = _assign_all(optimizer.variables, new.optimizer.variables)
     if reason is not None:
         warnings.warn(
-            f"swap_batchnorm could not carry the optimizer state of model {old.name!r} "
+            f"{function} could not carry the optimizer state of model {old.name!r} "
             f"over to the copy ({reason}); the copy's {type(new.optimizer).__name__} "
             "starts afresh (step 0, no moments), so training the copy does not continue "
             "where the original left off.",
