@@ -162,8 +162,8 @@ def activation(value: Any) -> str | None:
     """
     if value is None:
         return None
-    name = value if isinstance(value, str) else getattr(value, "__name__", None)
-    name = ACTIVATION_ALIASES.get(name, name)
+    name = value if isinstance(value, str) else getattr(value, "__name__", "")
+    name = ACTIVATION_ALIASES.get(str(name), str(name))
     if name in ACTIVATIONS and not isinstance(value, str):
         import keras
 

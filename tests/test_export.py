@@ -34,12 +34,17 @@ def inputs(mnist_subset):
     return mnist_subset[2][:64]
 
 
-@pytest.fixture(scope="module", params=["unfolded", "folded"])
+@pytest.fixture(
+    scope="module",
+    params=["unfolded", "folded", "activation", "activation-folded"],
+)
 def model(request, inputs):
     """The article's model, random weights and random BN statistics (so that
-    neither BN nor its folding is an identity), as it is or folded."""
+    neither BN nor its folding is an identity), as it is or folded; or with
+    a fused activation in its BN layer (gelu: an `Erf` in the graphs)."""
     keras.utils.set_random_seed(0)
-    original = article_model(bnlayers.BatchNormalization())
+    activation = "gelu" if request.param.startswith("activation") else None
+    original = article_model(bnlayers.BatchNormalization(activation=activation))
     bn = original.layers[1]
     rng = np.random.default_rng(0)
     bn.set_weights(
@@ -50,7 +55,7 @@ def model(request, inputs):
             rng.uniform(0.005, 0.02, 32).astype("float32"),
         ]
     )
-    if request.param == "unfolded":
+    if request.param in ("unfolded", "activation"):
         return original
     return bnlayers.fold_batchnorm(original)
 

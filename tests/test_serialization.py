@@ -65,6 +65,7 @@ def test_constructor_matches_the_builtin_argument_for_argument():
     assert [p.name for p in ours_named[len(theirs_named) :]] == [
         "virtual_batch_size",
         "fused",
+        "activation",
     ]
     assert any(p.kind == p.VAR_KEYWORD for p in ours.values())
 
@@ -73,7 +74,11 @@ def test_default_config_matches_the_builtin():
     ours = bnlayers.BatchNormalization(name="bn").get_config()
     theirs = keras.layers.BatchNormalization(name="bn").get_config()
     assert {k: ours[k] for k in theirs} == theirs
-    assert set(ours) - set(theirs) == {"virtual_batch_size", "fused"}
+    assert set(ours) - set(theirs) == {
+        "virtual_batch_size",
+        "fused",
+        "activation",
+    }
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ def test_swap_keras_applications_model_both_ways(mobilenet):
         assert (
             config.pop("virtual_batch_size") is None
             and config.pop("fused") is None
+            and config.pop("activation") is None
         )
         assert config == old.get_config()
     # Every weight of every layer carried over bit for bit, in order.
