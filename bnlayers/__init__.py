@@ -11,6 +11,9 @@ from bnlayers._forms import form_rule
 from bnlayers._forms import set_form_rule
 from bnlayers._fused import fused_eligibility
 from bnlayers.batch_normalization import BatchNormalization
+from bnlayers.tools import FreezeBNStatistics
+from bnlayers.tools import PreciseBN
+from bnlayers.tools import diagnose
 from bnlayers.tools import fold_batchnorm
 from bnlayers.tools import freeze_batchnorm
 from bnlayers.tools import fuse_activations
@@ -22,6 +25,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormalization",
     "FormRule",
+    "FreezeBNStatistics",
+    "PreciseBN",
+    "diagnose",
     "fold_batchnorm",
     "form_rule",
     "freeze_batchnorm",

@@ -55,6 +55,41 @@ def fraction(name: str, value: Any) -> float:
     return float(value)
 
 
+def momentum(value: Any) -> float | None:
+    """None (a cumulative average of every batch), or a float in [0, 1]."""
+    if value is None:
+        return None
+    if not _is_real(value):
+        raise TypeError(
+            "`momentum` must be a float in [0, 1], or None (a cumulative "
+            f"average). Received: momentum={value!r}"
+        )
+    return fraction("momentum", value)
+
+
+def renorm_momentum(value: Any) -> float:
+    """A float in [0, 1]; None is `momentum`'s alone (see the message)."""
+    if value is None:
+        raise ValueError(
+            "`renorm_momentum` must be a float in [0, 1]; None (a cumulative "
+            "average) is accepted for `momentum` only: renorm's correction "
+            "needs statistics that follow the current weights, and a "
+            "cumulative average falls further behind them at every step. "
+            "Received: renorm_momentum=None"
+        )
+    return fraction("renorm_momentum", value)
+
+
+def debias_moving_statistics(value: Any) -> bool:
+    """A bool."""
+    if not isinstance(value, (bool, numbers.Integral)) or value not in (0, 1):
+        raise TypeError(
+            "`debias_moving_statistics` must be True or False. "
+            f"Received: debias_moving_statistics={value!r}"
+        )
+    return bool(value)
+
+
 def epsilon(value: Any) -> float:
     """A float > 0."""
     if not _is_real(value):
@@ -99,17 +134,6 @@ def renorm_clipping(value: Any, renorm: bool) -> dict[str, float] | None:
             f"Received: renorm_clipping={value!r} (dmax={dmax})"
         )
     return dict(value)
-
-
-def synchronized(value: Any, backend_name: str) -> bool:
-    """A bool; True only on the TensorFlow backend (`tf.distribute`)."""
-    if value and backend_name != "tensorflow":
-        raise ValueError(
-            "`synchronized=True` needs the TensorFlow backend (tf.distribute); "
-            f"the Keras backend is {backend_name!r}. "
-            f"Received: synchronized={value!r}"
-        )
-    return bool(value)
 
 
 def virtual_batch_size(

@@ -11,7 +11,7 @@ applied by each backend to its outputs after the affine.
 Room is left, by design, for what later work adds:
 
 - a momentum given per step as a tensor (debiased or cumulative moving
-  averages) belongs in `Parameters`, beside the statistics it updates;
+  averages) is `Parameters.momentum`, beside the statistics it updates;
 - statistics reduced across replicas need a reduction in `Spec` (which
   replicas, how) that each backend applies to its sums.
 """
@@ -27,7 +27,7 @@ class Spec(NamedTuple):
         axis: the one feature axis, non-negative.
         epsilon: added to the variance.
         momentum: the moving averages' momentum (Keras' rule); unused in
-            inference.
+            inference, and where `Parameters.momentum` is given.
         out_dtype: the outputs' dtype (the layer's compute dtype), a
             standardized name.
         activation: the activation applied to the outputs, after the
@@ -50,9 +50,14 @@ class Parameters(NamedTuple):
         beta: the per-feature offset, or None for none.
         moving_mean: the moving mean (a vector).
         moving_variance: the moving variance (a vector).
+        momentum: this step's momentum, a tensor of the moving statistics'
+            shape (`_moving.step_momentum`: debiased or cumulative
+            averages), which takes the place of `Spec.momentum`; or None
+            (the default): `Spec.momentum`. Unused in inference.
     """
 
     gamma: Any
     beta: Any
     moving_mean: Any
     moving_variance: Any
+    momentum: Any = None

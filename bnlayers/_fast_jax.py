@@ -268,7 +268,11 @@ def training(x, params, spec):
     x, gamma, beta, moving_mean, moving_variance = _arguments(
         x, params, spec.axis
     )
-    momentum = jnp.asarray(spec.momentum, gamma.dtype)
+    if params.momentum is None:
+        momentum = jnp.asarray(spec.momentum, gamma.dtype)
+    else:
+        # A per-step momentum (one per feature): a traced argument.
+        momentum = ops.convert_to_tensor(params.momentum).astype(gamma.dtype)
     return _training(
         x, gamma, beta, moving_mean, moving_variance, momentum, **_static(spec)
     )

@@ -254,6 +254,16 @@ def _in_statistics_dtype(x, params, spec):
     )
 
 
+def _momentum(params, spec, dtype):
+    """This step's momentum in `dtype`: `params.momentum` where given (a
+    per-step tensor), else `spec.momentum`."""
+    import tensorflow as tf
+
+    if params.momentum is None:
+        return tf.constant(spec.momentum, dtype)
+    return tf.cast(params.momentum, dtype)
+
+
 def _count(x, axis, dtype):
     """Elements per feature: a constant when the shape is static."""
     import tensorflow as tf
@@ -471,7 +481,7 @@ def _xla_training(x, params, spec):
     gamma, beta, moving_mean, moving_var, epsilon = _in_statistics_dtype(
         x, params, spec
     )
-    momentum = tf.constant(spec.momentum, gamma.dtype)
+    momentum = _momentum(params, spec, gamma.dtype)
     axis, out_dtype, activation = spec.axis, spec.out_dtype, spec.activation
     forward, backward = _compiled_training()
 
@@ -513,7 +523,7 @@ def _plain_training(x, params, spec):
     gamma, beta, moving_mean, moving_var, epsilon = _in_statistics_dtype(
         x, params, spec
     )
-    momentum = tf.constant(spec.momentum, gamma.dtype)
+    momentum = _momentum(params, spec, gamma.dtype)
     axis, out_dtype = spec.axis, spec.out_dtype
     rank = x.shape.rank
     reduction = _geometry.reduction_axes([axis], rank)
@@ -642,8 +652,11 @@ def _kernel_training(x, params, spec):
     """The kernel form in training (FusedBatchNormV3 on shifted values)."""
     import tensorflow as tf
 
-    gamma, beta, moving_mean, moving_var = params
-    axis, epsilon, momentum, out_dtype = spec[:4]
+    gamma, beta, moving_mean, moving_var = params[:4]
+    axis, epsilon, out_dtype = spec.axis, spec.epsilon, spec.out_dtype
+    momentum = spec.momentum
+    if params.momentum is not None:
+        momentum = _momentum(params, spec, tf.float32)
 
     x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
     scale, offset = _parameters(x, axis, gamma, beta, tf.float32)
@@ -697,8 +710,8 @@ def _kernel_inference(x, params, spec):
     """The kernel form in inference (FusedBatchNormV3 with the moving statistics)."""
     import tensorflow as tf
 
-    gamma, beta, moving_mean, moving_var = params
-    axis, epsilon, _, out_dtype = spec[:4]
+    gamma, beta, moving_mean, moving_var = params[:4]
+    axis, epsilon, out_dtype = spec.axis, spec.epsilon, spec.out_dtype
 
     x, xk, kernel_shape, data_format = _kernel_inputs(x, axis, out_dtype)
     scale, offset = _parameters(x, axis, gamma, beta, tf.float32)

@@ -323,6 +323,12 @@ def training(x, params, spec):
     # The Keras rule, moving * momentum + batch * (1 - momentum), in two
     # operations each; `residual` and `var` carry no gradient.
     mean = shift + residual
+    if params.momentum is not None:
+        # A per-step momentum, one per feature (a tensor).
+        step = _tensor(params.momentum, dtype)
+        new_mean = moving_mean * step + mean * (1.0 - step)
+        new_var = moving_variance * step + var * (1.0 - step)
+        return _restore(y, x, out_dtype), new_mean, new_var
     new_mean = torch.add(moving_mean * momentum, mean, alpha=1.0 - momentum)
     new_var = torch.add(moving_variance * momentum, var, alpha=1.0 - momentum)
     return _restore(y, x, out_dtype), new_mean, new_var

@@ -137,12 +137,9 @@ def _configuration_reason(layer, mask, feature_axes):
     if layer.synchronized:
         from bnlayers import _sync
 
-        replicas = _sync.replica_context()
-        if replicas is not None:
-            return (
-                f"synchronized=True with {replicas.num_replicas_in_sync} replicas (the fused "
-                "path sees one replica's batch only)"
-            )
+        reason = _sync.ineligibility(layer)
+        if reason is not None:
+            return reason
     if len(feature_axes) != 1:
         return f"axis={layer.axis!r} names several feature axes (the fused path takes one)"
     return None
@@ -218,8 +215,10 @@ def fused_eligibility(layer: Any, inputs: Any, mask: Any = None) -> str | None:
     - the Keras backend is TensorFlow, JAX or PyTorch;
     - no mask is given;
     - `renorm=False` and `virtual_batch_size=None`;
-    - not `synchronized=True` inside a `tf.distribute` strategy with several
-      replicas (outside one, `synchronized` changes nothing);
+    - not `synchronized=True` over several replicas (a `tf.distribute`
+      strategy, a `torch.distributed` process group), nor
+      `replica_group_size` under a JAX distribution (elsewhere
+      `synchronized` changes nothing);
     - a single feature axis (any one);
     - floating inputs: float16, bfloat16, float32 or float64 (on TensorFlow
       float64 not on a GPU, where TensorFlow's fused kernel does not take

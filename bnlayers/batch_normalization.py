@@ -18,6 +18,7 @@ from bnlayers import _fused
 from bnlayers import _geometry
 from bnlayers import _ghost
 from bnlayers import _math
+from bnlayers import _moving
 from bnlayers import _renorm
 from bnlayers import _sync
 
@@ -34,8 +35,11 @@ _CONFIG_KEYS = (
     "axis momentum epsilon center scale beta_initializer gamma_initializer "
     "moving_mean_initializer moving_variance_initializer beta_regularizer "
     "gamma_regularizer beta_constraint gamma_constraint synchronized renorm "
-    "renorm_clipping renorm_momentum virtual_batch_size fused activation"
+    "renorm_clipping renorm_momentum virtual_batch_size fused replica_group_size"
 ).split()
+# (bnlayers' moving-statistics options and fused activation, after the
+# built-in's keys.)
+_CONFIG_KEYS += ["debias_moving_statistics", "activation"]
 _SERIALIZERS = {
     "initializer": initializers.serialize,
     "regularizer": regularizers.serialize,
@@ -65,6 +69,9 @@ class BatchNormalization(keras.layers.Layer):
         moving_mean = moving_mean * momentum + mean(x) * (1 - momentum)
         moving_variance = moving_variance * momentum + var(x) * (1 - momentum)
 
+    (or, with `debias_moving_statistics=True` or `momentum=None`, with a
+    momentum that depends on the step, see below).
+
     `var` is the biased (population) variance. Both statistics are taken
     on inputs shifted by one of their own values per feature, so they stay
     exact to float32 rounding whatever the mean of the data, on every path
@@ -92,7 +99,15 @@ class BatchNormalization(keras.layers.Layer):
             also be a list of axes, e.g. `[1, 2]`, to keep separate
             statistics for every combination of those axes; the weights
             then have the shape of those axes, in increasing axis order.
-        momentum: Momentum of the moving averages, in [0, 1].
+        momentum: Momentum of the moving averages, in [0, 1]; or None for
+            the cumulative average of every batch seen (PyTorch's meaning):
+            the moving statistics are then the plain mean of the batch
+            statistics of all training steps so far, each batch weighing
+            `1 / t` at step `t`. That suits recalibration runs and short
+            fine-tunes with fixed weights; while the weights still change,
+            the early batches never fade out, so prefer a float there. With
+            `renorm`, the moving standard deviation is what is averaged.
+            Adds the `moving_count` weight (see `debias_moving_statistics`).
         epsilon: Small float added to the variance to avoid dividing by
             zero; must be > 0.
         center: If True, add the learned offset `beta`.
@@ -115,12 +130,18 @@ class BatchNormalization(keras.layers.Layer):
         renorm_clipping: Optional dict with keys among `"rmax"`, `"rmin"`,
             `"dmax"`: the correction `r` is clipped to `[rmin, rmax]` and `d`
             to `[-dmax, dmax]`. Missing keys mean no clipping on that side.
-        renorm_momentum: Momentum of the renorm moving averages, in [0, 1].
-        synchronized: If True and the layer runs inside a `tf.distribute`
-            strategy with several replicas, the batch statistics are taken
-            over the global batch of all replicas (two all-reduce rounds,
-            exact whatever the mean of the data). Outside a strategy it
-            behaves exactly as False. TensorFlow backend only.
+        renorm_momentum: Momentum of the renorm moving averages, in [0, 1]
+            (not None: renorm's correction must follow the current
+            weights).
+        synchronized: If True, the batch statistics are taken over the
+            global batch of all replicas, exact whatever the mean of the
+            data: on TensorFlow the replicas of a `tf.distribute` strategy,
+            on PyTorch the processes of an initialized `torch.distributed`
+            process group (two all-reduce rounds, with all-reduced
+            gradients), on JAX the devices of a `keras.distribution`
+            (a jitted step's batch is one global array). With one replica
+            it behaves exactly as False. More in
+            [Synchronized statistics](distributed.md#synchronized-statistics-synchronizedtrue).
         virtual_batch_size: None (default) or a positive int. In training,
             the batch is split into consecutive "ghost" batches of this many
             examples, each normalized with its own statistics (Hoffer et
@@ -138,6 +159,33 @@ class BatchNormalization(keras.layers.Layer):
             `bnlayers.fused_eligibility(layer, inputs)` says why a call
             would not take it. What runs on each backend, and when:
             [The fused fast path](performance.md#the-fused-fast-path).
+        replica_group_size: None (default: all replicas) or a positive
+            int dividing the number of replicas, with `synchronized=True`:
+            consecutive groups of this many replicas (ids 0 to g-1, g to
+            2g-1, ...) each normalize with their own group's statistics.
+            The moving statistics are updated on every replica alike with
+            the mean of the groups' means and their pooled variance.
+        debias_moving_statistics: If True, the moving statistics are the
+            zero-debiased moving average (Adam's bias correction, Haiku's
+            `zero_debias`): at step `t` the batch statistic weighs
+            `(1 - momentum) / (1 - momentum**t)` instead of
+            `1 - momentum`, so the first batch replaces the initializer's
+            value and the statistics are a usable estimate from the first
+            step on, not after the `1 / (1 - momentum)` steps it takes the
+            initial values to fade (100 at the default momentum). The
+            estimate is kept in `moving_mean` and `moving_variance`
+            themselves: inference needs no correction and the weights move
+            to Keras' layer as they are (`bnlayers.swap_batchnorm`). The
+            trade: values loaded into the moving statistics before
+            training (pretrained ones) are replaced at the first training
+            step as the initial values are; with renorm, renorm's own
+            averages (`renorm_momentum`) are debiased too. The layer keeps
+            a step counter, the non-trainable weight `moving_count` (per
+            feature: a batch that a mask leaves a feature out of, or an
+            empty batch, is no step for it), last among its weights, and
+            saved and restored with them. False (default): Keras' rule.
+            Which to pick when: [Training and
+            inference](training-inference.md).
         activation: None (default: the outputs are the normalized values,
             as the built-in layer's) or the activation applied to them,
             by its Keras name: `"relu"`, `"relu6"`, `"silu"` (also
@@ -198,7 +246,7 @@ class BatchNormalization(keras.layers.Layer):
     def __init__(
         self,
         axis: int | Sequence[int] = -1,
-        momentum: float = 0.99,
+        momentum: float | None = 0.99,
         epsilon: float = 1e-3,
         center: bool = True,
         scale: bool = True,
@@ -216,12 +264,14 @@ class BatchNormalization(keras.layers.Layer):
         synchronized: bool = False,
         virtual_batch_size: int | None = None,
         fused: bool | None = None,
+        replica_group_size: int | None = None,
+        debias_moving_statistics: bool = False,
         activation: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.axis = _checks.axis(axis)
-        self.momentum = _checks.fraction("momentum", momentum)
+        self.momentum = _checks.momentum(momentum)
         self.epsilon = _checks.epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
@@ -239,16 +289,18 @@ class BatchNormalization(keras.layers.Layer):
         self.renorm_clipping = _checks.renorm_clipping(
             renorm_clipping, self.renorm
         )
-        self.renorm_momentum = _checks.fraction(
-            "renorm_momentum", renorm_momentum
-        )
-        self.synchronized = _checks.synchronized(
-            synchronized, backend.backend()
-        )
+        self.renorm_momentum = _checks.renorm_momentum(renorm_momentum)
+        self.synchronized = bool(synchronized)
         self.virtual_batch_size = _checks.virtual_batch_size(
             virtual_batch_size, self.renorm, self.synchronized
         )
         self.fused = _checks.fused(fused)
+        self.replica_group_size = _sync.check_replica_group_size(
+            replica_group_size, self.synchronized
+        )
+        self.debias_moving_statistics = _checks.debias_moving_statistics(
+            debias_moving_statistics
+        )
         self.activation = _checks.activation(activation)
         self.supports_masking = True
         # Variables once built (`build`); None before.
@@ -256,6 +308,8 @@ class BatchNormalization(keras.layers.Layer):
         self.beta: Any = None
         self.moving_mean: Any = None
         self.moving_variance: Any = None
+        # Built only where an option averages by step (`_counts_steps`).
+        self.moving_count: Any = None
         self._feature_axes: list[int] = []
         self._reduction_axes: list[int] = []
 
@@ -308,6 +362,9 @@ class BatchNormalization(keras.layers.Layer):
                 _renorm.clone_initializer(self.moving_mean_initializer),
             )
             self.renorm_stddev = weight("renorm_stddev", stddev_initializer)
+        if self._counts_steps():
+            # Last, so that the weights before it are the built-in's list.
+            self.moving_count = weight("moving_count", "zeros")
         self.input_spec = keras.layers.InputSpec(
             ndim=ndim, axes={a: input_shape[a] for a in self._feature_axes}
         )
@@ -376,15 +433,20 @@ class BatchNormalization(keras.layers.Layer):
                 self.epsilon,
             )
         else:
-            replicas = _sync.replica_context() if self.synchronized else None
-            if replicas is None:
+            synced = (
+                _sync.synchronized_moments(
+                    x, self._reduction_axes, mask, self.replica_group_size
+                )
+                if self.synchronized
+                else None
+            )
+            if synced is None:
                 count, shift, residual, m2 = _math.shifted_moments(
                     x, self._reduction_axes, mask
                 )
+                moving = None
             else:
-                count, shift, residual, m2 = _sync.cross_replica_moments(
-                    replicas, x, self._reduction_axes, mask
-                )
+                count, shift, residual, m2, moving = synced
             mean = shift + residual
             var = _math.variance(count, m2)
             if self.renorm:
@@ -406,14 +468,22 @@ class BatchNormalization(keras.layers.Layer):
             outputs = _math.normalize(
                 x - shift, residual, var, gamma, beta, self.epsilon
             )
+            # With replica groups the moving statistics pool the groups'.
+            if moving is not None:
+                count, mean, var = moving
+        momentum, renorm_momentum, steps = self._step_momenta()
         if self.renorm:
-            self._update_renorm_statistics(count, mean, var)
+            self._update_renorm_statistics(
+                count, mean, var, momentum, renorm_momentum
+            )
         else:
             self._update_moving(
                 count,
-                (self.moving_mean, mean, self.momentum),
-                (self.moving_variance, var, self.momentum),
+                (self.moving_mean, mean, momentum),
+                (self.moving_variance, var, momentum),
             )
+        if steps is not None:
+            self._count_step(count, steps)
         return outputs
 
     def _fast_path(self, inputs, mask):
@@ -434,16 +504,22 @@ class BatchNormalization(keras.layers.Layer):
         return None
 
     def _fast_call(self, inputs, use_batch_statistics, name):
+        momentum, steps = None, None
+        if use_batch_statistics:
+            momentum, _, steps = self._step_momenta()
+        per_step = steps is not None
         params = _fused.Parameters(
             self.gamma if self.scale else None,
             self.beta if self.center else None,
             self.moving_mean,
             self.moving_variance,
+            momentum if per_step else None,
         )
         spec = _fused.Spec(
             self._feature_axes[0],
             self.epsilon,
-            self.momentum,
+            # (Unused where a per-step momentum is given.)
+            0.0 if self.momentum is None else self.momentum,
             self.compute_dtype,
             self.activation,
         )
@@ -455,20 +531,73 @@ class BatchNormalization(keras.layers.Layer):
             (self.moving_mean, new_mean, None),
             (self.moving_variance, new_var, None),
         )
+        if per_step:
+            # The fast path takes one feature axis and no mask: every
+            # feature counts the batch unless it is empty.
+            self._count_step(ops.size(inputs), steps)
         return outputs
+
+    # ---- moving statistics averaged by step (debias_moving_statistics,
+    # momentum=None); see `_moving`.
+
+    def _counts_steps(self):
+        """Whether the moving averages' weights depend on the step count."""
+        return self.momentum is None or self.debias_moving_statistics
+
+    def _step_momenta(self):
+        """This step's `(momentum, renorm_momentum, steps)`.
+
+        The layer's own floats and None where no option counts steps; else
+        per-feature tensors and the count `steps` of this step (the counter
+        plus one), which `_count_step` stores.
+        """
+        if not self._counts_steps():
+            return self.momentum, self.renorm_momentum, None
+        if self.moving_count is None:
+            raise ValueError(
+                f"Layer {self.name!r} was built without a step counter, which "
+                "`momentum=None` and `debias_moving_statistics=True` need: set "
+                "them in the constructor, not after the layer is built. "
+                f"Received: momentum={self.momentum!r}, "
+                f"debias_moving_statistics={self.debias_moving_statistics!r}"
+            )
+        steps = ops.convert_to_tensor(self.moving_count) + 1.0
+        momentum = _moving.step_momentum(self.momentum, steps)
+        renorm_momentum = None
+        if self.renorm:
+            renorm_momentum = self.renorm_momentum
+            if self.debias_moving_statistics:
+                renorm_momentum = _moving.step_momentum(renorm_momentum, steps)
+        return momentum, renorm_momentum, steps
+
+    def _count_step(self, count, steps):
+        """The counter takes `steps` where `count` (per feature, or one
+        number for all) is positive: an empty or fully masked batch is no
+        step."""
+        counted = ops.convert_to_tensor(count) > 0
+        shape = self.moving_count.shape
+        if len(counted.shape):
+            counted = ops.reshape(counted, shape)
+        else:
+            counted = ops.broadcast_to(counted, shape)
+        self.moving_count.assign(
+            ops.where(counted, steps, ops.convert_to_tensor(self.moving_count))
+        )
+
+    # ---- (end of the averages by step)
 
     def _update_moving(self, count, *updates):
         """The one update of the moving statistics, for every path.
 
         Each update is `(variable, value, momentum)`: `value` is a batch
-        statistic, averaged in by the Keras rule (`_math.moving_average`),
-        or with momentum None the new moving value itself, as the fast
-        path's fused loops average it with `self.momentum`. Where `count`
-        (per feature) is 0, a fully masked or empty batch, the variable
-        keeps its value; None: the caller applied that rule. A per-step
-        momentum (zero-debiased, (1 - m) / (1 - m**t) at step t; cumulative,
-        1 / t) goes here, and into the momentum the fast path is handed.
-        Returns the averaged values, before the `count` rule.
+        statistic, averaged in by the Keras rule (`_math.moving_average`)
+        with `momentum` (a float, or a per-feature tensor: the per-step
+        momentum of `_step_momenta`), or with momentum None the new moving
+        value itself, as the fast path's fused loops average it (with
+        `Parameters.momentum` or `Spec.momentum`). Where `count` (per
+        feature) is 0, a fully masked or empty batch, the variable keeps
+        its value; None: the caller applied that rule. Returns the averaged
+        values, before the `count` rule.
         """
         counted = None
         averaged = []
@@ -478,6 +607,10 @@ class BatchNormalization(keras.layers.Layer):
             if momentum is not None or count is not None:
                 current = ops.cast(variable, value.dtype)
             if momentum is not None:
+                if not isinstance(momentum, float):
+                    momentum = ops.reshape(
+                        ops.cast(momentum, value.dtype), variable.shape
+                    )
                 value = _math.moving_average(current, value, momentum)
             averaged.append(value)
             if count is not None:
@@ -491,15 +624,17 @@ class BatchNormalization(keras.layers.Layer):
             variable.assign(value)
         return averaged
 
-    def _update_renorm_statistics(self, count, mean, var):
+    def _update_renorm_statistics(
+        self, count, mean, var, momentum, renorm_momentum
+    ):
         """Renorm's statistics: means and standard deviations, each at its momentum."""
         stddev = _renorm.stddev(var, self.epsilon)
         *_, moving_stddev = self._update_moving(
             count,
-            (self.renorm_mean, mean, self.renorm_momentum),
-            (self.renorm_stddev, stddev, self.renorm_momentum),
-            (self.moving_mean, mean, self.momentum),
-            (self.moving_stddev, stddev, self.momentum),
+            (self.renorm_mean, mean, renorm_momentum),
+            (self.renorm_stddev, stddev, renorm_momentum),
+            (self.moving_mean, mean, momentum),
+            (self.moving_stddev, stddev, momentum),
         )
         # The inference variance follows the moving stddev.
         variance = _renorm.variance(moving_stddev, self.epsilon)

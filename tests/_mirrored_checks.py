@@ -331,9 +331,119 @@ def dataset_remainder(strategy, replicas):
     return result
 
 
+# The other cases' offsets, masks and uneven shares are `exactness`'s and
+# `equivalence`'s here; each case costs seconds of tracing.
+REFERENCE_CASES = (
+    "offset_1e6",
+    "groups_1e6",
+    "groups_masked_1e4",
+    "groups_uneven_1e4",
+)
+
+
+def reference_cases(strategy):
+    """Cases of `_sync_process_checks` (4 replicas) under this strategy.
+
+    Every case's errors against the float64 reference of the global batch
+    (of each group's, with `replica_group_size`): outputs, input, gamma and
+    beta gradients of ``sum(upstream * outputs)``, moving statistics; the
+    same measurements as the PyTorch and JAX processes make.
+    """
+    import _sync_process_checks as cases
+
+    results = {}
+    for name in REFERENCE_CASES:
+        x, dy, mask, sizes, gamma, beta = cases.case_data(name)
+        with strategy.scope():
+            layer = cases.make_layer(name, gamma, beta)
+        args = [per_replica(strategy, split(x, sizes))]
+        args.append(per_replica(strategy, split(dy, sizes)))
+        if mask is not None:
+            args.append(per_replica(strategy, split(mask, sizes)))
+
+        def replica_step(x, dy, m=None, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True, mask=m)
+                loss = tf.reduce_sum(y * dy)
+            dx, dgamma, dbeta = tape.gradient(
+                loss, [x, layer.gamma.value, layer.beta.value]
+            )
+            return y, dx, dgamma, dbeta
+
+        @tf.function
+        def step(*args, replica_step=replica_step):
+            return strategy.run(replica_step, args=args)
+
+        y, dx, dgamma, dbeta = (local(strategy, t) for t in step(*args))
+        means = variable_copies(strategy, layer.moving_mean)
+        variances = variable_copies(strategy, layer.moving_variance)
+        got = {
+            "y": np.concatenate(y),
+            "dx": np.concatenate(dx),
+            # The gradient of the summed losses: the replicas' sum.
+            "dgamma": np.sum(dgamma, axis=0),
+            "dbeta": np.sum(dbeta, axis=0),
+            "moving_mean": means[0],
+            "moving_variance": variances[0],
+        }
+        results[name] = cases.errors(name, got, slice(None))
+        results[name]["copies_equal"] = all(
+            np.array_equal(c, means[0]) for c in means
+        ) and all(np.array_equal(c, variances[0]) for c in variances)
+    return results
+
+
 # Each case runs with even per-replica batches under one device count and
 # uneven ones under the other (4 replicas: one of them empty), which covers
 # both at half the run time.
+def step_averages(strategy, sizes, steps=3):
+    """`debias_moving_statistics=True` and `momentum=None` with
+    `synchronized=True`: every replica's moving statistics against the
+    float64 average of the global batches' statistics, and its step count."""
+    import bnlayers
+
+    rng = np.random.default_rng(7)
+    results = {}
+    options = {
+        "debiased": {"debias_moving_statistics": True, "momentum": 0.9},
+        "cumulative": {"momentum": None},
+    }
+    for name, kwargs in options.items():
+        with strategy.scope():
+            layer = bnlayers.BatchNormalization(
+                synchronized=True, epsilon=EPSILON, **kwargs
+            )
+            layer.build((None, 3))
+        mean_est, var_est = np.zeros(3), np.ones(3)
+        for t in range(1, steps + 1):
+            x = 3.0 + rng.uniform(0.5, 2.0) * rng.standard_normal(
+                (sum(sizes), 3)
+            )
+            x = x.astype("float32")
+            train_once(strategy, layer, split(x, sizes))
+            x = x.astype("float64")
+            m = kwargs["momentum"]
+            w = 1.0 / t if m is None else (1.0 - m) / (1.0 - m**t)
+            mean_est = mean_est + w * (x.mean(0) - mean_est)
+            var_est = var_est + w * (x.var(0) - var_est)
+        results[name] = {
+            "mean_rel_err": max(
+                rel_err(c, mean_est)
+                for c in variable_copies(strategy, layer.moving_mean)
+            ),
+            "var_rel_err": max(
+                rel_err(c, var_est)
+                for c in variable_copies(strategy, layer.moving_variance)
+            ),
+            "counts": [
+                c.tolist()
+                for c in variable_copies(strategy, layer.moving_count)
+            ],
+        }
+    return results
+
+
 PLAN = {
     2: {
         "exactness": [64, 64],
@@ -360,7 +470,10 @@ def main(replicas):
         "mixed_precision": mixed_precision(strategy, [32] * replicas),
         "dataset_remainder": dataset_remainder(strategy, replicas),
         "equivalence": {},
+        "step_averages": step_averages(strategy, UNEVEN[replicas]),
     }
+    if replicas == 4:
+        results["reference_cases"] = reference_cases(strategy)
     for case in plan["even"]:
         results["equivalence"][case + "_even"] = equivalence(
             strategy, case, [6] * replicas

@@ -2,8 +2,8 @@
 
 The comparison tests (test_parity, test_math, test_validation,
 test_serialization, test_ghost, test_axis_list) run unchanged under each
-backend; here are the backend-specific promises: only TensorFlow has
-`synchronized=True`; where bnlayers has no fused fast path (a Keras backend
+backend; here are the backend-specific promises: `synchronized=True` on one
+replica is `synchronized=False`; where bnlayers has no fused fast path (a Keras backend
 other than the three, simulated here) the automatic choice is the
 reference path and `fused=True` is refused.
 """
@@ -18,10 +18,6 @@ from backend_ops import BACKEND
 from backend_ops import to_numpy
 from backend_ops import value_and_grads
 from example_scripts import example_module
-
-OTHER_BACKENDS = pytest.mark.backends(
-    "jax", "torch", reason="what TensorFlow has and they lack"
-)
 
 
 @pytest.fixture
@@ -39,21 +35,19 @@ def _data(shape=(8, 5, 3), seed=0):
     ).astype("float32")
 
 
-@OTHER_BACKENDS
-def test_synchronized_is_refused_with_the_backend_named():
-    with pytest.raises(
-        ValueError,
-        match=rf"`synchronized=True` needs the TensorFlow backend.*'{BACKEND}'",
-    ):
-        bnlayers.BatchNormalization(synchronized=True)
-    # The default stays usable, and so is an explicit False (configs saved
-    # on TensorFlow carry it).
-    bnlayers.BatchNormalization(synchronized=False)
-
-
-@pytest.mark.backends("tensorflow", reason="tf.distribute is TensorFlow's")
-def test_synchronized_is_accepted_on_tensorflow():
-    assert bnlayers.BatchNormalization(synchronized=True).synchronized
+def test_synchronized_outside_replicas_is_exactly_unsynchronized():
+    """No strategy, no process group, no distribution: one replica, so the
+    same numbers as synchronized=False (on every backend)."""
+    x, dy = _data()
+    results = []
+    for synchronized in (True, False):
+        layer = bnlayers.BatchNormalization(synchronized=synchronized)
+        y = layer(x, training=True)
+        results.append(
+            [to_numpy(y)] + [np.asarray(w) for w in layer.get_weights()]
+        )
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.usefixtures("no_fast_path")

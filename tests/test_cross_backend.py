@@ -178,7 +178,7 @@ def test_jax_data_parallel_statistics_are_global(worker_results):
     half of every batch (the halves' means are 0 and 10), yet the moving
     statistics and the outputs are those of the whole batch: on JAX the
     mean over a sharded batch axis is a global mean by construction, so
-    there is nothing to synchronize (and `synchronized=True` is refused)."""
+    there is nothing to synchronize (`synchronized=True` changes nothing)."""
     result = _result(worker_results, "jax", "data_parallel")
     assert result["devices"] == 2
     assert result["sharded_call"]["input_shards"] == [[8, 6, 3], [8, 6, 3]]

@@ -92,12 +92,9 @@ def test_synchronized_rule(monkeypatch):
     layer = _built(synchronized=True)
     assert bnlayers.fused_eligibility(layer, (4, 5, 5, 3)) is None
 
-    class TwoReplicas:
-        num_replicas_in_sync = 2
-
     from bnlayers import _sync
 
-    monkeypatch.setattr(_sync, "replica_context", lambda: TwoReplicas())
+    monkeypatch.setattr(_sync, "replicas", lambda: _sync._Replicas(2, 0, None))
     reason = bnlayers.fused_eligibility(layer, (4, 5, 5, 3))
     assert "synchronized=True with 2 replicas" in reason
 

@@ -65,6 +65,8 @@ def test_constructor_matches_the_builtin_argument_for_argument():
     assert [p.name for p in ours_named[len(theirs_named) :]] == [
         "virtual_batch_size",
         "fused",
+        "replica_group_size",
+        "debias_moving_statistics",
         "activation",
     ]
     assert any(p.kind == p.VAR_KEYWORD for p in ours.values())
@@ -77,6 +79,8 @@ def test_default_config_matches_the_builtin():
     assert set(ours) - set(theirs) == {
         "virtual_batch_size",
         "fused",
+        "replica_group_size",
+        "debias_moving_statistics",
         "activation",
     }
 

@@ -252,6 +252,29 @@ def test_synchronized_without_replicas_is_exactly_unsynchronized(
         np.testing.assert_array_equal(a, b)
 
 
+# The shared cases against their float64 reference (bn_reference.rel_err;
+# 4 CPU replicas, TensorFlow 2.21): outputs and moving statistics measured
+# 2.0e-7 (moving variance relative per feature), input, gamma and beta
+# gradients 3.9e-7.
+REFERENCE_RTOL = 2e-6
+GRADIENT_RTOL = 4e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", checks.REFERENCE_CASES)
+def test_reference_cases_with_four_replicas(measured, case):
+    """Cases the PyTorch and JAX processes run (test_sync_processes.py),
+    here under MirroredStrategy: gradients at a mean of 1e6, and
+    `replica_group_size=2` (each group its own global batch's statistics)
+    with a mask and with uneven and empty shares; every replica's moving
+    statistics the same."""
+    result = dict(measured[4]["reference_cases"][case])
+    assert result.pop("copies_equal")
+    for quantity, err in result.items():
+        tol = GRADIENT_RTOL if quantity.startswith("d") else REFERENCE_RTOL
+        ref.check_error(err, tol, f"{quantity} ({case})")
+
+
 def test_synchronized_cannot_combine_with_ghost_batches():
     with pytest.raises(ValueError, match="virtual_batch_size"):
         bnlayers.BatchNormalization(synchronized=True, virtual_batch_size=4)
@@ -265,3 +288,45 @@ def test_synchronized_config_round_trip():
         keras.layers.deserialize(keras.layers.serialize(layer)).synchronized
         is True
     )
+
+
+def test_replica_group_size_config_and_checks(tmp_path):
+    layer = bnlayers.BatchNormalization(synchronized=True, replica_group_size=2)
+    clone = bnlayers.BatchNormalization.from_config(layer.get_config())
+    assert clone.replica_group_size == 2
+    model = keras.Sequential([keras.Input((3,)), layer])
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.models.load_model(tmp_path / "m.keras")
+    assert reloaded.layers[0].replica_group_size == 2
+    assert reloaded.layers[0].synchronized is True
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=rf"replica_group_size={bad!r}"):
+            bnlayers.BatchNormalization(
+                synchronized=True, replica_group_size=bad
+            )
+    with pytest.raises(ValueError, match="needs `synchronized=True`"):
+        bnlayers.BatchNormalization(replica_group_size=2)
+    from bnlayers import _sync
+
+    # At call, against the number of replicas found.
+    with pytest.raises(
+        ValueError, match=r"divide the number of replicas \(4\)"
+    ):
+        _sync._check_groups(4, 3)
+    assert _sync._check_groups(4, 2) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", DEVICE_COUNTS)
+@pytest.mark.parametrize("option", ["debiased", "cumulative"])
+def test_moving_statistics_averaged_by_step_over_replicas(
+    measured, replicas, option
+):
+    """`debias_moving_statistics` and `momentum=None`: the global batch's
+    statistics, averaged by step, on every replica (uneven shares, one
+    empty with 4 replicas: a replica's empty share is still a step)."""
+    result = measured[replicas]["step_averages"][option]
+    assert result["counts"] == [[3.0] * 3] * replicas
+    # Measured 5e-8 (3 steps, float32 sums over replicas).
+    ref.check_error(result["mean_rel_err"], VARIANCE_RTOL, f"{option} mean")
+    ref.check_error(result["var_rel_err"], VARIANCE_RTOL, f"{option} variance")

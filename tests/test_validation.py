@@ -72,6 +72,16 @@ CONSTRUCTOR_CASES = [
         ["`renorm_clipping`", "renorm_clipping=[('rmax', 3)]"],
     ),
     ({"fused": "yes"}, ValueError, ["`fused`", "fused='yes'"]),
+    (
+        {"renorm_momentum": None},
+        ValueError,
+        ["`renorm_momentum`", "`momentum` only", "renorm_momentum=None"],
+    ),
+    (
+        {"debias_moving_statistics": "yes"},
+        TypeError,
+        ["`debias_moving_statistics`", "debias_moving_statistics='yes'"],
+    ),
 ]
 
 

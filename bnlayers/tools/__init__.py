@@ -16,6 +16,12 @@ and fvcore have tools for and Keras does not:
   layer after it merged into one `bnlayers.BatchNormalization(activation=...)`.
 - `freeze_batchnorm(model)`: every BN layer in inference mode and
   non-trainable, for fine-tuning.
+- `diagnose(model, x, y)`: how far each layer's moving statistics are
+  from the data's population statistics, what that costs the model in
+  inference mode, and what to do about it.
+- `PreciseBN` and `FreezeBNStatistics`: callbacks for `fit` that
+  recalibrate the statistics when training ends, or train the last epochs
+  with them frozen.
 
 Each works on `keras.layers.BatchNormalization` and
 `bnlayers.BatchNormalization` alike, in Sequential and Functional models
@@ -25,7 +31,11 @@ internals (all in `_keras_internals`), checked against Keras 3.15 and 3.16
 RuntimeError naming it.
 """
 
+from bnlayers.tools.callbacks import FreezeBNStatistics
+from bnlayers.tools.callbacks import PreciseBN
 from bnlayers.tools.channel_affine import ChannelAffine
+from bnlayers.tools.diagnosis import DiagnosisReport
+from bnlayers.tools.diagnosis import diagnose
 from bnlayers.tools.fold import fold_batchnorm
 from bnlayers.tools.freeze import freeze_batchnorm
 from bnlayers.tools.fuse import fuse_activations
@@ -34,6 +44,10 @@ from bnlayers.tools.swap import swap_batchnorm
 
 __all__ = [
     "ChannelAffine",
+    "DiagnosisReport",
+    "FreezeBNStatistics",
+    "PreciseBN",
+    "diagnose",
     "fold_batchnorm",
     "freeze_batchnorm",
     "fuse_activations",

@@ -1,5 +1,7 @@
 """What several tools share: argument checks, finding BN layers, BN as an affine map."""
 
+import numbers
+
 import keras
 import numpy as np
 from keras import ops
@@ -26,6 +28,21 @@ def check_built(model, function):
         raise ValueError(
             f"`{function}` needs a built model (give it an Input, or call it on data "
             f"once) so that its weights exist. Received: model={model.name!r}, not built"
+        )
+
+
+def check_positive(value, name, allow_none=True):
+    """Raises unless `value` is a positive int (or None, where `allow_none`)."""
+    if value is None and allow_none:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be {'None or ' if allow_none else ''}a positive int. "
+            f"Received: {name}={value!r}"
         )
 
 

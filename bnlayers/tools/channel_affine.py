@@ -57,19 +57,16 @@ class ChannelAffine(keras.layers.Layer):
             self.axis, ndim, input_shape
         )
         shape = tuple(input_shape[a] for a in self._feature_axes)
-        self.scale = self.add_weight(
-            shape=shape,
-            name="scale",
-            initializer="ones",
-            trainable=False,
-            autocast=False,
-        )
-        self.offset = self.add_weight(
-            shape=shape,
-            name="offset",
-            initializer="zeros",
-            trainable=False,
-            autocast=False,
+        # Created in this order, which saved files rely on.
+        self.scale, self.offset = (
+            self.add_weight(
+                shape=shape,
+                name=name,
+                initializer=initializer,
+                trainable=False,
+                autocast=False,
+            )
+            for name, initializer in (("scale", "ones"), ("offset", "zeros"))
         )
 
     def call(self, inputs):

@@ -21,6 +21,7 @@ from bnlayers import _math
 from bnlayers.tools._common import batchnorm_layers
 from bnlayers.tools._common import check_built
 from bnlayers.tools._common import check_model
+from bnlayers.tools._common import check_positive
 
 _VERBOSE = ("auto", 0, 1, 2)
 
@@ -93,46 +94,27 @@ def recalibrate(
         `model`, modified in place.
     """
     check_model(model, "recalibrate")
-    _check_steps(steps)
+    check_positive(steps, "steps")
     verbose = _check_verbose(verbose)
     check_built(model, "recalibrate")
-    layers = [
+    layers = _layers_to_recalibrate(model)
+    batches, target = _batches(data, steps, batch_size)
+    if not layers:
+        return model
+    _, statistics, _ = _population_moments(
+        model, layers, batches, _progbar(target, verbose), ("data", data, steps)
+    )
+    _assign_population_statistics(layers, statistics)
+    return model
+
+
+def _layers_to_recalibrate(model):
+    """The BN layers whose statistics `recalibrate` sets: built and trainable."""
+    return [
         layer
         for layer in batchnorm_layers(model)
         if layer.trainable and layer.built
     ]
-    batches, target = _batches(data, steps, batch_size)
-    if not layers:
-        return model
-    progbar = (
-        keras.utils.Progbar(target, verbose=verbose, unit_name="step")
-        if verbose
-        else None
-    )
-    with _calibration_mode(layers) as captured:
-        collected, seen = _collect_moments(
-            _forward_function(model, captured), batches, progbar
-        )
-    if not seen:
-        raise ValueError(
-            "`data` yielded no batches, so there is nothing to compute statistics "
-            f"over. Received: data of type {type(data).__name__}, steps={steps!r}"
-        )
-    for i, layer in enumerate(layers):
-        if collected.get(i):
-            _assign_statistics(layer, *_merged_statistics(collected[i]))
-    return model
-
-
-def _check_steps(steps):
-    if steps is not None and (
-        isinstance(steps, bool)
-        or not isinstance(steps, numbers.Integral)
-        or steps < 1
-    ):
-        raise ValueError(
-            f"`steps` must be None or a positive int. Received: steps={steps!r}"
-        )
 
 
 def _check_verbose(verbose):
@@ -221,24 +203,23 @@ def _array_batches(data, steps, batch_size):
         if isinstance(data, tuple)
         else data
     )
-    if batch_size is None:
-        batch_size = 32
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, numbers.Integral)
-        or batch_size < 1
-    ):
-        raise ValueError(
-            f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}"
-        )
+    batch_size = _array_batch_size(batch_size)
     size = int(keras.tree.flatten(x)[0].shape[0])
     iterator = (
         keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], x)
         for start in range(0, size, batch_size)
     )
     return _take(iterator, steps, unpack=False), _at_most(
-        math.ceil(size / int(batch_size)), steps
+        math.ceil(size / batch_size), steps
     )
+
+
+def _array_batch_size(batch_size):
+    """The batch size for array data: 32 unless given, as in `predict`."""
+    if batch_size is None:
+        return 32
+    check_positive(batch_size, "batch_size", allow_none=False)
+    return int(batch_size)
 
 
 def _at_most(count, steps):
@@ -277,8 +258,15 @@ def _calibration_mode(layers):
         for layer in layers
         for v in layer.non_trainable_weights
     ]
-    momenta = [
-        (layer, layer.momentum, getattr(layer, "renorm_momentum", None))
+    # A `call` set on the instance is another tool's (FreezeBNStatistics'
+    # during its frozen epochs): it goes back in place afterwards.
+    settings = [
+        (
+            layer,
+            layer.momentum,
+            getattr(layer, "renorm_momentum", None),
+            vars(layer).get("call"),
+        )
         for layer in layers
     ]
     try:
@@ -289,8 +277,10 @@ def _calibration_mode(layers):
                 layer.renorm_momentum = 1.0
         yield captured
     finally:
-        for layer, momentum, renorm_momentum in momenta:
-            if "call" in vars(layer):
+        for layer, momentum, renorm_momentum, call in settings:
+            if call is not None:
+                layer.call = call
+            elif "call" in vars(layer):
                 del layer.call
             layer.momentum = momentum
             if getattr(layer, "renorm", False):
@@ -334,6 +324,33 @@ def _forward_function(model, captured):
     return forward
 
 
+def _population_moments(model, layers, batches, progbar, argument):
+    """Runs `model` over `batches` with `layers` recording: `(moments, statistics, batch count)`.
+
+    Per index into `layers` of a layer the data reached, `moments` holds
+    each batch's `(count, mean, m2)` and `statistics` their merged `(count,
+    mean, variance)`. `argument` is `(name, value, steps)` of the data
+    argument, for the error when there are no batches.
+    """
+    with _calibration_mode(layers) as captured:
+        moments, seen = _collect_moments(
+            _forward_function(model, captured), batches, progbar
+        )
+    if not seen:
+        name, data, steps = argument
+        raise ValueError(
+            f"`{name}` yielded no batches, so there is nothing to compute "
+            f"statistics over. Received: {name} of type {type(data).__name__}, "
+            f"steps={steps!r}"
+        )
+    statistics = {
+        i: _merged_statistics(moments[i])
+        for i in range(len(layers))
+        if moments.get(i)
+    }
+    return moments, statistics, seen
+
+
 def _collect_moments(forward, batches, progbar):
     """Runs `forward` over `batches`: `(moments per layer as float64 arrays, batch count)`."""
     collected = collections.defaultdict(list)
@@ -345,14 +362,33 @@ def _collect_moments(forward, batches, progbar):
                     [ops.convert_to_numpy(t).astype("float64") for t in triple]
                 )
         seen += 1
-        if progbar is not None and progbar.verbose == 1:
-            progbar.update(seen, finalize=False)
-    if progbar is not None and seen:
-        # As Keras' ProgbarLogger ends `predict`.
-        if progbar.target is None:
-            progbar.target = seen
-        progbar.update(progbar.target, finalize=True)
+        _progress_step(progbar, seen)
+    _progress_end(progbar, seen)
     return collected, seen
+
+
+# -------------------------------------------------------------- progress
+
+
+def _progbar(target, verbose):
+    """A progress bar over `target` batches, or None when `verbose` is 0."""
+    if not verbose:
+        return None
+    return keras.utils.Progbar(target, verbose=verbose, unit_name="step")
+
+
+def _progress_step(progbar, step):
+    # Verbose 2 prints only the line at the end, as Keras' `predict` does.
+    if progbar is not None and progbar.verbose == 1:
+        progbar.update(step, finalize=False)
+
+
+def _progress_end(progbar, steps):
+    """Ends the bar after `steps` batches, as Keras' ProgbarLogger ends `predict`."""
+    if progbar is not None and steps:
+        if progbar.target is None:
+            progbar.target = steps
+        progbar.update(progbar.target, finalize=True)
 
 
 # ------------------------------------------------------------ the result
@@ -370,6 +406,13 @@ def _merged_statistics(triples):
         for t in _math.merge_moments(count, mean, m2, axis=0)
     )
     return total, mean, ops.convert_to_numpy(_math.variance(total, m2))
+
+
+def _assign_population_statistics(layers, statistics):
+    """Sets each trainable layer's statistics to `statistics[i]`, `i` its index."""
+    for i, layer in enumerate(layers):
+        if layer.trainable and i in statistics:
+            _assign_statistics(layer, *statistics[i])
 
 
 def _assign_statistics(layer, total, mean, var):

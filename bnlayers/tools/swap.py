@@ -18,11 +18,50 @@ from bnlayers.tools._rebuild import copy_layer
 _SWAP_TARGETS = {"bnlayers": BatchNormalization, "keras": BUILTIN}
 # Config keys of bnlayers.BatchNormalization that the built-in does not have,
 # with the value that means "as the built-in does".
-_BNLAYERS_ONLY_DEFAULTS = {"virtual_batch_size": None}
+_BNLAYERS_ONLY_DEFAULTS = {
+    "virtual_batch_size": None,
+    "replica_group_size": None,
+}
 # `fused` only picks the kernel that computes the same result, so any value
 # carries over to the built-in (which picks its own kernel); `activation`
 # becomes an `Activation` layer after the built-in one (`activation_after`).
 _BNLAYERS_ONLY_DROPPED = ("fused", "activation")
+# How the moving statistics are averaged: the built-in has neither option,
+# so it gets its own rule (and momentum) with the statistics as they are,
+# and a warning says so. The step counter is no weight of the built-in.
+_KERAS_MOMENTUM = 0.99
+
+
+def _averaging_dropped(layer, config):
+    """Takes the moving-average options out of `config`; a warning if any was on."""
+    dropped = []
+    if config.pop("debias_moving_statistics", False):
+        dropped.append("debias_moving_statistics=True")
+    if config.get("momentum", _KERAS_MOMENTUM) is None:
+        config["momentum"] = _KERAS_MOMENTUM
+        dropped.append(
+            f"momentum=None (the copy has momentum={_KERAS_MOMENTUM})"
+        )
+    if dropped:
+        warnings.warn(
+            f"swap_batchnorm(to='keras'): layer {layer.name!r} has "
+            f"{' and '.join(dropped)}, which keras.layers.BatchNormalization does "
+            "not have. The copy keeps the moving statistics as they are (the "
+            "estimate so far) but averages further batches by Keras' rule.",
+            stacklevel=4,
+        )
+
+
+def _builtin_weights(layer):
+    """`layer`'s weights without its step counter, which the built-in lacks."""
+    counter = getattr(layer, "moving_count", None)
+    return [
+        value
+        for variable, value in zip(
+            layer.weights, layer.get_weights(), strict=True
+        )
+        if variable is not counter
+    ]
 
 
 def _builtin_config(layer):
@@ -38,6 +77,7 @@ def _builtin_config(layer):
             )
     for key in _BNLAYERS_ONLY_DROPPED:
         config.pop(key, None)
+    _averaging_dropped(layer, config)
     axis = config["axis"]
     if isinstance(axis, (list, tuple)):
         if len(axis) != 1:
@@ -91,7 +131,11 @@ def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
     list of one); `fused` only chooses bnlayers' kernel and is dropped. A
     layer with a fused `activation` becomes the built-in layer followed by
     a `keras.layers.Activation` (named after it, with `_activation`).
-    Anything else raises a `ValueError` naming the layer.
+    Anything else raises a `ValueError` naming the layer. A layer with
+    `debias_moving_statistics=True` or `momentum=None` converts with its
+    moving statistics as they are (they hold the estimate) and a warning:
+    the built-in averages further batches by its own rule (momentum 0.99
+    where it was None), and the step counter is left behind.
 
     The optimizer's state is carried over variable by variable: the copy's
     optimizer is built for the copy's counterparts of the variables the
@@ -131,11 +175,12 @@ def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
                 "themselves, since a subclass may compute something else."
             )
         if isinstance(layer, BatchNormalization) and target is BUILTIN:
-            config = _builtin_config(layer)
-            after = activation_after(layer)
-        else:
-            config, after = layer.get_config(), None
-        return target.from_config(config), layer.get_weights(), after
+            return (
+                target.from_config(_builtin_config(layer)),
+                _builtin_weights(layer),
+                activation_after(layer),
+            )
+        return target.from_config(layer.get_config()), layer.get_weights()
 
     new = Rebuilder(convert, "swap_batchnorm").rebuild(model)
     _carry_optimizer_state(model, new)
