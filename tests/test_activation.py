@@ -172,19 +172,25 @@ def test_mixed_precision(activation, float32_policy_after):
         {"virtual_batch_size": 2},
         {"renorm": True},
         {"axis": [1, 3]},
+        {"debias_moving_statistics": True},
+        {"momentum": None},
     ],
-    ids=["ghost", "renorm", "axes"],
+    ids=["ghost", "renorm", "axes", "debias", "cumulative"],
 )
-def test_reference_path_options(kwargs):
-    """Ghost batches, renorm and several axes (reference path only): the
-    activation follows the normalization (measured 0 difference)."""
+def test_with_other_options(kwargs):
+    """Ghost batches, renorm and several axes (reference path), per-step
+    moving averages (fast path too): the activation follows the
+    normalization (measured 0 difference)."""
     rng = np.random.default_rng(4)
     x = rng.normal(size=(6, 3, 3, 4)).astype("float32")
     fused = bnlayers.BatchNormalization(activation="silu", **kwargs)
     plain = bnlayers.BatchNormalization(**kwargs)
-    y = to_numpy(fused(x, training=True))
-    expected = to_numpy(keras.activations.silu(plain(x, training=True)))
-    ref.assert_close(y, expected, 1e-6, "options")
+    for _ in range(2):
+        y = to_numpy(fused(x, training=True))
+        expected = to_numpy(keras.activations.silu(plain(x, training=True)))
+        ref.assert_close(y, expected, 1e-6, "options")
+    for a, e in zip(fused.weights, plain.weights, strict=True):
+        ref.assert_close(to_numpy(a), to_numpy(e), 1e-6, f"options {a.name}")
 
 
 def test_mask_leaves_positions_out_and_activates():
