@@ -16,6 +16,7 @@ from bnlayers.tools import PreciseBN
 from bnlayers.tools import diagnose
 from bnlayers.tools import fold_batchnorm
 from bnlayers.tools import freeze_batchnorm
+from bnlayers.tools import fuse_activations
 from bnlayers.tools import recalibrate
 from bnlayers.tools import swap_batchnorm
 
@@ -30,6 +31,7 @@ __all__ = [
     "fold_batchnorm",
     "form_rule",
     "freeze_batchnorm",
+    "fuse_activations",
     "fused_eligibility",
     "recalibrate",
     "set_form_rule",

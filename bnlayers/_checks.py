@@ -169,3 +169,36 @@ def fused(value: Any) -> bool | None:
             f"`fused` must be None, True or False. Received: fused={value!r}"
         )
     return value
+
+
+# ---------------------------------------------------------------- activation
+# The activations the layer can apply to its outputs, by Keras' names
+# (`keras.activations`), and the aliases Keras gives them.
+ACTIVATIONS = ("relu", "relu6", "silu", "hard_silu", "gelu")
+ACTIVATION_ALIASES = {"swish": "silu", "hard_swish": "hard_silu"}
+
+
+def activation(value: Any) -> str | None:
+    """None, or the Keras name of a supported activation (aliases resolved).
+
+    Takes a name (`"relu"`, `"swish"`, ...) or the function itself
+    (`keras.activations.relu`); returns the canonical name.
+    """
+    if value is None:
+        return None
+    name = value if isinstance(value, str) else getattr(value, "__name__", "")
+    name = ACTIVATION_ALIASES.get(str(name), str(name))
+    if name in ACTIVATIONS and not isinstance(value, str):
+        import keras
+
+        # Only Keras' own functions: a user's function named "relu" may
+        # compute anything.
+        if keras.activations.get(name) is not value:
+            name = None
+    if name not in ACTIVATIONS:
+        names = sorted(ACTIVATIONS + tuple(ACTIVATION_ALIASES))
+        raise ValueError(
+            f"`activation` must be None or one of {names} (or that Keras "
+            f"activation function). Received: activation={value!r}"
+        )
+    return name

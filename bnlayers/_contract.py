@@ -5,14 +5,13 @@ static argument of `jax.jit`) and one `Parameters` (the tensors) per call
 and passes both to `_fast_tf`, `_fast_jax` or `_fast_torch`, whose
 `training(x, params, spec)` returns ``(y, new_moving_mean,
 new_moving_variance)`` and `inference(x, params, spec)` the outputs.
+A fused activation is `Spec.activation`, a Keras name (None for none),
+applied by each backend to its outputs after the affine.
 
 Room is left, by design, for what later work adds:
 
 - a momentum given per step as a tensor (debiased or cumulative moving
   averages) is `Parameters.momentum`, beside the statistics it updates;
-- a fused activation (relu, relu6, silu, hard_swish, gelu) applied to the
-  outputs inside the fast path is one more static field of `Spec`, named
-  by a string;
 - statistics reduced across replicas need a reduction in `Spec` (which
   replicas, how) that each backend applies to its sums.
 """
@@ -31,12 +30,16 @@ class Spec(NamedTuple):
             inference, and where `Parameters.momentum` is given.
         out_dtype: the outputs' dtype (the layer's compute dtype), a
             standardized name.
+        activation: the activation applied to the outputs, after the
+            affine and before the cast to `out_dtype`, by its Keras name
+            (one of `_checks.ACTIVATIONS`), or None for none.
     """
 
     axis: int
     epsilon: float
     momentum: float
     out_dtype: str
+    activation: str | None = None
 
 
 class Parameters(NamedTuple):

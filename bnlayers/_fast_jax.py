@@ -94,13 +94,24 @@ def _own_copy(v, token, x):
     return v + 0.0 * token
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _normalize(x, gamma, beta, feature, epsilon, out_dtype):
+def _activate(y, activation):
+    """`y` through the activation named by `Spec.activation` (Keras' definitions)."""
+    if activation is None:
+        return y
+    if activation == "gelu":
+        return jax.nn.gelu(y, approximate=False)
+    return getattr(jax.nn, activation)(y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _normalize(x, gamma, beta, feature, epsilon, out_dtype, activation):
     """`(y, shift, residual, var)` for `x` with its features on axis `feature`."""
-    return _normalize_forward(x, gamma, beta, feature, epsilon, out_dtype)[0]
+    return _normalize_forward(
+        x, gamma, beta, feature, epsilon, out_dtype, activation
+    )[0]
 
 
-def _normalize_forward(x, gamma, beta, feature, epsilon, out_dtype):
+def _normalize_forward(x, gamma, beta, feature, epsilon, out_dtype, activation):
     xf = x.astype(gamma.dtype)
     axes = _stats_axes(xf, feature)
     n = _count(xf, feature)
@@ -116,13 +127,18 @@ def _normalize_forward(x, gamma, beta, feature, epsilon, out_dtype):
     y = centred * (inv * _per_feature(gamma, xf, feature)) + _per_feature(
         beta, xf, feature
     )
+    y = _activate(y, activation)
     statistics = (shift.reshape(-1), residual.reshape(-1), var.reshape(-1))
-    return (y.astype(out_dtype),) + statistics, (x, gamma) + statistics
+    # beta (a vector) is kept for the backward to recompute the activation's
+    # input from x: no full-size tensor is stored besides x.
+    return (y.astype(out_dtype),) + statistics, (x, gamma, beta) + statistics
 
 
-def _normalize_backward(feature, epsilon, out_dtype, saved, cotangents):
+def _normalize_backward(
+    feature, epsilon, out_dtype, activation, saved, cotangents
+):
     del out_dtype
-    x, gamma, shift, residual, var = saved
+    x, gamma, beta, shift, residual, var = saved
     # Only y carries gradients; the statistics go to the moving averages,
     # which are not differentiated (the caller stops their gradient).
     dtype = gamma.dtype
@@ -135,6 +151,13 @@ def _normalize_backward(feature, epsilon, out_dtype, saved, cotangents):
         _per_feature(residual, xf, feature),
     )
     inv = _per_feature(jax.lax.rsqrt(var + epsilon), xf, feature)
+    if activation is not None:
+        # The activation's input recomputed from x (XLA fuses it into the
+        # loops that read x and dy), and its derivative applied to dy.
+        pre = ((xf - shift) - residual) * (
+            inv * _per_feature(gamma, xf, feature)
+        ) + _per_feature(beta, xf, feature)
+        dy = jax.vjp(lambda v: _activate(v, activation), pre)[1](dy)[0]
     # The two sums; (x - shift) - residual as in the forward, exact at any
     # offset.
     dbeta = jnp.sum(dy, axes, keepdims=True)
@@ -157,12 +180,26 @@ def _normalize_backward(feature, epsilon, out_dtype, saved, cotangents):
 _normalize.defvjp(_normalize_forward, _normalize_backward)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "epsilon", "out_dtype"))
+_STATIC = ("axis", "epsilon", "out_dtype", "activation")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _training(
-    x, gamma, beta, moving_mean, moving_var, momentum, axis, epsilon, out_dtype
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_var,
+    momentum,
+    axis,
+    epsilon,
+    out_dtype,
+    activation,
 ):
     xm = x.reshape(_geometry.merged_shape(x.shape, axis))
-    y, shift, residual, var = _normalize(xm, gamma, beta, 1, epsilon, out_dtype)
+    y, shift, residual, var = _normalize(
+        xm, gamma, beta, 1, epsilon, out_dtype, activation
+    )
     mean = jax.lax.stop_gradient(shift + residual)
     var = jax.lax.stop_gradient(var)
     if x.size == 0:
@@ -174,8 +211,8 @@ def _training(
     return y.reshape(x.shape), new_mean, new_var
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "epsilon", "out_dtype"))
-def _inference(x, gamma, beta, mean, var, axis, epsilon, out_dtype):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _inference(x, gamma, beta, mean, var, axis, epsilon, out_dtype, activation):
     # In the inputs' own shape: one elementwise loop, which XLA fuses with
     # its neighbours (a convolution before, a pooling after); a reshape in
     # the middle of such a fusion measured 1.3x slower (the article's model,
@@ -187,7 +224,9 @@ def _inference(x, gamma, beta, mean, var, axis, epsilon, out_dtype):
     y = (xf - _per_feature(mean, xf, axis)) * _per_feature(
         scale, xf, axis
     ) + _per_feature(beta, xf, axis)
-    return y.astype(out_dtype)
+    # Autodiff of the activation here: inference steps are not trained
+    # through often enough to be worth a backward of their own.
+    return _activate(y, activation).astype(out_dtype)
 
 
 def _arguments(x, params, axis):
@@ -216,6 +255,7 @@ def _static(spec):
         "axis": spec.axis,
         "epsilon": float(spec.epsilon),
         "out_dtype": np.dtype(backend.standardize_dtype(spec.out_dtype)),
+        "activation": spec.activation,
     }
 
 

@@ -93,6 +93,52 @@ def _restore(y, x, out_dtype):
 
 _DTYPES: dict = {}
 
+# The activations whose gradient is a mask read from their outputs: y in
+# (lower, upper) exactly where the activation's input is.
+_MASKED = {"relu": (0.0, None), "relu6": (0.0, 6.0)}
+
+
+def _activate(y, activation, inplace):
+    """`y` through the activation named by `Spec.activation` (Keras'
+    definitions), into `y` itself where `inplace`."""
+    import torch
+    import torch.nn.functional as F
+
+    if activation is None:
+        return y
+    if activation == "relu":
+        return F.relu(y, inplace=inplace)
+    if activation == "relu6":
+        return F.hardtanh(y, 0.0, 6.0, inplace=inplace)
+    if activation == "silu":
+        return F.silu(y, inplace=inplace)
+    if activation == "hard_silu":
+        return F.hardswish(y, inplace=inplace)
+    if inplace:
+        return torch.ops.aten.gelu.out(y, out=y)
+    return F.gelu(y)
+
+
+def _activation_backward(dy, y, pre, activation):
+    """``dy * activation'(pre)``, from the outputs `y` for relu and relu6
+    (`pre` may then be None), else from the activation's input `pre`."""
+    import torch
+
+    if activation in _MASKED and pre is None:
+        lower, upper = _MASKED[activation]
+        if upper is None:
+            return torch.ops.aten.threshold_backward(dy, y, lower)
+        return torch.ops.aten.hardtanh_backward(dy, y, lower, upper)
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(dy, pre, 0.0)
+    if activation == "relu6":
+        return torch.ops.aten.hardtanh_backward(dy, pre, 0.0, 6.0)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(dy, pre)
+    if activation == "hard_silu":
+        return torch.ops.aten.hardswish_backward(dy, pre)
+    return torch.ops.aten.gelu_backward(dy, pre)
+
 
 def _dtypes(x_dtype, out_dtype):
     """(statistics dtype, output dtype) as torch dtypes, looked up once."""
@@ -120,7 +166,7 @@ def _normalize_function():
         """
 
         @staticmethod
-        def forward(ctx, d, gamma, beta, dims, epsilon):
+        def forward(ctx, d, gamma, beta, dims, epsilon, activation, keep_y):
             # (Autograd does not record inside `forward`.) Two passes over
             # `d`, see the module docstring: torch's sums are pairwise, and
             # centred values make the variance independent of how far the
@@ -135,24 +181,43 @@ def _normalize_function():
             # the mean; exact at the cost of one pass over the data more.
             y = torch.sub(d, _per_feature(residual, d), out=buffer)
             y = _scale_and_offset(y, scale, beta, y)
-            ctx.save_for_backward(d, gamma, residual, invstd)
+            # In place, on the buffer this function owns.
+            y = _activate(y, activation, True)
+            # relu and relu6 take their gradient's mask from the outputs
+            # (`keep_y`: they are the outputs returned, not a float32 copy
+            # kept besides them); other activations recompute their input
+            # from `d` in the backward: no further tensor is stored.
+            saved_y = y if activation in _MASKED and keep_y else None
+            ctx.save_for_backward(d, gamma, beta, residual, invstd, saved_y)
             ctx.dims, ctx.epsilon = dims, epsilon
+            ctx.activation = activation
             ctx.mark_non_differentiable(residual, var)
             return y, residual, var
 
         @staticmethod
         def backward(ctx, dy, _dresidual, _dvar):
-            d, gamma, residual, invstd = ctx.saved_tensors
+            d, gamma, beta, residual, invstd, y = ctx.saved_tensors
             need_d, need_gamma, need_beta = ctx.needs_input_grad[:3]
+            activation = ctx.activation
             if torch.is_grad_enabled():
                 # A gradient of the gradient was asked for (create_graph):
                 # the same derivative in differentiable ops, with the
                 # statistics recomputed from `d` so that their dependence on
                 # `d` is in the graph.
                 dd, dgamma, dbeta = _differentiable_backward(
-                    dy, d, gamma, ctx.dims, ctx.epsilon
+                    dy, d, gamma, beta, ctx.dims, ctx.epsilon, activation
                 )
             else:
+                if activation is not None:
+                    pre = None
+                    if y is None:
+                        pre = _scale_and_offset(
+                            d - _per_feature(residual, d),
+                            invstd if gamma is None else invstd * gamma,
+                            beta,
+                            None,
+                        )
+                    dy = _activation_backward(dy, y, pre, activation)
                 # The kernel forms (d - residual) * invstd itself,
                 # subtract-first; its float32 sums of dy and dy * xhat
                 # stay well within the gradients' tolerance.
@@ -174,12 +239,14 @@ def _normalize_function():
                 dbeta if need_beta else None,
                 None,
                 None,
+                None,
+                None,
             )
 
     return Normalize
 
 
-def _differentiable_backward(dy, d, gamma, dims, epsilon):
+def _differentiable_backward(dy, d, gamma, beta, dims, epsilon, activation):
     import torch
 
     n = d.numel() // d.shape[1]
@@ -188,6 +255,17 @@ def _differentiable_backward(dy, d, gamma, dims, epsilon):
     var = (centred * centred).sum(dim=dims, keepdim=True) / n
     invstd = torch.rsqrt(var + epsilon)
     xhat = centred * invstd
+    if activation is not None:
+        # dy * activation'(pre), with pre (and so the derivative) a
+        # differentiable function of d, gamma and beta.
+        pre = xhat if gamma is None else xhat * _per_feature(gamma, d)
+        if beta is not None:
+            pre = pre + _per_feature(beta, d)
+        if not pre.requires_grad:
+            pre = pre.detach().requires_grad_()
+        (dy,) = torch.autograd.grad(
+            _activate(pre, activation, False), pre, dy, create_graph=True
+        )
     dbeta = dy.sum(dim=dims)
     dgamma = (dy * xhat).sum(dim=dims)
     scale = invstd if gamma is None else invstd * _per_feature(gamma, d)
@@ -230,6 +308,7 @@ def training(x, params, spec):
             y = y * _per_feature(gamma, view)
         if beta is not None:
             y = y + _per_feature(beta, view)
+        y = _activate(y, spec.activation, False)
         return _restore(y, x, out_dtype), moving_mean, moving_variance
     # Each feature's first sample; its subtraction also promotes float16
     # and bfloat16 inputs to float32 in the same pass.
@@ -237,7 +316,10 @@ def training(x, params, spec):
         (view[0] if view.dim() == 2 else view[0, :, 0]).detach(), dtype
     )
     d = torch.sub(view, _per_feature(shift, view))
-    y, residual, var = _normalize().apply(d, gamma, beta, dims, epsilon)
+    keep_y = out_dtype == dtype
+    y, residual, var = _normalize().apply(
+        d, gamma, beta, dims, epsilon, spec.activation, keep_y
+    )
     # The Keras rule, moving * momentum + batch * (1 - momentum), in two
     # operations each; `residual` and `var` carry no gradient.
     mean = shift + residual
@@ -279,18 +361,28 @@ def inference(x, params, spec):
         y = torch.addcmul(
             _per_feature(offset, view), view, _per_feature(scale, view)
         )
+        y = _activate(y, spec.activation, not _recorded(x, gamma, beta))
         return _restore(y, x, out_dtype)
     # Subtract first: (x - mean) is of the order of the spread, where the
     # folded form would round at the size of x.
     centred = torch.sub(view, _per_feature(mean, view))
     # Without autograd recording, the centred buffer takes the outputs.
-    recorded = torch.is_grad_enabled() and (
+    recorded = _recorded(x, gamma, beta)
+    y = _scale_and_offset(centred, scale, beta, None if recorded else centred)
+    # In place where autograd records nothing (the buffer is this call's).
+    y = _activate(y, spec.activation, not recorded)
+    return _restore(y, x, out_dtype)
+
+
+def _recorded(x, gamma, beta):
+    """Whether autograd records operations on these (then nothing in place)."""
+    import torch
+
+    return torch.is_grad_enabled() and (
         x.requires_grad
         or (gamma is not None and gamma.requires_grad)
         or (beta is not None and beta.requires_grad)
     )
-    y = _scale_and_offset(centred, scale, beta, None if recorded else centred)
-    return _restore(y, x, out_dtype)
 
 
 def _scale_and_offset(centred, scale, beta, out):

@@ -227,3 +227,17 @@ def normalize(x, mean, var, gamma, beta, epsilon):
 def moving_average(moving, value, momentum):
     """`moving * momentum + value * (1 - momentum)`, the Keras update rule."""
     return moving * momentum + value * (1.0 - momentum)
+
+
+def activate(y, activation):
+    """`y` through the named activation (`_checks.ACTIVATIONS`), or `y` for None.
+
+    Keras' own definitions: `gelu` is the exact one (`erf`), as
+    `keras.activations.gelu` computes by default; `hard_silu` is
+    ``x * relu6(x + 3) / 6``.
+    """
+    if activation is None:
+        return y
+    if activation == "gelu":
+        return ops.gelu(y, approximate=False)
+    return getattr(ops, activation)(y)

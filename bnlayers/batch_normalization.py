@@ -37,8 +37,9 @@ _CONFIG_KEYS = (
     "gamma_regularizer beta_constraint gamma_constraint synchronized renorm "
     "renorm_clipping renorm_momentum virtual_batch_size fused replica_group_size"
 ).split()
-# (bnlayers' moving-statistics options, after the built-in's keys.)
-_CONFIG_KEYS += ["debias_moving_statistics"]
+# (bnlayers' moving-statistics options and fused activation, after the
+# built-in's keys.)
+_CONFIG_KEYS += ["debias_moving_statistics", "activation"]
 _SERIALIZERS = {
     "initializer": initializers.serialize,
     "regularizer": regularizers.serialize,
@@ -185,6 +186,19 @@ class BatchNormalization(keras.layers.Layer):
             saved and restored with them. False (default): Keras' rule.
             Which to pick when: [Training and
             inference](training-inference.md).
+        activation: None (default: the outputs are the normalized values,
+            as the built-in layer's) or the activation applied to them,
+            by its Keras name: `"relu"`, `"relu6"`, `"silu"` (also
+            `"swish"`), `"hard_silu"` (also `"hard_swish"`) or `"gelu"`
+            (Keras' exact one), or that `keras.activations` function.
+            The same as a `keras.layers.Activation` after the layer, in
+            one layer: on the fast path the activation is computed in
+            the same pass as the normalization, and its gradient for
+            `relu` and `relu6` comes from the outputs (nothing more is
+            stored); on every path it follows the affine, in the
+            statistics dtype, before the cast to the compute dtype.
+            `bnlayers.tools.fuse_activations` merges the pairs of an
+            existing model.
         **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
 
     Call arguments:
@@ -252,6 +266,7 @@ class BatchNormalization(keras.layers.Layer):
         fused: bool | None = None,
         replica_group_size: int | None = None,
         debias_moving_statistics: bool = False,
+        activation: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -286,6 +301,7 @@ class BatchNormalization(keras.layers.Layer):
         self.debias_moving_statistics = _checks.debias_moving_statistics(
             debias_moving_statistics
         )
+        self.activation = _checks.activation(activation)
         self.supports_masking = True
         # Variables once built (`build`); None before.
         self.gamma: Any = None
@@ -389,6 +405,8 @@ class BatchNormalization(keras.layers.Layer):
                 x, self.moving_mean, self.moving_variance, self.gamma, self.beta
             )
             outputs = _math.normalize(x, mean, var, gamma, beta, self.epsilon)
+        # After normalization on every path (ghost batches, renorm, masks).
+        outputs = _math.activate(outputs, self.activation)
         return ops.cast(outputs, self.compute_dtype)
 
     def _per_feature(self, x, *variables):
@@ -503,6 +521,7 @@ class BatchNormalization(keras.layers.Layer):
             # (Unused where a per-step momentum is given.)
             0.0 if self.momentum is None else self.momentum,
             self.compute_dtype,
+            self.activation,
         )
         if not use_batch_statistics:
             return _fused.inference(inputs, params, spec)

@@ -22,7 +22,11 @@ Run from the repository root:
     KERAS_BACKEND=jax python examples/benchmark_models.py --out /tmp/models-jax
     python examples/benchmark_models.py --quick              # a smoke test: seconds to a minute
 
-`--out PREFIX` writes PREFIX.md and PREFIX.json.
+`--out PREFIX` writes PREFIX.md and PREFIX.json. `--fuse-activations`
+adds a third contender: the bnlayers model with each BN layer and the
+activation layer after it merged into one layer
+(`bnlayers.fuse_activations`), its ratio against the built-in in a column
+of its own.
 """
 
 import argparse
@@ -46,8 +50,9 @@ MODELS = ("ResNet50", "DenseNet121", "MobileNetV3Small", "EfficientNetB0")
 QUICK = {"models": ("MobileNetV3Small",), "size": 32, "batch": 2, "rounds": 1}
 
 
-def model_pair(name, size, seed=0):
-    """{"bnlayers": model, "built-in": model}: the same weights, both compiled."""
+def model_pair(name, size, seed=0, fuse=False):
+    """{"bnlayers": model, "built-in": model}: the same weights, all compiled
+    (and "fused": BN layers with their activations, where `fuse`)."""
     import keras
 
     import bnlayers
@@ -60,17 +65,19 @@ def model_pair(name, size, seed=0):
         "bnlayers": bnlayers.swap_batchnorm(builtin, to="bnlayers"),
         "built-in": builtin,
     }
+    if fuse:
+        pair["fused"] = bnlayers.fuse_activations(pair["bnlayers"])
     for model in pair.values():
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     return pair
 
 
-def bench(name, size, batch, rounds, seed=0):
+def bench(name, size, batch, rounds, seed=0, fuse=False):
     """Rows of figures for one architecture: its train step and its predict step."""
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.0, 255.0, (batch, size, size, 3)).astype("float32")
     y = rng.integers(0, 10, batch)
-    pair = model_pair(name, size, seed)
+    pair = model_pair(name, size, seed, fuse)
     steps = {
         "train_on_batch": {
             k: (lambda m=m: m.train_on_batch(x, y)) for k, m in pair.items()
@@ -82,8 +89,16 @@ def bench(name, size, batch, rounds, seed=0):
     rows = []
     for step, contenders in steps.items():
         wall, cpu = interleaved(contenders, rounds)
+        fused = {}
+        if fuse:
+            fused = {
+                "fused_ms": 1e3 * statistics.median(wall["fused"]),
+                "ratio_fused": median_ratio(wall["fused"], wall["built-in"]),
+                "ratio_fused_cpu": median_ratio(cpu["fused"], cpu["built-in"]),
+            }
         rows.append(
-            {
+            fused
+            | {
                 "model": name,
                 "step": step,
                 "input": [batch, size, size, 3],
@@ -105,12 +120,24 @@ def markdown(report):
         "| model | step | input | built-in (ms) | bnlayers (ms) | ratio | ratio (CPU time) |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
+    fused = any("ratio_fused" in r for r in report["rows"])
+    if fused:
+        lines[-2] += (
+            " fused activations (ms) | ratio, fused | ratio, fused (CPU time) |"
+        )
+        lines[-1] += "---:|---:|---:|"
     for r in report["rows"]:
         shape = "x".join(map(str, r["input"]))
-        lines.append(
+        line = (
             f"| {r['model']} | {r['step']} | {shape} | {r['builtin_ms']:.1f} "
             f"| {r['bnlayers_ms']:.1f} | **{r['ratio']:.2f}** | {r['ratio_cpu']:.2f} |"
         )
+        if fused:
+            line += (
+                f" {r['fused_ms']:.1f} | **{r['ratio_fused']:.2f}** "
+                f"| {r['ratio_fused_cpu']:.2f} |"
+            )
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -134,6 +161,12 @@ def main(argv=None):
         "--quick",
         action="store_true",
         help="MobileNetV3Small at 32x32, batch 2, 1 round: checks that the script works",
+    )
+    parser.add_argument(
+        "--fuse-activations",
+        action="store_true",
+        help="also time the bnlayers model with BN and activations merged "
+        "(bnlayers.fuse_activations)",
     )
     parser.add_argument(
         "--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.json"
@@ -161,12 +194,18 @@ def main(argv=None):
     report = {"load_before": load_average(), "rounds": rounds, "rows": []}
     report["command"] = " ".join(command)
     for name in models:
-        for row in bench(name, size, batch, rounds):
+        for row in bench(name, size, batch, rounds, fuse=args.fuse_activations):
             report["rows"].append(row)
+            fused = (
+                f"; fused activations {row['fused_ms']:8.1f} ms, ratio "
+                f"{row['ratio_fused']:.2f} (CPU time {row['ratio_fused_cpu']:.2f})"
+                if "ratio_fused" in row
+                else ""
+            )
             print(
                 f"{name:>16} {row['step']:>16}: built-in {row['builtin_ms']:8.1f} ms, "
                 f"bnlayers {row['bnlayers_ms']:8.1f} ms, ratio {row['ratio']:.2f} "
-                f"(CPU time {row['ratio_cpu']:.2f})",
+                f"(CPU time {row['ratio_cpu']:.2f}){fused}",
                 flush=True,
             )
     import keras

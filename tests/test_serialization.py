@@ -67,6 +67,7 @@ def test_constructor_matches_the_builtin_argument_for_argument():
         "fused",
         "replica_group_size",
         "debias_moving_statistics",
+        "activation",
     ]
     assert any(p.kind == p.VAR_KEYWORD for p in ours.values())
 
@@ -80,6 +81,7 @@ def test_default_config_matches_the_builtin():
         "fused",
         "replica_group_size",
         "debias_moving_statistics",
+        "activation",
     }
 
 

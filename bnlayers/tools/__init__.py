@@ -12,6 +12,8 @@ and fvcore have tools for and Keras does not:
   layer computing a fixed multiply-add elsewhere.
 - `recalibrate(model, data)`: the moving statistics replaced by the exact
   population statistics over `data` (as fvcore's PreciseBN does).
+- `fuse_activations(model)`: a copy with each BN layer and the activation
+  layer after it merged into one `bnlayers.BatchNormalization(activation=...)`.
 - `freeze_batchnorm(model)`: every BN layer in inference mode and
   non-trainable, for fine-tuning.
 - `diagnose(model, x, y)`: how far each layer's moving statistics are
@@ -36,6 +38,7 @@ from bnlayers.tools.diagnosis import DiagnosisReport
 from bnlayers.tools.diagnosis import diagnose
 from bnlayers.tools.fold import fold_batchnorm
 from bnlayers.tools.freeze import freeze_batchnorm
+from bnlayers.tools.fuse import fuse_activations
 from bnlayers.tools.recalibration import recalibrate
 from bnlayers.tools.swap import swap_batchnorm
 
@@ -47,6 +50,7 @@ __all__ = [
     "diagnose",
     "fold_batchnorm",
     "freeze_batchnorm",
+    "fuse_activations",
     "recalibrate",
     "swap_batchnorm",
 ]

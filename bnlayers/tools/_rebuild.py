@@ -26,6 +26,9 @@ class Rebuilder:
     new model is built (a nested Sequential without an Input is only built
     when the outer model calls it). `skipped` holds the ids of layers to
     leave out of the graph (their input passes through unchanged).
+    `convert` may also return `(new_layer, weights, after)`: `after`, a
+    layer without weights, is then applied to `new_layer`'s output (a BN
+    with a fused activation written as BN then `Activation`).
     """
 
     def __init__(self, convert, function):
@@ -34,6 +37,7 @@ class Rebuilder:
         self.skipped = set()
         self.pending = []
         self.cache = {}
+        self.after = {}
 
     def rebuild(self, model):
         """The new model, built, with its weights, and marked as called (for `export`)."""
@@ -73,23 +77,35 @@ class Rebuilder:
                     f"layer {layer.name!r} of type {type(layer).__name__}: only Sequential "
                     "and Functional models can be rebuilt layer by layer."
                 )
-            new, weights = self.convert(layer)
+            new, weights, *after = self.convert(layer)
             self.pending.append((new, weights))
+            if after and after[0] is not None:
+                self.after[id(new)] = after[0]
         self.cache[id(layer)] = new
         return new
 
     def _call(self, layer, *args, **kwargs):
         if layer is SKIPPED:
             return args[0] if args else kwargs["inputs"]
-        if isinstance(layer, ChannelAffine):
-            # It stands in for a BN layer; the `training` and `mask` arguments
-            # that layer was called with mean nothing to a fixed multiply-add.
-            return layer(args[0] if args else kwargs["inputs"])
-        return layer(*args, **kwargs)
+        if isinstance(layer, (ChannelAffine, keras.layers.Activation)):
+            # It may stand in for a BN layer (an `Activation` for a BN with
+            # an activation folded into the layer before); the `training`
+            # and `mask` arguments that layer was called with mean nothing
+            # to a fixed multiply-add or an activation.
+            outputs = layer(args[0] if args else kwargs["inputs"])
+        else:
+            outputs = layer(*args, **kwargs)
+        after = self.after.get(id(layer))
+        return outputs if after is None else after(outputs)
 
     def _sequential(self, model):
-        new_layers = [self.layer(layer) for layer in model.layers]
-        new_layers = [layer for layer in new_layers if layer is not SKIPPED]
+        new_layers = []
+        for layer in model.layers:
+            new = self.layer(layer)
+            if new is not SKIPPED:
+                new_layers.append(new)
+            if id(new) in self.after:
+                new_layers.append(self.after[id(new)])
         first = internals.sequential_input(model)
         if first is not None:
             new_layers.insert(0, first)

@@ -17,6 +17,7 @@ from bnlayers.tools._common import to_numpy64
 from bnlayers.tools._rebuild import Rebuilder
 from bnlayers.tools._rebuild import copy_layer
 from bnlayers.tools.channel_affine import ChannelAffine
+from bnlayers.tools.swap import activation_after
 
 logger = logging.getLogger("bnlayers")
 
@@ -138,6 +139,12 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
        axis: it becomes a `bnlayers.tools.ChannelAffine`, which needs
        bnlayers to load.
 
+    A `bnlayers.BatchNormalization` with a fused `activation` is merged
+    into the layer before it (case 1) or kept (case 3), never carried
+    forward (the activation lies between); its activation stays, as a
+    `keras.layers.Activation` after the merged layer (named as the BN
+    layer) or after the kept one (named after it, with `_activation`).
+
     Which case each BN layer took, why a layer was not merged, and a
     summary per model, are logged at INFO level on the `"bnlayers"`
     logger (`logging.basicConfig(level=logging.INFO)` shows them).
@@ -177,8 +184,12 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
             return _merged(
                 layer, plan.preceding.get(key), plan.following.get(key)
             )
+        if key in plan.activations:
+            return keras.layers.Activation(
+                layer.activation, name=layer.name, dtype=layer.dtype_policy
+            ), []
         if is_batchnorm(layer):
-            return _fixed_affine(layer)
+            return _fixed_affine(layer) + (activation_after(layer),)
         return copy_layer(layer)
 
     rebuilder = Rebuilder(convert, "fold_batchnorm")
@@ -322,6 +333,9 @@ class _Plan:
         self.preceding = {}  # id(linear layer) -> (scale, offset) over its inputs
         self.merged = set()  # BN layers left out of the copy
         self.kept = set()  # BN layers that stay as a fixed multiply-add
+        # BN layers with a fused activation merged into the layer before:
+        # only their activation stays, as a Keras `Activation` layer.
+        self.activations = set()
 
 
 def _plan(model):
@@ -364,7 +378,10 @@ def _place(graph, bn, in_key, out_key, problem, usage, plan):
     backward = _problem_before(producer, bn, usage)
     if backward is None:
         plan.following[id(producer)] = bn
-        plan.merged.add(id(bn))
+        if getattr(bn, "activation", None) is None:
+            plan.merged.add(id(bn))
+        else:
+            plan.activations.add(id(bn))
         logger.info(
             "fold_batchnorm: %r merged into the preceding %r",
             bn.name,
@@ -373,6 +390,9 @@ def _place(graph, bn, in_key, out_key, problem, usage, plan):
         return "before"
     targets: list[tuple] = []
     passed: list[str] = []
+    if problem is None and getattr(bn, "activation", None) is not None:
+        # The activation follows the affine map: nothing carried past it.
+        problem = f"it has the activation {bn.activation!r}"
     forward = problem or _problem_forward(
         graph, bn, in_key, out_key, usage, targets, passed
     )

@@ -23,8 +23,9 @@ _BNLAYERS_ONLY_DEFAULTS = {
     "replica_group_size": None,
 }
 # `fused` only picks the kernel that computes the same result, so any value
-# carries over to the built-in (which picks its own kernel).
-_BNLAYERS_ONLY_DROPPED = ("fused",)
+# carries over to the built-in (which picks its own kernel); `activation`
+# becomes an `Activation` layer after the built-in one (`activation_after`).
+_BNLAYERS_ONLY_DROPPED = ("fused", "activation")
 # How the moving statistics are averaged: the built-in has neither option,
 # so it gets its own rule (and momentum) with the statistics as they are,
 # and a warning says so. The step counter is no weight of the built-in.
@@ -89,6 +90,17 @@ def _builtin_config(layer):
     return config
 
 
+def activation_after(layer):
+    """The `keras.layers.Activation` that computes `layer`'s fused
+    activation after a layer without one (None if it has none)."""
+    name = getattr(layer, "activation", None)
+    if name is None:
+        return None
+    return keras.layers.Activation(
+        name, name=f"{layer.name}_activation", dtype=layer.dtype_policy
+    )
+
+
 def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
     """Returns a copy of `model` in which every BN layer is the chosen implementation.
 
@@ -116,7 +128,9 @@ def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
 
     Converting to the built-in layer needs settings it can represent:
     `virtual_batch_size` must be None and `axis` a single axis (an int or a
-    list of one); `fused` only chooses bnlayers' kernel and is dropped.
+    list of one); `fused` only chooses bnlayers' kernel and is dropped. A
+    layer with a fused `activation` becomes the built-in layer followed by
+    a `keras.layers.Activation` (named after it, with `_activation`).
     Anything else raises a `ValueError` naming the layer. A layer with
     `debias_moving_statistics=True` or `momentum=None` converts with its
     moving statistics as they are (they hold the estimate) and a warning:
@@ -161,8 +175,10 @@ def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
                 "themselves, since a subclass may compute something else."
             )
         if isinstance(layer, BatchNormalization) and target is BUILTIN:
-            return target.from_config(_builtin_config(layer)), _builtin_weights(
-                layer
+            return (
+                target.from_config(_builtin_config(layer)),
+                _builtin_weights(layer),
+                activation_after(layer),
             )
         return target.from_config(layer.get_config()), layer.get_weights()
 
@@ -171,7 +187,7 @@ def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
     return new
 
 
-def _carry_optimizer_state(old, new):
+def _carry_optimizer_state(old, new, function="swap_batchnorm"):
     """Gives `new`'s optimizer the state of `old`'s, slot for slot; warns where it cannot."""
     optimizer = getattr(old, "optimizer", None) if old.compiled else None
     if optimizer is None or not optimizer.built:
@@ -191,7 +207,7 @@ def _carry_optimizer_state(old, new):
         reason = _assign_all(optimizer.variables, new.optimizer.variables)
     if reason is not None:
         warnings.warn(
-            f"swap_batchnorm could not carry the optimizer state of model {old.name!r} "
+            f"{function} could not carry the optimizer state of model {old.name!r} "
             f"over to the copy ({reason}); the copy's {type(new.optimizer).__name__} "
             "starts afresh (step 0, no moments), so training the copy does not continue "
             "where the original left off.",
