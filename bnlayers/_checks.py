@@ -5,10 +5,18 @@ of ints, a copy of a dict), or raises a `TypeError` or `ValueError` that
 names the argument and the value, in Keras' "Received: arg=value" style.
 Checks that need the inputs (the axes' range for their rank, a mask's
 shape) are `_geometry`'s, made when the layer is built or called.
+`resolve` runs them all, in the constructor's order; `config` writes the
+resolved values back as `get_config` does.
 """
 
 import numbers
 from typing import Any
+
+from keras import constraints
+from keras import initializers
+from keras import regularizers
+
+from bnlayers import _sync
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
@@ -202,3 +210,68 @@ def activation(value: Any) -> str | None:
             f"activation function). Received: activation={value!r}"
         )
     return name
+
+
+# ---------------------------------------------------------------- the config
+# `get_config`'s keys, in the order the built-in writes its own, then
+# bnlayers' own options; and how the arguments that Keras resolves to
+# objects are written.
+CONFIG_KEYS = (
+    "axis momentum epsilon center scale beta_initializer gamma_initializer "
+    "moving_mean_initializer moving_variance_initializer beta_regularizer "
+    "gamma_regularizer beta_constraint gamma_constraint synchronized renorm "
+    "renorm_clipping renorm_momentum virtual_batch_size fused replica_group_size "
+    "debias_moving_statistics activation"
+).split()
+_KINDS = {
+    "initializer": (initializers.get, initializers.serialize),
+    "regularizer": (regularizers.get, regularizers.serialize),
+    "constraint": (constraints.get, constraints.serialize),
+}
+
+
+def _kind(name: str) -> tuple[Any, Any] | None:
+    return _KINDS.get(name.rsplit("_", 1)[-1])
+
+
+def resolve(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The constructor's `arguments` (by name, every key of `CONFIG_KEYS`),
+    checked and resolved, in the order the checks raise."""
+    a = arguments
+    resolved: dict[str, Any] = {
+        "axis": axis(a["axis"]),
+        "momentum": momentum(a["momentum"]),
+        "epsilon": epsilon(a["epsilon"]),
+        "center": bool(a["center"]),
+        "scale": bool(a["scale"]),
+    }
+    for name in CONFIG_KEYS:
+        kind = _kind(name)
+        if kind is not None:
+            resolved[name] = kind[0](a[name])
+    renorm = resolved["renorm"] = bool(a["renorm"])
+    resolved["renorm_clipping"] = renorm_clipping(a["renorm_clipping"], renorm)
+    resolved["renorm_momentum"] = renorm_momentum(a["renorm_momentum"])
+    synced = resolved["synchronized"] = bool(a["synchronized"])
+    resolved["virtual_batch_size"] = virtual_batch_size(
+        a["virtual_batch_size"], renorm, synced
+    )
+    resolved["fused"] = fused(a["fused"])
+    resolved["replica_group_size"] = _sync.check_replica_group_size(
+        a["replica_group_size"], synced
+    )
+    resolved["debias_moving_statistics"] = debias_moving_statistics(
+        a["debias_moving_statistics"]
+    )
+    resolved["activation"] = activation(a["activation"])
+    return resolved
+
+
+def config(layer: Any) -> dict[str, Any]:
+    """`layer`'s resolved arguments as `get_config` writes them."""
+    written = {}
+    for name in CONFIG_KEYS:
+        kind = _kind(name)
+        value = getattr(layer, name)
+        written[name] = value if kind is None else kind[1](value)
+    return written

@@ -331,6 +331,21 @@ def _merged_count(x, dtype):
     return tf.cast(tf.maximum(n, 1), dtype)
 
 
+def _updated_moving(x, *pairs, momentum):
+    """The new `(moving, batch)` statistics of each pair by the Keras rule.
+
+    In the compiled step rather than in a dozen small ops outside; an empty
+    batch `x` leaves the moving statistics as they are.
+    """
+    import tensorflow as tf
+
+    counted = tf.size(x) > 0
+    return [
+        tf.where(counted, _math.moving_average(moving, batch, momentum), moving)
+        for moving, batch in pairs
+    ]
+
+
 @functools.cache
 def _compiled_training():
     """`forward` and `backward`, XLA-compiled, traced once per input signature."""
@@ -369,17 +384,11 @@ def _compiled_training():
         y = centred * _per_feature(
             tf.math.rsqrt(var + epsilon) * gamma, x
         ) + _per_feature(beta, x)
-        # The Keras update rule, here rather than in a dozen small ops
-        # outside; an empty batch leaves the moving statistics as they are.
-        mean = shift + residual
-        counted = tf.size(x) > 0
-        new_mean = tf.where(
-            counted,
-            _math.moving_average(moving_mean, mean, momentum),
-            moving_mean,
-        )
-        new_var = tf.where(
-            counted, _math.moving_average(moving_var, var, momentum), moving_var
+        new_mean, new_var = _updated_moving(
+            x,
+            (moving_mean, shift + residual),
+            (moving_var, var),
+            momentum=momentum,
         )
         y = tf.reshape(tf.cast(_activate(y, activation), out_dtype), shape)
         return y, shift, residual, var, new_mean, new_var

@@ -196,7 +196,7 @@ def _normalize_function():
 
         @staticmethod
         def backward(ctx, dy, _dresidual, _dvar):
-            d, gamma, beta, residual, invstd, y = ctx.saved_tensors
+            d, gamma, beta, *_ = ctx.saved_tensors
             need_d, need_gamma, need_beta = ctx.needs_input_grad[:3]
             activation = ctx.activation
             if torch.is_grad_enabled():
@@ -208,30 +208,8 @@ def _normalize_function():
                     dy, d, gamma, beta, ctx.dims, ctx.epsilon, activation
                 )
             else:
-                if activation is not None:
-                    pre = None
-                    if y is None:
-                        pre = _scale_and_offset(
-                            d - _per_feature(residual, d),
-                            invstd if gamma is None else invstd * gamma,
-                            beta,
-                            None,
-                        )
-                    dy = _activation_backward(dy, y, pre, activation)
-                # The kernel forms (d - residual) * invstd itself,
-                # subtract-first; its float32 sums of dy and dy * xhat
-                # stay well within the gradients' tolerance.
-                dd, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
-                    dy.contiguous(),
-                    d,
-                    gamma,
-                    None,
-                    None,
-                    residual,
-                    invstd,
-                    True,
-                    ctx.epsilon,
-                    [need_d, need_gamma, need_beta],
+                dd, dgamma, dbeta = _kernel_backward(
+                    ctx, dy, (need_d, need_gamma, need_beta)
                 )
             return (
                 dd if need_d else None,
@@ -244,6 +222,39 @@ def _normalize_function():
             )
 
     return Normalize
+
+
+def _kernel_backward(ctx, dy, needs):
+    """`Normalize`'s backward without a graph: the activation's derivative,
+    then PyTorch's batch-norm backward kernel on the saved tensors."""
+    import torch
+
+    d, gamma, beta, residual, invstd, y = ctx.saved_tensors
+    if ctx.activation is not None:
+        pre = None
+        if y is None:
+            pre = _scale_and_offset(
+                d - _per_feature(residual, d),
+                invstd if gamma is None else invstd * gamma,
+                beta,
+                None,
+            )
+        dy = _activation_backward(dy, y, pre, ctx.activation)
+    # The kernel forms (d - residual) * invstd itself, subtract-first; its
+    # float32 sums of dy and dy * xhat stay well within the gradients'
+    # tolerance.
+    return torch.ops.aten.native_batch_norm_backward(
+        dy.contiguous(),
+        d,
+        gamma,
+        None,
+        None,
+        residual,
+        invstd,
+        True,
+        ctx.epsilon,
+        list(needs),
+    )
 
 
 def _differentiable_backward(dy, d, gamma, beta, dims, epsilon, activation):

@@ -8,10 +8,7 @@ from typing import TypeAlias
 
 import keras
 from keras import backend
-from keras import constraints
-from keras import initializers
 from keras import ops
-from keras import regularizers
 
 from bnlayers import _checks
 from bnlayers import _fused
@@ -21,30 +18,13 @@ from bnlayers import _math
 from bnlayers import _moving
 from bnlayers import _renorm
 from bnlayers import _sync
+from bnlayers import _weights
 
 # What the constructor takes for each, as `keras.initializers.get` and the
 # like do: a name, a config dict, or an instance.
 Initializer: TypeAlias = "str | dict[str, Any] | keras.initializers.Initializer"
 Regularizer: TypeAlias = "str | dict[str, Any] | keras.regularizers.Regularizer"
 Constraint: TypeAlias = "str | dict[str, Any] | keras.constraints.Constraint"
-
-
-# `get_config`'s keys, in the order the built-in writes its own, and how
-# the arguments that Keras resolves to objects are written.
-_CONFIG_KEYS = (
-    "axis momentum epsilon center scale beta_initializer gamma_initializer "
-    "moving_mean_initializer moving_variance_initializer beta_regularizer "
-    "gamma_regularizer beta_constraint gamma_constraint synchronized renorm "
-    "renorm_clipping renorm_momentum virtual_batch_size fused replica_group_size"
-).split()
-# (bnlayers' moving-statistics options and fused activation, after the
-# built-in's keys.)
-_CONFIG_KEYS += ["debias_moving_statistics", "activation"]
-_SERIALIZERS = {
-    "initializer": initializers.serialize,
-    "regularizer": regularizers.serialize,
-    "constraint": constraints.serialize,
-}
 
 
 @keras.saving.register_keras_serializable(package="bnlayers")
@@ -270,45 +250,19 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.axis = _checks.axis(axis)
-        self.momentum = _checks.momentum(momentum)
-        self.epsilon = _checks.epsilon(epsilon)
-        self.center = bool(center)
-        self.scale = bool(scale)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(
-            moving_variance_initializer
-        )
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
-        self.renorm = bool(renorm)
-        self.renorm_clipping = _checks.renorm_clipping(
-            renorm_clipping, self.renorm
-        )
-        self.renorm_momentum = _checks.renorm_momentum(renorm_momentum)
-        self.synchronized = bool(synchronized)
-        self.virtual_batch_size = _checks.virtual_batch_size(
-            virtual_batch_size, self.renorm, self.synchronized
-        )
-        self.fused = _checks.fused(fused)
-        self.replica_group_size = _sync.check_replica_group_size(
-            replica_group_size, self.synchronized
-        )
-        self.debias_moving_statistics = _checks.debias_moving_statistics(
-            debias_moving_statistics
-        )
-        self.activation = _checks.activation(activation)
+        arguments = {
+            k: v for k, v in locals().items() if k in _checks.CONFIG_KEYS
+        }
+        # Every argument checked and resolved, as an attribute of its name.
+        for name, value in _checks.resolve(arguments).items():
+            setattr(self, name, value)
         self.supports_masking = True
         # Variables once built (`build`); None before.
         self.gamma: Any = None
         self.beta: Any = None
         self.moving_mean: Any = None
         self.moving_variance: Any = None
-        # Built only where an option averages by step (`_counts_steps`).
+        # Built only where an option averages by step (`_moving.counts_steps`).
         self.moving_count: Any = None
         self._feature_axes: list[int] = []
         self._reduction_axes: list[int] = []
@@ -322,49 +276,7 @@ class BatchNormalization(keras.layers.Layer):
             self._feature_axes, ndim
         )
         shape = tuple(input_shape[a] for a in self._feature_axes)
-
-        def weight(name, initializer, trainable=False, **kwargs):
-            return self.add_weight(
-                shape=shape,
-                name=name,
-                initializer=initializer,
-                trainable=trainable,
-                autocast=False,
-                **kwargs,
-            )
-
-        def trained(name):
-            # gamma and beta: learned, with their own regularizer and constraint.
-            return weight(
-                name,
-                getattr(self, f"{name}_initializer"),
-                trainable=True,
-                regularizer=getattr(self, f"{name}_regularizer"),
-                constraint=getattr(self, f"{name}_constraint"),
-            )
-
-        # In the built-in's order, which `get_weights` and files follow.
-        if self.scale:
-            self.gamma = trained("gamma")
-        if self.center:
-            self.beta = trained("beta")
-        self.moving_mean = weight("moving_mean", self.moving_mean_initializer)
-        self.moving_variance = weight(
-            "moving_variance", self.moving_variance_initializer
-        )
-        if self.renorm:
-            stddev_initializer = _renorm.stddev_initializer(
-                self.moving_variance_initializer
-            )
-            self.moving_stddev = weight("moving_stddev", stddev_initializer)
-            self.renorm_mean = weight(
-                "renorm_mean",
-                _renorm.clone_initializer(self.moving_mean_initializer),
-            )
-            self.renorm_stddev = weight("renorm_stddev", stddev_initializer)
-        if self._counts_steps():
-            # Last, so that the weights before it are the built-in's list.
-            self.moving_count = weight("moving_count", "zeros")
+        _weights.create(self, shape)
         self.input_spec = keras.layers.InputSpec(
             ndim=ndim, axes={a: input_shape[a] for a in self._feature_axes}
         )
@@ -433,58 +345,71 @@ class BatchNormalization(keras.layers.Layer):
                 self.epsilon,
             )
         else:
-            synced = (
-                _sync.synchronized_moments(
-                    x, self._reduction_axes, mask, self.replica_group_size
-                )
-                if self.synchronized
-                else None
+            outputs, count, mean, var = self._batch_normalize(
+                x, mask, gamma, beta
             )
-            if synced is None:
-                count, shift, residual, m2 = _math.shifted_moments(
-                    x, self._reduction_axes, mask
-                )
-                moving = None
-            else:
-                count, shift, residual, m2, moving = synced
-            mean = shift + residual
-            var = _math.variance(count, m2)
-            if self.renorm:
-                # Read before `_update_renorm_statistics` assigns them.
-                renorm_mean, renorm_stddev = self._per_feature(
-                    x, self.renorm_mean, self.renorm_stddev
-                )
-                r, d = _renorm.correction(
-                    mean,
-                    var,
-                    renorm_mean,
-                    renorm_stddev,
-                    self.epsilon,
-                    self.renorm_clipping,
-                )
-                gamma, beta = _renorm.fold(r, d, gamma, beta)
-            # The residual is the part of the mean a float32 shift cannot
-            # hold; subtracting the two in turn keeps it (see _math).
-            outputs = _math.normalize(
-                x - shift, residual, var, gamma, beta, self.epsilon
+        self._update_moving_statistics(count, mean, var)
+        return outputs
+
+    def _batch_normalize(self, x, mask, gamma, beta):
+        """`(outputs, count, mean, var)` of one batch (across replicas when
+        synchronized), with renorm's correction; the statistics returned
+        are those the moving ones average in."""
+        synced = (
+            _sync.synchronized_moments(
+                x, self._reduction_axes, mask, self.replica_group_size
             )
-            # With replica groups the moving statistics pool the groups'.
-            if moving is not None:
-                count, mean, var = moving
+            if self.synchronized
+            else None
+        )
+        if synced is None:
+            count, shift, residual, m2 = _math.shifted_moments(
+                x, self._reduction_axes, mask
+            )
+            moving = None
+        else:
+            count, shift, residual, m2, moving = synced
+        mean = shift + residual
+        var = _math.variance(count, m2)
+        if self.renorm:
+            # Read before `_moving.update_renorm` assigns them.
+            renorm_mean, renorm_stddev = self._per_feature(
+                x, self.renorm_mean, self.renorm_stddev
+            )
+            r, d = _renorm.correction(
+                mean,
+                var,
+                renorm_mean,
+                renorm_stddev,
+                self.epsilon,
+                self.renorm_clipping,
+            )
+            gamma, beta = _renorm.fold(r, d, gamma, beta)
+        # The residual is the part of the mean a float32 shift cannot hold;
+        # subtracting the two in turn keeps it (see _math).
+        outputs = _math.normalize(
+            x - shift, residual, var, gamma, beta, self.epsilon
+        )
+        # With replica groups the moving statistics pool the groups'.
+        if moving is not None:
+            count, mean, var = moving
+        return outputs, count, mean, var
+
+    def _update_moving_statistics(self, count, mean, var):
+        """Average the batch statistics into the moving ones (reference path)."""
         momentum, renorm_momentum, steps = self._step_momenta()
         if self.renorm:
-            self._update_renorm_statistics(
-                count, mean, var, momentum, renorm_momentum
+            _moving.update_renorm(
+                self, count, mean, var, momentum, renorm_momentum
             )
         else:
-            self._update_moving(
+            _moving.update(
                 count,
                 (self.moving_mean, mean, momentum),
                 (self.moving_variance, var, momentum),
             )
         if steps is not None:
-            self._count_step(count, steps)
-        return outputs
+            _moving.count_step(self.moving_count, count, steps)
 
     def _fast_path(self, inputs, mask):
         """The backend whose fast path takes this call (see `_fused`), or None."""
@@ -526,7 +451,7 @@ class BatchNormalization(keras.layers.Layer):
         if not use_batch_statistics:
             return _fused.inference(inputs, params, spec)
         outputs, new_mean, new_var = _fused.training(inputs, params, spec)
-        self._update_moving(
+        _moving.update(
             None,
             (self.moving_mean, new_mean, None),
             (self.moving_variance, new_var, None),
@@ -534,116 +459,20 @@ class BatchNormalization(keras.layers.Layer):
         if per_step:
             # The fast path takes one feature axis and no mask: every
             # feature counts the batch unless it is empty.
-            self._count_step(ops.size(inputs), steps)
+            _moving.count_step(self.moving_count, ops.size(inputs), steps)
         return outputs
 
-    # ---- moving statistics averaged by step (debias_moving_statistics,
-    # momentum=None); see `_moving`.
-
-    def _counts_steps(self):
-        """Whether the moving averages' weights depend on the step count."""
-        return self.momentum is None or self.debias_moving_statistics
-
     def _step_momenta(self):
-        """This step's `(momentum, renorm_momentum, steps)`.
-
-        The layer's own floats and None where no option counts steps; else
-        per-feature tensors and the count `steps` of this step (the counter
-        plus one), which `_count_step` stores.
-        """
-        if not self._counts_steps():
-            return self.momentum, self.renorm_momentum, None
-        if self.moving_count is None:
-            raise ValueError(
-                f"Layer {self.name!r} was built without a step counter, which "
-                "`momentum=None` and `debias_moving_statistics=True` need: set "
-                "them in the constructor, not after the layer is built. "
-                f"Received: momentum={self.momentum!r}, "
-                f"debias_moving_statistics={self.debias_moving_statistics!r}"
-            )
-        steps = ops.convert_to_tensor(self.moving_count) + 1.0
-        momentum = _moving.step_momentum(self.momentum, steps)
-        renorm_momentum = None
-        if self.renorm:
-            renorm_momentum = self.renorm_momentum
-            if self.debias_moving_statistics:
-                renorm_momentum = _moving.step_momentum(renorm_momentum, steps)
-        return momentum, renorm_momentum, steps
-
-    def _count_step(self, count, steps):
-        """The counter takes `steps` where `count` (per feature, or one
-        number for all) is positive: an empty or fully masked batch is no
-        step."""
-        counted = ops.convert_to_tensor(count) > 0
-        shape = self.moving_count.shape
-        if len(counted.shape):
-            counted = ops.reshape(counted, shape)
-        else:
-            counted = ops.broadcast_to(counted, shape)
-        self.moving_count.assign(
-            ops.where(counted, steps, ops.convert_to_tensor(self.moving_count))
+        """This step's `(momentum, renorm_momentum, steps)` (`_moving.step_momenta`)."""
+        return _moving.step_momenta(
+            self.name,
+            self.momentum,
+            self.renorm_momentum if self.renorm else None,
+            self.debias_moving_statistics,
+            self.moving_count,
         )
-
-    # ---- (end of the averages by step)
-
-    def _update_moving(self, count, *updates):
-        """The one update of the moving statistics, for every path.
-
-        Each update is `(variable, value, momentum)`: `value` is a batch
-        statistic, averaged in by the Keras rule (`_math.moving_average`)
-        with `momentum` (a float, or a per-feature tensor: the per-step
-        momentum of `_step_momenta`), or with momentum None the new moving
-        value itself, as the fast path's fused loops average it (with
-        `Parameters.momentum` or `Spec.momentum`). Where `count` (per
-        feature) is 0, a fully masked or empty batch, the variable keeps
-        its value; None: the caller applied that rule. Returns the averaged
-        values, before the `count` rule.
-        """
-        counted = None
-        averaged = []
-        for variable, value, momentum in updates:
-            if tuple(value.shape) != tuple(variable.shape):
-                value = ops.reshape(value, variable.shape)
-            if momentum is not None or count is not None:
-                current = ops.cast(variable, value.dtype)
-            if momentum is not None:
-                if not isinstance(momentum, float):
-                    momentum = ops.reshape(
-                        ops.cast(momentum, value.dtype), variable.shape
-                    )
-                value = _math.moving_average(current, value, momentum)
-            averaged.append(value)
-            if count is not None:
-                if counted is None:
-                    # Counts are per feature on every path.
-                    counted = ops.reshape(count > 0, variable.shape)
-                value = ops.where(counted, value, current)
-            # (A cast of the same dtype still costs a Keras op per call.)
-            if backend.standardize_dtype(value.dtype) != variable.dtype:
-                value = ops.cast(value, variable.dtype)
-            variable.assign(value)
-        return averaged
-
-    def _update_renorm_statistics(
-        self, count, mean, var, momentum, renorm_momentum
-    ):
-        """Renorm's statistics: means and standard deviations, each at its momentum."""
-        stddev = _renorm.stddev(var, self.epsilon)
-        *_, moving_stddev = self._update_moving(
-            count,
-            (self.renorm_mean, mean, renorm_momentum),
-            (self.renorm_stddev, stddev, renorm_momentum),
-            (self.moving_mean, mean, momentum),
-            (self.moving_stddev, stddev, momentum),
-        )
-        # The inference variance follows the moving stddev.
-        variance = _renorm.variance(moving_stddev, self.epsilon)
-        self._update_moving(count, (self.moving_variance, variance, None))
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        for name in _CONFIG_KEYS:
-            serialize = _SERIALIZERS.get(name.rsplit("_", 1)[-1])
-            value = getattr(self, name)
-            config[name] = value if serialize is None else serialize(value)
+        config.update(_checks.config(self))
         return config

@@ -1,6 +1,7 @@
 """`fold_batchnorm`: an inference-only copy with BN merged into adjacent linear layers."""
 
 import collections
+import functools
 import logging
 
 import keras
@@ -83,80 +84,53 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     epsilon)` and `offset = beta - moving_mean * scale`. This function
     removes that work from the model, trying for each BN layer in turn:
 
-    1. **Into the layer before.** A BN layer that directly follows a
-       `Dense`, `Conv1D`, `Conv2D`, `Conv3D`, `DepthwiseConv1D`,
-       `DepthwiseConv2D`, `SeparableConv1D` or `SeparableConv2D` layer with
-       a linear activation, normalizes that layer's channel axis (last for
-       `channels_last`, 1 for `channels_first`), and is the only consumer
-       of its output, is merged into that layer's kernel and bias (a bias
-       is added if it had none).
+    1. **Into the layer before.** A BN layer that is the only consumer of
+       the output of a `Dense`, `Conv1D/2D/3D`, `DepthwiseConv1D/2D` or
+       `SeparableConv1D/2D` layer with a linear activation, and normalizes
+       its channel axis (last for `channels_last`, 1 for
+       `channels_first`), is merged into its kernel and bias (a bias is
+       added if it had none).
     2. **Into the layers after, through what lies between.** Otherwise the
        affine map is carried forward, along every path its output takes,
-       through layers that commute with it, to a `Dense` layer or a
-       convolution of one of the types above (a `Conv` with `groups=1`),
-       where it is merged into the kernel (each input channel's slice
-       times its scale) and the bias (the offsets passed through the
-       kernel). The layers it
-       passes through, at inference:
-
-       - identities: `Dropout`, `SpatialDropout1D/2D/3D`, `GaussianNoise`,
-         `GaussianDropout`, `AlphaDropout`, `Identity`, `Activation` with a
-         linear activation, and `ActivityRegularization` without a penalty
-         (a penalty would be computed on other values, and `evaluate`
-         reports it);
-       - `AveragePooling1D/2D/3D` and `GlobalAveragePooling1D/2D/3D`, any
-         padding (Keras averages only the real values of each window);
-       - `MaxPooling1D/2D/3D` and `GlobalMaxPooling1D/2D/3D` where every
-         channel's scale is >= 0 (a negative scale turns a maximum into a
-         minimum);
-       - `Cropping1D/2D/3D` and `UpSampling1D/2D/3D` (nearest or bilinear);
-       - `ZeroPadding1D/2D/3D` only where every offset is 0, which keeps
-         the padded zeros at 0;
-       - `Flatten`, `Reshape`, `Permute` and `RepeatVector`, which move each
-         value's scale and offset with it (after a `Flatten`, the following
-         `Dense` takes the scale and offset of the row each input comes
-         from);
-
-       all with the map varying along the channel axis only, where they
-       pool or pad. A convolution with `padding="same"` or `"causal"` takes the
-       map only where every offset is 0: its padded zeros would otherwise
-       be shifted too. The whole forward move is made only where every
-       path allows it; a BN output that is also a model output, or that
-       reaches any other layer (a `ReLU`, an `Add`, a `Concatenate`, ...),
-       stays.
+       through layers that commute with it, to a layer of those types (a
+       `Conv` with `groups=1`), where it is merged into the kernel (each
+       input channel's slice times its scale) and the bias (the offsets
+       passed through the kernel). It passes, at inference, through
+       identities (dropout and noise layers, `Identity`, a linear
+       `Activation`, `ActivityRegularization` without a penalty), average
+       pooling, max pooling where every scale is >= 0, cropping,
+       upsampling, zero padding where every offset is 0, and `Flatten`,
+       `Reshape`, `Permute`, `RepeatVector`; pooling and padding need a
+       map that varies along the channel axis only. A convolution with
+       `padding="same"` or `"causal"` takes the map only where every
+       offset is 0. Each condition is in
+       [Whole-model tools](tools.md#fold_batchnorm-bn-gone-for-inference).
+       The move is made only where every path allows it; a BN output that
+       is also a model output, or that reaches any other layer (a `ReLU`,
+       an `Add`, a `Concatenate`, ...), stays.
     3. **Kept.** Every other BN layer (one followed by a `ReLU`, as in
        pre-activation ResNets, or one after a `Concatenate`, as in
-       DenseNet) becomes a `keras.layers.BatchNormalization` that only
-       computes `x * scale + offset`: `gamma = scale`, `beta = offset`,
-       `moving_mean = 0`, and `moving_variance = 1 - epsilon` rounded so
-       that `moving_variance + epsilon` is exactly 1, frozen
-       (`trainable=False`, so training mode runs the same computation).
-       On every backend Keras computes that as `x * gamma + beta`, the
-       very arithmetic of the multiply-add, so the folded model needs only
-       Keras wherever it is loaded, and exporters and converters see a
-       layer they all know. A `bnlayers.BatchNormalization` normalizing
-       several axes cannot be written as Keras' layer, which takes one
-       axis: it becomes a `bnlayers.tools.ChannelAffine`, which needs
-       bnlayers to load.
+       DenseNet) becomes a frozen `keras.layers.BatchNormalization`
+       computing exactly `x * scale + offset` (`gamma = scale`,
+       `beta = offset`, `moving_mean = 0`, and `moving_variance + epsilon`
+       exactly 1), so the folded model needs only Keras to load, and
+       exporters see a layer they all know. A `bnlayers.BatchNormalization`
+       over several axes becomes a `bnlayers.tools.ChannelAffine`, which
+       needs bnlayers to load.
 
     A `bnlayers.BatchNormalization` with a fused `activation` is merged
     into the layer before it (case 1) or kept (case 3), never carried
-    forward (the activation lies between); its activation stays, as a
-    `keras.layers.Activation` after the merged layer (named as the BN
-    layer) or after the kept one (named after it, with `_activation`).
-
-    Which case each BN layer took, why a layer was not merged, and a
-    summary per model, are logged at INFO level on the `"bnlayers"`
-    logger (`logging.basicConfig(level=logging.INFO)` shows them).
+    forward; its activation stays, as a `keras.layers.Activation` after
+    the merged layer (named as the BN layer) or after the kept one (named
+    after it, with `_activation`). Which case each BN layer took, and why,
+    is logged at INFO level on the `"bnlayers"` logger.
 
     The folding is computed in float64 and rounded once, so the copy
     predicts what the original predicts in inference mode within float32
-    rounding. The original model is left as it was. The copy comes back
-    built and ready for `copy.export(path, format=...)` in every format
-    (Keras' export otherwise refuses a model that was never called). It is
-    meant for `predict` and export; if the original was compiled the copy
-    is compiled with the same settings so that `evaluate` works too.
-    Training it would not train batch normalization, which is gone.
+    rounding; the original is left as it was. The copy comes back built,
+    ready for `predict` and `copy.export(path, format=...)` in every
+    format, and compiled as the original was, so that `evaluate` works;
+    training it would not train batch normalization, which is gone.
 
     ```python
     fast = bnlayers.fold_batchnorm(model)
@@ -177,24 +151,25 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     check_rebuildable(model, "fold_batchnorm")
     check_built(model, "fold_batchnorm")
     plan = _plan(model)
-
-    def convert(layer):
-        key = id(layer)
-        if key in plan.following or key in plan.preceding:
-            return _merged(
-                layer, plan.preceding.get(key), plan.following.get(key)
-            )
-        if key in plan.activations:
-            return keras.layers.Activation(
-                layer.activation, name=layer.name, dtype=layer.dtype_policy
-            ), []
-        if is_batchnorm(layer):
-            return _fixed_affine(layer) + (activation_after(layer),)
-        return copy_layer(layer)
-
-    rebuilder = Rebuilder(convert, "fold_batchnorm")
+    rebuilder = Rebuilder(
+        functools.partial(_convert, plan=plan), "fold_batchnorm"
+    )
     rebuilder.skipped = plan.merged
     return rebuilder.rebuild(model)
+
+
+def _convert(layer, plan):
+    """`layer` for the folded copy, as `plan` decided."""
+    key = id(layer)
+    if key in plan.following or key in plan.preceding:
+        return _merged(layer, plan.preceding.get(key), plan.following.get(key))
+    if key in plan.activations:
+        return keras.layers.Activation(
+            layer.activation, name=layer.name, dtype=layer.dtype_policy
+        ), []
+    if is_batchnorm(layer):
+        return _fixed_affine(layer) + (activation_after(layer),)
+    return copy_layer(layer)
 
 
 def _fixed_affine(bn):
@@ -342,17 +317,7 @@ def _plan(model):
     """Decides, for each BN call, where its affine map goes, and logs why."""
     usage = _graph_usage(model)
     plan = _Plan()
-    graphs = [model] + [
-        sub
-        for sub in internals.sublayers(model)
-        if internals.is_graph_model(sub)
-    ]
-    for m in graphs:
-        graph = (
-            _SequentialGraph(m)
-            if isinstance(m, keras.Sequential)
-            else _FunctionalGraph(m)
-        )
+    for graph in graphs(model):
         outcomes = collections.defaultdict(list)
         for bn, in_key, out_key, problem in graph.bn_calls():
             outcome = _place(graph, bn, in_key, out_key, problem, usage, plan)
@@ -362,7 +327,7 @@ def _plan(model):
             logger.info(
                 "fold_batchnorm: model %r: %d BN layers, %d merged into the layer "
                 "before, %d into the layers after, %d kept as multiply-adds%s",
-                m.name,
+                graph.model.name,
                 sum(len(v) for v in outcomes.values()),
                 len(outcomes["before"]),
                 len(outcomes["after"]),
@@ -419,10 +384,27 @@ def _place(graph, bn, in_key, out_key, problem, usage, plan):
     return "kept"
 
 
+def graphs(model):
+    """The graphs of `model` and of the Sequential or Functional models
+    nested in it, each as a `_SequentialGraph` or `_FunctionalGraph`."""
+    models = [model] + [
+        sub
+        for sub in internals.sublayers(model)
+        if internals.is_graph_model(sub)
+    ]
+    return [
+        _SequentialGraph(m)
+        if isinstance(m, keras.Sequential)
+        else _FunctionalGraph(m)
+        for m in models
+    ]
+
+
 class _SequentialGraph:
     """A Sequential model's layers as a graph; a key is a layer's index (its output)."""
 
     def __init__(self, model):
+        self.model = model
         self.layers = list(model.layers)
 
     def bn_calls(self):
@@ -455,6 +437,7 @@ class _FunctionalGraph:
     """A Functional model's own graph; a key is the id of a symbolic tensor."""
 
     def __init__(self, model):
+        self.model = model
         self.nodes = internals.graph_nodes(model)
         self.readers = collections.defaultdict(list)
         self.tensors = {}

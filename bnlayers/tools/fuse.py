@@ -6,16 +6,14 @@ import keras
 
 from bnlayers import _checks
 from bnlayers.batch_normalization import BatchNormalization
-from bnlayers.tools import _keras_internals as internals
 from bnlayers.tools._common import BATCHNORM_CLASSES
 from bnlayers.tools._common import check_built
 from bnlayers.tools._common import check_model
 from bnlayers.tools._common import check_rebuildable
 from bnlayers.tools._rebuild import Rebuilder
 from bnlayers.tools._rebuild import copy_layer
-from bnlayers.tools.fold import _FunctionalGraph
 from bnlayers.tools.fold import _graph_usage
-from bnlayers.tools.fold import _SequentialGraph
+from bnlayers.tools.fold import graphs
 from bnlayers.tools.swap import _carry_optimizer_state
 
 logger = logging.getLogger("bnlayers")
@@ -118,17 +116,7 @@ def _pairs(model):
     """The BN layers to merge with the activation after them, and why not elsewhere."""
     usage = _graph_usage(model)
     pairs = _Pairs()
-    graphs = [model] + [
-        sub
-        for sub in internals.sublayers(model)
-        if internals.is_graph_model(sub)
-    ]
-    for m in graphs:
-        graph = (
-            _SequentialGraph(m)
-            if isinstance(m, keras.Sequential)
-            else _FunctionalGraph(m)
-        )
+    for graph in graphs(model):
         for bn, _, out_key, problem in graph.bn_calls():
             if problem is not None or id(bn) in pairs:
                 continue

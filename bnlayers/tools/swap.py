@@ -1,5 +1,6 @@
 """`swap_batchnorm`: a copy of a model with the other BN implementation."""
 
+import functools
 import warnings
 
 import keras
@@ -164,27 +165,29 @@ def swap_batchnorm(model: keras.Model, to: str = "bnlayers") -> keras.Model:
     check_rebuildable(model, "swap_batchnorm")
     check_built(model, "swap_batchnorm")
     target = _SWAP_TARGETS[to]
-
-    def convert(layer):
-        if not is_batchnorm(layer):
-            return copy_layer(layer)
-        if type(layer) not in BATCHNORM_CLASSES:
-            raise ValueError(
-                f"Layer {layer.name!r} is a subclass ({type(layer).__name__}) of a "
-                "BatchNormalization class; swap_batchnorm only converts the classes "
-                "themselves, since a subclass may compute something else."
-            )
-        if isinstance(layer, BatchNormalization) and target is BUILTIN:
-            return (
-                target.from_config(_builtin_config(layer)),
-                _builtin_weights(layer),
-                activation_after(layer),
-            )
-        return target.from_config(layer.get_config()), layer.get_weights()
-
+    convert = functools.partial(_convert, target=target)
     new = Rebuilder(convert, "swap_batchnorm").rebuild(model)
     _carry_optimizer_state(model, new)
     return new
+
+
+def _convert(layer, target):
+    """`layer` for the rebuilt model: a BN layer as `target`, any other copied."""
+    if not is_batchnorm(layer):
+        return copy_layer(layer)
+    if type(layer) not in BATCHNORM_CLASSES:
+        raise ValueError(
+            f"Layer {layer.name!r} is a subclass ({type(layer).__name__}) of a "
+            "BatchNormalization class; swap_batchnorm only converts the classes "
+            "themselves, since a subclass may compute something else."
+        )
+    if isinstance(layer, BatchNormalization) and target is BUILTIN:
+        return (
+            target.from_config(_builtin_config(layer)),
+            _builtin_weights(layer),
+            activation_after(layer),
+        )
+    return target.from_config(layer.get_config()), layer.get_weights()
 
 
 def _carry_optimizer_state(old, new, function="swap_batchnorm"):
