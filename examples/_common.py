@@ -66,6 +66,29 @@ def article_model(bn, filters=32):
     )
 
 
+def randomize_batchnorm(model, seed):
+    """BN statistics and affine weights far from their initial values."""
+    import keras
+
+    import bnlayers
+
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(
+            layer,
+            (keras.layers.BatchNormalization, bnlayers.BatchNormalization),
+        ):
+            n = layer.moving_mean.shape
+            layer.set_weights(
+                [
+                    rng.normal(1.0, 0.3, n).astype("float32"),
+                    rng.normal(0.0, 0.5, n).astype("float32"),
+                    rng.normal(0.0, 0.5, n).astype("float32"),
+                    rng.uniform(0.3, 3.0, n).astype("float32"),
+                ]
+            )
+
+
 # ----------------------------------------------------------------- the data
 
 

@@ -41,6 +41,7 @@ import bnlayers
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import article_model  # noqa: E402
 from _common import load_bundled  # noqa: E402
+from _common import randomize_batchnorm  # noqa: E402
 
 APPLICATIONS = {
     "resnet50": "ResNet50",
@@ -85,25 +86,6 @@ class Records(logging.Handler):
 
     def emit(self, record):
         self.messages.append(record.getMessage())
-
-
-def randomize_batchnorm(model, seed):
-    """BN statistics and affine weights far from their initial values."""
-    rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(
-            layer,
-            (keras.layers.BatchNormalization, bnlayers.BatchNormalization),
-        ):
-            n = layer.moving_mean.shape
-            layer.set_weights(
-                [
-                    rng.normal(1.0, 0.3, n).astype("float32"),
-                    rng.normal(0.0, 0.5, n).astype("float32"),
-                    rng.normal(0.0, 0.5, n).astype("float32"),
-                    rng.uniform(0.3, 3.0, n).astype("float32"),
-                ]
-            )
 
 
 def build(name, size, seed):
