@@ -89,6 +89,56 @@ def randomize_batchnorm(model, seed):
             )
 
 
+def free_ports(n):
+    """`n` distinct free TCP ports on 127.0.0.1."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def run_processes(commands, env, timeout):
+    """Run `commands` side by side and wait for all of them, at most `timeout` s.
+
+    All are killed as soon as one fails (the others would otherwise wait on
+    a collective until the deadline) or when the time is up. Returns each
+    process's return code (negative where it was killed) and its (stdout,
+    stderr), in order.
+    """
+    import subprocess
+
+    procs = [
+        subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for command in commands
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        outputs = [p.communicate() for p in procs]
+    return [p.returncode for p in procs], outputs
+
+
 # ----------------------------------------------------------------- the data
 
 

@@ -28,8 +28,6 @@ each and the median of the per-round differences and ratios.
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -37,20 +35,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import free_ports  # noqa: E402
+from _common import run_processes  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROCESSES = 2
 GLOBAL_BATCH = 64
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _article(keras, bnlayers, **bn_kwargs):
@@ -225,7 +216,7 @@ def worker(backend, rank, ports, rounds, steps):
 
 
 def run_backend(backend, rounds, steps, timeout):
-    ports = _free_ports(PROCESSES)
+    ports = free_ports(PROCESSES)
     # One compute thread per process: two processes share the machine.
     env = dict(
         os.environ,
@@ -234,33 +225,15 @@ def run_backend(backend, rounds, steps, timeout):
         OMP_NUM_THREADS="1",
     )
     env.pop("TF_CONFIG", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", backend, str(rank)]
-            + [f"--rounds={rounds}", f"--steps={steps}"]
-            + ["--ports"]
-            + [str(p) for p in ports],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+    commands = [
+        [sys.executable, __file__, "--worker", backend, str(rank)]
+        + [f"--rounds={rounds}", f"--steps={steps}"]
+        + ["--ports"]
+        + [str(p) for p in ports]
         for rank in range(PROCESSES)
     ]
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs):
-                break
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        outs = [p.communicate() for p in procs]
-    if any(p.returncode != 0 for p in procs):
+    codes, outs = run_processes(commands, env, timeout)
+    if any(code != 0 for code in codes):
         raise SystemExit(
             f"{backend}: a process failed or timed out:\n"
             + "\n".join(err[-2000:] for _, err in outs)

@@ -15,16 +15,14 @@ after `TIMEOUT_S` in any case.
 import json
 import os
 import pathlib
-import socket
-import subprocess
 import sys
-import time
 
 import keras
 import pytest
 
 import _sync_process_checks as checks
 import bn_reference as ref
+from example_scripts import example_module
 
 pytestmark = pytest.mark.backends(
     "torch",
@@ -35,6 +33,8 @@ pytestmark = pytest.mark.backends(
 HERE = pathlib.Path(__file__).resolve().parent
 BACKEND = keras.backend.backend()
 TIMEOUT_S = 300
+_common = example_module("_common")
+free_ports, run_processes = _common.free_ports, _common.run_processes
 # bn_reference.rel_err, the largest over processes and cases (PyTorch 2.13
 # over 4 processes / JAX 0.10.2 over 2 x 2 devices, offsets 0 to 1e6):
 # outputs 1.5e-7 / 1.8e-7, input gradients 1.4e-7 / 2.8e-7, gamma and beta
@@ -45,12 +45,6 @@ GRADIENT_RTOL = 4e-6
 # Training losses, relative: the processes sum in another order than one
 # process (measured 2.4e-7 on PyTorch, 7.9e-8 on JAX).
 TRAIN_RTOL = 1e-5
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch():
@@ -64,7 +58,7 @@ def _launch():
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
             + f" --xla_force_host_platform_device_count={checks.DEVICES_PER_PROCESS}"
         }
-    port = _free_port()
+    (port,) = free_ports(1)
     env = dict(
         os.environ,
         TF_CPP_MIN_LOG_LEVEL="3",
@@ -73,35 +67,18 @@ def _launch():
         no_proxy="127.0.0.1,localhost",
         **extra,
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "_sync_process_checks.py")]
-            + [str(rank), str(world), str(port)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+    commands = [
+        [sys.executable, str(HERE / "_sync_process_checks.py")]
+        + [str(rank), str(world), str(port)]
         for rank in range(world)
     ]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        # Poll all: one failing process must not leave the others waiting
-        # on a collective until the deadline.
-        while any(p.poll() is None for p in procs):
-            failed = [p for p in procs if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        outputs = [p.communicate() for p in procs]
-    for rank, (p, (_out, err)) in enumerate(zip(procs, outputs, strict=True)):
-        if p.returncode != 0:
+    codes, outputs = run_processes(commands, env, TIMEOUT_S)
+    for rank, (code, (_out, err)) in enumerate(
+        zip(codes, outputs, strict=True)
+    ):
+        if code != 0:
             pytest.fail(
-                f"{BACKEND} process {rank} failed ({p.returncode}), or another did "
+                f"{BACKEND} process {rank} failed ({code}), or another did "
                 f"or {TIMEOUT_S} s passed:\n{err[-3000:]}"
             )
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
