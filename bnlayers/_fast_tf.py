@@ -14,9 +14,11 @@ Which form a call takes is `choose`'s answer (the rule is `_forms`'s):
   variance, and Keras' moving variance follows the biased one, so the
   correction is undone. In inference it subtracts the mean before scaling.
 - ``"compiled"``: the batch-norm arithmetic written out here in TensorFlow
-  ops, forward and backward (a `tf.custom_gradient`), each compiled by XLA
-  into a few fused loops; inlined into a function that is XLA-compiled as
-  a whole (`jit_compile=True`).
+  ops, compiled by XLA into a few fused loops: in training forward and
+  backward (a `tf.custom_gradient`) as nested compiled functions; in
+  inference the plain ops marked for XLA where they stand, so that the
+  graph stays readable by converters; inlined into a function that is
+  XLA-compiled as a whole (`jit_compile=True`).
 - ``"plain"``: the same arithmetic as plain TensorFlow ops, in the inputs'
   own layout, differentiated by autodiff.
 
@@ -178,29 +180,18 @@ def graph_forms(x, spec, inference):
         known (the choice is then made when the graph runs).
     """
     rule = _forms.form_rule(gpu_visible())
-    candidates = rule.forms(inference)
-    # Where the kernel cannot take the call: the compiled call, except in
-    # inference under a rule that keeps it convertible (no compiled call).
-    fallback = (
-        _forms.PLAIN
-        if inference and _forms.COMPILED not in candidates
-        else _forms.COMPILED
-    )
+    # Where the kernel cannot take the call, the compiled form takes it.
     forms = tuple(
-        fallback
+        _forms.COMPILED
         if form == _forms.KERNEL and not _kernel_fits(x, spec)
         else form
-        for form in candidates
+        for form in rule.forms(inference)
     )
     n = x.shape.num_elements()
     if n is not None:
         return forms, rule.index(n)
     if len(set(forms)) == 1:
         return forms[:1], 0
-    if inference and _forms.COMPILED not in forms:
-        # A graph that converters read (tf2onnx cannot convert
-        # `tf.switch_case`) takes one form: that of the largest sizes.
-        return forms[-1:], 0
     return forms, None
 
 
@@ -217,10 +208,11 @@ def _kernel_fits(x, spec):
 
 def _in_chosen_form(x, params, spec, inference):
     """The call computed in the form `choose` picks; where that is known
-    only when the graph runs, by `tf.switch_case` (the branch not taken
-    costs nothing), with the variables read outside the branches (a
-    variable read inside one leaves its gradient without a way back out of
-    the branch)."""
+    only when the graph runs, by nested `tf.cond`s, one per change of form
+    along the ranges (the branch not taken costs nothing; converters read
+    `tf.cond`, not `tf.switch_case`), with the variables read outside the
+    branches (a variable read inside one leaves its gradient without a way
+    back out of the branch)."""
     import tensorflow as tf
 
     x = tf.convert_to_tensor(x)
@@ -231,10 +223,15 @@ def _in_chosen_form(x, params, spec, inference):
     params = _contract.Parameters(
         *(v if v is None else tf.convert_to_tensor(v) for v in params)
     )
-    return tf.switch_case(
-        index,
-        [lambda f=f: table[f](x, params, spec) for f in forms],
-    )
+    starts = [i for i, f in enumerate(forms) if i == 0 or f != forms[i - 1]]
+
+    def from_range(k):
+        taken = functools.partial(table[forms[starts[k]]], x, params, spec)
+        if k == len(starts) - 1:
+            return taken()
+        return tf.cond(index < starts[k + 1], taken, lambda: from_range(k + 1))
+
+    return from_range(0)
 
 
 def _in_statistics_dtype(x, params, spec):
@@ -424,53 +421,8 @@ def _compiled_training():
     return forward, backward
 
 
-@functools.cache
-def _compiled_inference():
-    """`inference` and its backward, XLA-compiled, traced once per input signature."""
-    import tensorflow as tf
-
-    function = functools.partial(tf.function, jit_compile=True, autograph=False)
-
-    @function
-    def inference(
-        x, mean, var, gamma, beta, epsilon, axis, out_dtype, activation
-    ):
-        shape = tf.shape(x)
-        x = tf.cast(_merged(x, axis), gamma.dtype)
-        # The mean is subtracted before scaling, as in the reference path
-        # (x * a + b would lose digits when the mean is large next to the spread).
-        y = (x - _per_feature(mean, x)) * _per_feature(
-            tf.math.rsqrt(var + epsilon) * gamma, x
-        )
-        y = _activate(y + _per_feature(beta, x), activation)
-        return tf.reshape(tf.cast(y, out_dtype), shape)
-
-    @function
-    def inference_backward(
-        dy, x, mean, var, gamma, beta, epsilon, axis, activation
-    ):
-        shape, dtype = tf.shape(x), x.dtype
-        x = tf.cast(_merged(x, axis), gamma.dtype)
-        dy = tf.cast(_merged(dy, axis), gamma.dtype)
-        inv = tf.math.rsqrt(var + epsilon)
-        if activation is not None:
-            pre = (x - _per_feature(mean, x)) * _per_feature(
-                inv * gamma, x
-            ) + _per_feature(beta, x)
-            dy = _activation_backward(dy, pre, activation)
-        dx = dy * _per_feature(inv * gamma, x)
-        dgamma = (
-            tf.reduce_sum(dy * (x - _per_feature(mean, x)), _stats_axes(x))
-            * inv
-        )
-        dbeta = tf.reduce_sum(dy, _stats_axes(x))
-        return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
-
-    return inference, inference_backward
-
-
 def _xla_functions():
-    """The four XLA-compiled functions, traced once per input signature.
+    """The XLA-compiled functions of training, traced once per input signature.
 
     Only graphs call them (fit(), a tf.function): there a compiled function
     is traced once for the traced shape. Eager calls take plain ops
@@ -478,9 +430,9 @@ def _xla_functions():
     for a new input shape.
 
     Returns:
-        tuple: ``(forward, backward, inference, inference_backward)``.
+        tuple: ``(forward, backward)``.
     """
-    return _compiled_training() + _compiled_inference()
+    return _compiled_training()
 
 
 def _xla_training(x, params, spec):
@@ -565,28 +517,23 @@ def _plain_training(x, params, spec):
 
 
 def _xla_inference(x, params, spec):
-    """The compiled form in inference (`inference`, `inference_backward`)."""
+    """The compiled form in inference: the plain ops, marked for XLA in place.
+
+    The ops stay in the caller's graph (a `jit_scope`, not a nested
+    compiled function), so TensorFlow compiles them into one loop when the
+    graph runs, while `model.export`, `tf.saved_model.save`, tf2onnx and the
+    LiteRT converter read them as the ordinary ops they are. Gradients, where
+    asked for, are autodiff's, run op by op.
+    """
     import tensorflow as tf
 
-    gamma, beta, mean, var, epsilon = _in_statistics_dtype(x, params, spec)
-    axis, out_dtype, activation = spec.axis, spec.out_dtype, spec.activation
-
-    inference, inference_backward = _compiled_inference()
-
-    @tf.custom_gradient
-    def normalize(x, gamma, beta):
-        y = inference(
-            x, mean, var, gamma, beta, epsilon, axis, out_dtype, activation
-        )
-
-        def grad(dy):
-            return inference_backward(
-                dy, x, mean, var, gamma, beta, epsilon, axis, activation
-            )
-
-        return y, grad
-
-    return normalize(x, gamma, beta)
+    if in_xla_context():
+        # The caller is compiled as a whole already.
+        return _plain_inference(x, params, spec)
+    with tf.xla.experimental.jit_scope(
+        compile_ops=True, separate_compiled_gradients=False
+    ):
+        return _plain_inference(x, params, spec)
 
 
 def _plain_inference(x, params, spec):

@@ -5,9 +5,9 @@ The TensorFlow fast path computes the same thing in three forms:
 - ``"plain"``: plain TensorFlow ops, in the inputs' own layout;
 - ``"kernel"``: TensorFlow's fused batch-norm kernel (`FusedBatchNormV3`),
   fed values shifted by one sample per feature;
-- ``"compiled"``: the arithmetic written out in TensorFlow ops, compiled by
-  XLA (a nested ``jit_compile=True`` function, inlined where the caller is
-  compiled too).
+- ``"compiled"``: the arithmetic compiled by XLA: in training nested
+  ``jit_compile=True`` functions, in inference the plain ops marked for XLA
+  where they stand (inlined where the caller is compiled too).
 
 Eager calls take "plain" (or "kernel" on a GPU), calls traced inside an
 XLA-compiled function take "compiled". In a graph that TensorFlow runs op by
@@ -15,17 +15,13 @@ op (Keras' `fit`, `evaluate` and `predict` without ``jit_compile``, a
 user's own `tf.function`) a `FormRule` decides by the number of elements of
 the inputs: known when traced, the form is picked then; unknown (Keras
 traces with an unknown batch size), the same table picks it when the graph
-runs (`tf.switch_case`).
+runs (nested `tf.cond`s).
 
-The default rule keeps inference graphs convertible by design: it only
-gives inference the forms every converter reads (plain ops and
-`FusedBatchNormV3`), since a nested XLA-compiled function reaches
-`model.export`, `tf.saved_model.save`, tf2onnx and the LiteRT converter as
-an opaque call; and where the size is unknown when traced, an inference
-graph of such a rule takes one form (that of the largest sizes) rather than
-a run-time choice, which tf2onnx cannot convert. Users who never export a
-graph can ask for the compiled call in inference too (`FormRule.throughput`;
-see the performance page for the measurements behind each breakpoint).
+Inference graphs are convertible by design, whatever the rule: every form
+in inference is ordinary TensorFlow ops (XLA's mark is an attribute that
+converters ignore), and the run-time choice is `tf.cond`, which
+`model.export`, tf2onnx and the LiteRT converter read. See the performance
+page for the measurements behind each breakpoint.
 """
 
 import bisect
@@ -42,11 +38,10 @@ FORMS = (PLAIN, KERNEL, COMPILED)
 # (16, 2, 2, 1280), the others from (16, 4, 4, 672) up).
 PLAIN_MAX_ELEMENTS = 1 << 17
 
-# From this many elements on, the compiled call beat the kernel in inference
+# Above this many elements the compiled form beat the kernel in inference
 # (measured on 2 CPU cores: 0.65x to 0.87x the built-in's time from
 # (16, 32, 32, 128) up against the kernel's 0.80x to 1.07x; level at and
-# below (16, 16, 16, 256)). Not in the default rule, which keeps inference
-# convertible; `FormRule.throughput()` uses it.
+# below (16, 16, 16, 256)).
 KERNEL_INFERENCE_MAX_ELEMENTS = 1 << 20
 
 
@@ -60,14 +55,13 @@ class FormRule:
     table picks the form when the graph is traced (size known) and when
     it runs (size unknown when traced).
 
-    In inference, where the size is unknown when traced and no range
-    names "compiled", the graph takes the last range's form (a graph that
-    may be exported holds no run-time choice).
-
     Where a rule names "kernel" for a call the kernel cannot take on this
     device (features not on the last axis off a GPU, float64, an epsilon
-    below cuDNN's bound) the call takes "compiled" instead; in inference
-    "plain" where no range names "compiled" (the graph stays convertible).
+    below cuDNN's bound) the call takes "compiled" instead.
+
+    The default: plain ops below `PLAIN_MAX_ELEMENTS` elements, then the
+    kernel, and in inference the compiled form above
+    `KERNEL_INFERENCE_MAX_ELEMENTS` (the fastest forms measured on CPU).
 
     Args:
         breakpoints: increasing element counts, each the first size of a
@@ -76,9 +70,12 @@ class FormRule:
         inference: the form of each range in inference.
     """
 
-    breakpoints: tuple[int, ...] = (PLAIN_MAX_ELEMENTS,)
-    training: tuple[str, ...] = (PLAIN, KERNEL)
-    inference: tuple[str, ...] = (PLAIN, KERNEL)
+    breakpoints: tuple[int, ...] = (
+        PLAIN_MAX_ELEMENTS,
+        KERNEL_INFERENCE_MAX_ELEMENTS + 1,
+    )
+    training: tuple[str, ...] = (PLAIN, KERNEL, KERNEL)
+    inference: tuple[str, ...] = (PLAIN, KERNEL, COMPILED)
 
     def __post_init__(self):
         points = tuple(self.breakpoints)
@@ -110,21 +107,6 @@ class FormRule:
         """
         return cls(breakpoints=(), training=(form,), inference=(form,))
 
-    @classmethod
-    def throughput(cls) -> "FormRule":
-        """The fastest forms measured on CPU, including the compiled call in
-        inference for large inputs: for graphs that are never exported.
-
-        Returns:
-            Plain ops, then the kernel, and in inference the compiled
-                call from `KERNEL_INFERENCE_MAX_ELEMENTS` + 1 elements.
-        """
-        return cls(
-            breakpoints=(PLAIN_MAX_ELEMENTS, KERNEL_INFERENCE_MAX_ELEMENTS + 1),
-            training=(PLAIN, KERNEL, KERNEL),
-            inference=(PLAIN, KERNEL, COMPILED),
-        )
-
     def forms(self, inference: bool) -> tuple[str, ...]:
         """The forms of each range, for inference or training.
 
@@ -145,7 +127,7 @@ class FormRule:
         """`index` for a scalar int64 tensor `n`, computed when the graph runs.
 
         Returns:
-            An int32 scalar, the branch index for `tf.switch_case`.
+            An int32 scalar, the index of the range.
         """
         import tensorflow as tf
 
@@ -170,8 +152,9 @@ def set_form_rule(rule: FormRule | str | None) -> FormRule | None:
     Args:
         rule: a `FormRule`; a form name ("plain", "kernel", "compiled"),
             short for `FormRule.always(name)`; or None for the default (on a
-            GPU the kernel, else plain ops for small tensors and the kernel
-            for larger ones: see the [performance page](performance.md)).
+            GPU the kernel, else plain ops for small tensors, the kernel for
+            larger ones, and in inference the compiled form for the largest:
+            see the [performance page](performance.md)).
 
     Returns:
         The rule set before (None: the default).

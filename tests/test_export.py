@@ -137,54 +137,64 @@ def test_litert_runs_in_ai_edge_litert(model, inputs, tmp_path):
 @pytest.mark.backends(
     "tensorflow", reason="the fused fast path exists on TensorFlow only"
 )
-def test_inference_graphs_hold_no_compiled_call_unless_asked(inputs, tmp_path):
-    """Converters cannot read a nested XLA-compiled call: by default no
+@pytest.mark.parametrize("rule", [None, "compiled"])
+def test_inference_graphs_hold_no_nested_compiled_call(inputs, tmp_path, rule):
+    """Converters cannot read a nested XLA-compiled call or a `Case`: no
     inference graph holds one (Keras' predict, a user's own `tf.function`,
-    what `model.export` and `tf.saved_model.save` write), at the article's
-    shape, where the default rule takes the kernel. A user's rule that asks
-    for the compiled call gets it."""
+    what `model.export` and `tf.saved_model.save` write), under the default
+    rule and under one that always compiles. The compiled form is there, as
+    ops marked for XLA, where the size is in its range or unknown (the
+    export tests above run it in each runtime: a batch of 64 at the
+    article's shape is in its range)."""
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
 
-    def compiled(library):
-        return [
-            f.signature.name for f in library if f.attr["_XlaMustCompile"].b
+    def check(graph_def, compiled=True):
+        nested = [
+            f.signature.name
+            for f in graph_def.library.function
+            if f.attr["_XlaMustCompile"].b
         ]
-
-    def traced(concrete):
-        return compiled(concrete.graph.as_graph_def().library.function)
+        nodes = list(graph_def.node)
+        for f in graph_def.library.function:
+            nodes += list(f.node_def)
+        ops = {n.op for n in nodes}
+        marked = [n.name for n in nodes if n.attr["_XlaCompile"].b]
+        assert nested == [] and not ops & {"Case", "StatelessCase"}, ops
+        assert bool(marked) == compiled, ops
 
     def saved(path):
         proto = saved_model_pb2.SavedModel()
         proto.ParseFromString((path / "saved_model.pb").read_bytes())
-        return compiled(proto.meta_graphs[0].graph_def.library.function)
+        check(proto.meta_graphs[0].graph_def)
 
-    model = article_model(bnlayers.BatchNormalization())
-    model.predict(inputs, verbose=0)
-    steps = model.predict_function._list_all_concrete_functions()
-    assert steps and not any(traced(f) for f in steps)
-    own = tf.function(lambda x: model(x, training=False))
-    assert traced(own.get_concrete_function(tf.constant(inputs))) == []
-
-    # What model.export writes for SavedModel (and LiteRT converts).
-    model.export(
-        str(tmp_path / "exported"), format="tf_saved_model", verbose=False
-    )
-    assert saved(tmp_path / "exported") == []
-    module = tf.Module()
-    module.model = model
-    module.serve = tf.function(
-        lambda x: model(x, training=False),
-        input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)],
-    )
-    tf.saved_model.save(module, str(tmp_path / "module"))
-    assert saved(tmp_path / "module") == []
-
-    # Asked for (for graphs that are never exported), the compiled call.
-    previous = bnlayers.set_form_rule(bnlayers.FormRule.throughput())
+    previous = bnlayers.set_form_rule(rule)
     try:
+        model = article_model(bnlayers.BatchNormalization())
+        model.predict(inputs, verbose=0)
+        steps = model.predict_function._list_all_concrete_functions()
+        assert steps
+        for step in steps:
+            # Keras traces batches of 32 here: the kernel's range, by default.
+            check(step.graph.as_graph_def(), compiled=rule is not None)
         own = tf.function(lambda x: model(x, training=False))
-        assert traced(own.get_concrete_function(tf.constant(inputs)))
+        check(
+            own.get_concrete_function(tf.constant(inputs)).graph.as_graph_def()
+        )
+
+        # What model.export writes for SavedModel (and LiteRT converts).
+        model.export(
+            str(tmp_path / "exported"), format="tf_saved_model", verbose=False
+        )
+        saved(tmp_path / "exported")
+        module = tf.Module()
+        module.model = model
+        module.serve = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)],
+        )
+        tf.saved_model.save(module, str(tmp_path / "module"))
+        saved(tmp_path / "module")
     finally:
         bnlayers.set_form_rule(previous)
 

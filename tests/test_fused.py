@@ -203,10 +203,27 @@ def _graph_ops(fn, *args):
     return ops
 
 
-def _compiled(fn, *args):
+def _nested_compiled(fn, *args):
     """Whether the graph of `fn` calls a function that XLA must compile."""
     library = fn.get_concrete_function(*args).graph.as_graph_def().library
     return any(f.attr["_XlaMustCompile"].b for f in library.function)
+
+
+def _marked(fn, *args):
+    """Whether the graph of `fn` holds ops marked for XLA where they stand."""
+    graph = fn.get_concrete_function(*args).graph.as_graph_def()
+    nodes = list(graph.node)
+    for f in graph.library.function:
+        nodes += list(f.node_def)
+    return any(
+        n.attr["_XlaCompile"].b for n in nodes if "_XlaCompile" in n.attr
+    )
+
+
+def _compiled(fn, *args):
+    """Whether the graph of `fn` runs a form that XLA compiles: nested
+    compiled functions (training) or marked ops (inference)."""
+    return _nested_compiled(fn, *args) or _marked(fn, *args)
 
 
 def _train_step(layer):
@@ -592,7 +609,7 @@ def test_graphs_pick_the_form_by_size_axis_and_dtype(monkeypatch, case):
     default = _forms.FormRule()
     _rule_for_the_test(
         monkeypatch,
-        _forms.FormRule((500,), default.training, default.inference),
+        _forms.FormRule((500, 10**6), default.training, default.inference),
     )
     monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: False)
     rng = np.random.default_rng(3)
@@ -617,9 +634,9 @@ def test_graphs_pick_the_form_by_size_axis_and_dtype(monkeypatch, case):
         np.testing.assert_allclose(auto, reference, rtol=8e-6, atol=4e-6)
 
 
-# (shape, form in inference, form in training) with the breakpoints of
-# `FormRule.throughput()` lowered to 100 elements (plain below) and 1001
-# (the compiled call in inference from there on).
+# (shape, form in inference, form in training) with the breakpoints of the
+# default rule lowered to 100 elements (plain below) and 1001 (the compiled
+# form in inference from there on).
 SIZED_FORMS = {
     "small": ((2, 4, 4, 3), "plain", "plain"),
     "mid": ((8, 5, 5, 3), "kernel", "kernel"),
@@ -629,7 +646,7 @@ SIZED_FORMS = {
 
 def _counting_forms(monkeypatch):
     """Counters of the forms that run, raised when the graph runs a form
-    (not when it is traced: `tf.switch_case` traces every branch)."""
+    (not when it is traced: `tf.cond` traces every branch)."""
     counts = {form: tf.Variable(0) for form in _forms.FORMS}
     for table in (_fast_tf._TRAINING, _fast_tf._INFERENCE):
         for form, fn in list(table.items()):
@@ -648,17 +665,17 @@ def _counting_forms(monkeypatch):
 @pytest.mark.parametrize("case", list(SIZED_FORMS))
 def test_forms_by_size_when_traced_and_when_run(monkeypatch, case, batch):
     """One table picks the form by size when traced and when run: plain ops
-    below the first breakpoint, the kernel, and (by this rule) in inference
-    the compiled call from the second. With the batch size unknown when
+    below the first breakpoint, the kernel, and in inference the compiled
+    form from the second. With the batch size unknown when
     traced (as Keras' `fit`, `evaluate` and `predict` trace), the choice is
     made when the graph runs; counters raised by the forms that run show
     which one did. Either way each step's outputs, moving statistics and
     gradients are the reference path's, at a mean offset of 1e4."""
     shape, inference_form, training_form = SIZED_FORMS[case]
-    throughput = _forms.FormRule.throughput()
+    default = _forms.FormRule()
     _rule_for_the_test(
         monkeypatch,
-        _forms.FormRule((100, 1001), throughput.training, throughput.inference),
+        _forms.FormRule((100, 1001), default.training, default.inference),
     )
     monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: False)
     counts = _counting_forms(monkeypatch)
@@ -697,11 +714,11 @@ def test_forms_by_size_when_traced_and_when_run(monkeypatch, case, batch):
         for fn, form in ((infer, inference_form), (train, training_form)):
             ops = _graph_ops(fn, x, dy)
             if fused is None and batch == "unknown":
-                assert ops & {"Case", "StatelessCase"}, ops
+                assert ops & {"If", "StatelessIf"}, ops
             elif fused is None:
                 assert ("FusedBatchNormV3" in ops) == (form == "kernel"), ops
                 assert _compiled(fn, x, dy) == (form == "compiled"), ops
-                assert not ops & {"Case", "StatelessCase"}, ops
+                assert not ops & {"If", "StatelessIf"}, ops
             before = {f: int(c.numpy()) for f, c in counts.items()}
             results[fused] += [t.numpy() for t in fn(x, dy)]
             ran = {f: int(c.numpy()) - before[f] for f, c in counts.items()}
@@ -721,31 +738,37 @@ def test_forms_by_size_when_traced_and_when_run(monkeypatch, case, batch):
 
 def test_one_table_feeds_the_traced_and_the_run_time_choice():
     """`index` (size known when traced) and `runtime_index` (when run) give
-    the same range at and around every breakpoint, for the default rule
-    and the throughput rule."""
-    for rule in (_forms.FormRule(), _forms.FormRule.throughput()):
-        sizes = [0, 1]
-        for b in rule.breakpoints:
-            sizes += [b - 1, b, b + 1]
-        for n in sizes:
-            traced = rule.index(n)
-            run = int(rule.runtime_index(tf.constant(n, tf.int64)).numpy())
-            assert traced == run, (rule, n, traced, run)
-        assert [rule.index(n) for n in (0, 1 << 17, (1 << 20) + 1)] == (
-            [0, 1, 1] if rule == _forms.FormRule() else [0, 1, 2]
-        )
+    the same range at and around every breakpoint of the default rule."""
+    rule = _forms.FormRule()
+    sizes = [0, 1]
+    for b in rule.breakpoints:
+        sizes += [b - 1, b, b + 1]
+    for n in sizes:
+        traced = rule.index(n)
+        run = int(rule.runtime_index(tf.constant(n, tf.int64)).numpy())
+        assert traced == run, (rule, n, traced, run)
+    assert [rule.index(n) for n in (0, 1 << 17, 1 << 20, (1 << 20) + 1)] == [
+        0,
+        1,
+        1,
+        2,
+    ]
 
 
-def test_default_rule_keeps_inference_convertible(monkeypatch):
-    """Whatever the size, axis or dtype, an inference graph that TensorFlow
-    runs op by op holds no XLA-compiled call and no run-time choice (which
-    exporters cannot convert): plain ops or the kernel, the kernel where
-    the size is unknown when traced. Training takes the compiled call
-    where the kernel cannot take it."""
+@pytest.mark.parametrize("rule", ["default", "compiled"])
+def test_inference_graphs_are_convertible_under_any_rule(monkeypatch, rule):
+    """Whatever the rule, size, axis or dtype, an inference graph that
+    TensorFlow runs op by op calls no nested XLA-compiled function and holds
+    no `Case` (neither of which converters read): the compiled form is
+    ordinary ops marked for XLA, the run-time choice `tf.cond`. Training
+    takes the nested compiled call where the kernel cannot take it."""
     monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: False)
     default = _forms.FormRule()
     _rule_for_the_test(
-        monkeypatch, _forms.FormRule((50,), default.training, default.inference)
+        monkeypatch,
+        _forms.FormRule((50, 1000), default.training, default.inference)
+        if rule == "default"
+        else _forms.FormRule.always("compiled"),
     )
     for shape, axis, dtype in [
         ((8, 5, 5, 3), -1, "float32"),
@@ -753,6 +776,7 @@ def test_default_rule_keeps_inference_convertible(monkeypatch):
         ((8, 5, 5, 3), -1, "float64"),
     ]:
         layer = _built(shape=shape, axis=axis, dtype=dtype)
+        kernel = axis == -1 and dtype == "float32" and rule == "default"
         for batch in (shape[0], None):
             spec = tf.TensorSpec((batch,) + shape[1:], dtype)
             infer = tf.function(
@@ -764,27 +788,16 @@ def test_default_rule_keeps_inference_convertible(monkeypatch):
                 input_signature=[spec],
             )
             x = tf.zeros(shape, dtype)
-            assert not _compiled(infer, x), (shape, axis, dtype, batch)
-            # No run-time choice either (tf2onnx cannot convert one).
             ops = _graph_ops(infer, x)
+            assert not _nested_compiled(infer, x), (shape, axis, dtype, batch)
             assert not ops & {"Case", "StatelessCase"}, ops
+            # 600 elements: the kernel's range where the size is known.
+            assert _marked(infer, x) == (batch is None or not kernel), ops
             assert ("FusedBatchNormV3" in ops) == (
-                axis == -1 and dtype == "float32"
-            )
-            assert _compiled(train, x) == (axis == 1 or dtype == "float64")
-    # A rule that takes the compiled call in inference (not convertible
-    # anyway) takes it where the kernel cannot run, too.
-    _rule_for_the_test(
-        monkeypatch,
-        _forms.FormRule(
-            (50, 10_000),
-            ("plain",) + ("kernel",) * 2,
-            ("plain", "kernel", "compiled"),
-        ),
-    )
-    layer = _built(shape=(8, 3, 5, 5), axis=1)
-    infer = tf.function(lambda x: layer(x, training=False))
-    assert _compiled(infer, tf.zeros((8, 3, 5, 5)))
+                kernel or (batch is None and axis == -1 and dtype == "float32")
+            ) or rule == "compiled", ops
+            assert ops & {"If", "StatelessIf"} or rule == "compiled" or batch
+            assert _nested_compiled(train, x) == (not kernel), ops
 
 
 def test_set_form_rule(monkeypatch):
