@@ -268,6 +268,74 @@ def test_article_model_after_ten_steps_is_unhealthy_until_recalibrated(
     assert bnlayers.diagnose(model, x, y, batch_size=64).healthy
 
 
+def test_stale_statistics_that_keep_the_decisions_are_a_warning():
+    """Moving variances 5 times the population's (as the article's model has
+    after 500 steps) with the mean right and no offsets after BN: the
+    logits shrink by sqrt(5), so no predicted class changes and the loss
+    rises. The layer is flagged stale as a warning, and layer and model are
+    healthy; the report says what the gap costs."""
+    model = _model(OURS)
+    layer = model.get_layer("bn")
+    layer.beta.assign(np.zeros(4, "float32"))
+    model.get_layer("head").bias.assign(np.zeros(3, "float32"))
+    x, _ = _data()
+    kernel, bias = _weights(model, "dense")
+    h = x.astype("float64") @ kernel + bias
+    eps = layer.epsilon
+    layer.moving_mean.assign(h.mean(axis=0).astype("float32"))
+    layer.moving_variance.assign(
+        (5 * (h.var(axis=0) + eps) - eps).astype("float32")
+    )
+    # Labels the model gets right: a flatter softmax then costs loss.
+    y = np.argmax(model.predict(x, verbose=0), axis=-1)
+    report = bnlayers.diagnose(model, x, y)
+    assert report.healthy and report.layers[0].healthy, str(report)
+    (flag,) = report.layers[0].flags
+    assert flag.kind == "stale" and not flag.problem
+    assert "decisions hold" in flag.message
+    assert report.layers[0].variance_ratio_typical == pytest.approx(
+        5.0, rel=RTOL
+    )
+    assert report.effect.accuracy_gap == 0.0
+    assert report.effect.loss_rise > diagnosis.LOSS_RISE
+    assert "times that with population statistics" in str(report)
+    # The same statistics moved off by 3 population deviations change
+    # decisions: stale is a problem again.
+    layer.moving_mean.assign(
+        (h.mean(axis=0) + 3 * h.std(axis=0)).astype("float32")
+    )
+    worse = bnlayers.diagnose(model, x, y)
+    assert not worse.healthy and not worse.layers[0].healthy
+    assert [f.problem for f in worse.layers[0].flags] == [True]
+
+
+@pytest.mark.slow
+@pytest.mark.backends(
+    "tensorflow", reason="one training run of the full model is enough"
+)
+def test_article_model_after_500_steps_is_healthy(mnist_subset):
+    """The article's model (32 filters) after 500 Adam steps at batch 64:
+    its moving variances are still about 5 times the population's (so
+    `stale` stays, as a warning) but inference mode decides as the
+    population statistics do. Measured: gap 0.2 points (99.2 against
+    99.4 %), loss 3.6 times the population one, variance ratio 5.1."""
+    x, y = mnist_subset[0], mnist_subset[1]
+    keras.utils.set_random_seed(0)
+    model = article_model(BUILTIN())
+    model.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy"
+    )
+    order = np.random.default_rng(0).permutation(np.tile(np.arange(len(x)), 4))
+    order = order[: 500 * 64]
+    model.fit(
+        x[order], y[order], batch_size=64, epochs=1, verbose=0, shuffle=False
+    )
+    report = bnlayers.diagnose(model, x, y, batch_size=64)
+    assert report.healthy and report.layers[0].healthy, str(report)
+    assert 0 <= report.effect.accuracy_gap <= diagnosis.ACCURACY_GAP
+    assert [f.kind for f in report.layers[0].flags] == ["stale"]
+
+
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     x, y = _data()
