@@ -26,7 +26,10 @@ Run from the repository root:
 adds a third contender: the bnlayers model with each BN layer and the
 activation layer after it merged into one layer
 (`bnlayers.fuse_activations`), its ratio against the built-in in a column
-of its own.
+of its own. `--floor` adds the model with its BN layers (and, with
+`--fuse-activations`, the activations merged into them) replaced by
+identities: the step a batch normalization that cost nothing would give,
+the floor for any BN layer's ratio.
 """
 
 import argparse
@@ -50,9 +53,29 @@ MODELS = ("ResNet50", "DenseNet121", "MobileNetV3Small", "EfficientNetB0")
 QUICK = {"models": ("MobileNetV3Small",), "size": 32, "batch": 2, "rounds": 1}
 
 
-def model_pair(name, size, seed=0, fuse=False):
+def without_batchnorm(model):
+    """`model` with every BN layer (a fused activation with it) replaced by
+    an identity: what a step costs if BN cost nothing."""
+    import keras
+
+    import bnlayers
+
+    def clone(layer):
+        if isinstance(
+            layer,
+            (keras.layers.BatchNormalization, bnlayers.BatchNormalization),
+        ):
+            return keras.layers.Identity(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+def model_pair(name, size, seed=0, fuse=False, floor=False):
     """{"bnlayers": model, "built-in": model}: the same weights, all compiled
-    (and "fused": BN layers with their activations, where `fuse`)."""
+    (and "fused": BN layers with their activations, where `fuse`; "floor":
+    the bnlayers model, fused where `fuse`, without its BN layers, where
+    `floor`)."""
     import keras
 
     import bnlayers
@@ -67,17 +90,19 @@ def model_pair(name, size, seed=0, fuse=False):
     }
     if fuse:
         pair["fused"] = bnlayers.fuse_activations(pair["bnlayers"])
+    if floor:
+        pair["floor"] = without_batchnorm(pair["fused" if fuse else "bnlayers"])
     for model in pair.values():
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     return pair
 
 
-def bench(name, size, batch, rounds, seed=0, fuse=False):
+def bench(name, size, batch, rounds, seed=0, fuse=False, floor=False):
     """Rows of figures for one architecture: its train step and its predict step."""
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.0, 255.0, (batch, size, size, 3)).astype("float32")
     y = rng.integers(0, 10, batch)
-    pair = model_pair(name, size, seed, fuse)
+    pair = model_pair(name, size, seed, fuse, floor)
     steps = {
         "train_on_batch": {
             k: (lambda m=m: m.train_on_batch(x, y)) for k, m in pair.items()
@@ -95,6 +120,11 @@ def bench(name, size, batch, rounds, seed=0, fuse=False):
                 "fused_ms": 1e3 * statistics.median(wall["fused"]),
                 "ratio_fused": median_ratio(wall["fused"], wall["built-in"]),
                 "ratio_fused_cpu": median_ratio(cpu["fused"], cpu["built-in"]),
+            }
+        if floor:
+            fused |= {
+                "floor_ms": 1e3 * statistics.median(wall["floor"]),
+                "ratio_floor": median_ratio(wall["floor"], wall["built-in"]),
             }
         rows.append(
             fused
@@ -126,6 +156,10 @@ def markdown(report):
             " fused activations (ms) | ratio, fused | ratio, fused (CPU time) |"
         )
         lines[-1] += "---:|---:|---:|"
+    floor = any("ratio_floor" in r for r in report["rows"])
+    if floor:
+        lines[-2] += " no BN (ms) | ratio, no BN |"
+        lines[-1] += "---:|---:|"
     for r in report["rows"]:
         shape = "x".join(map(str, r["input"]))
         line = (
@@ -137,6 +171,8 @@ def markdown(report):
                 f" {r['fused_ms']:.1f} | **{r['ratio_fused']:.2f}** "
                 f"| {r['ratio_fused_cpu']:.2f} |"
             )
+        if floor:
+            line += f" {r['floor_ms']:.1f} | {r['ratio_floor']:.2f} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -169,6 +205,13 @@ def main(argv=None):
         "(bnlayers.fuse_activations)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the model without its BN layers (with "
+        "--fuse-activations: without BN and the activations merged into it), "
+        "the floor a BN layer that cost nothing would reach",
+    )
+    parser.add_argument(
         "--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.json"
     )
     args = parser.parse_args(argv)
@@ -194,7 +237,14 @@ def main(argv=None):
     report = {"load_before": load_average(), "rounds": rounds, "rows": []}
     report["command"] = " ".join(command)
     for name in models:
-        for row in bench(name, size, batch, rounds, fuse=args.fuse_activations):
+        for row in bench(
+            name,
+            size,
+            batch,
+            rounds,
+            fuse=args.fuse_activations,
+            floor=args.floor,
+        ):
             report["rows"].append(row)
             fused = (
                 f"; fused activations {row['fused_ms']:8.1f} ms, ratio "
@@ -202,6 +252,8 @@ def main(argv=None):
                 if "ratio_fused" in row
                 else ""
             )
+            if "ratio_floor" in row:
+                fused += f"; no BN {row['floor_ms']:8.1f} ms, ratio {row['ratio_floor']:.2f}"
             print(
                 f"{name:>16} {row['step']:>16}: built-in {row['builtin_ms']:8.1f} ms, "
                 f"bnlayers {row['bnlayers_ms']:8.1f} ms, ratio {row['ratio']:.2f} "

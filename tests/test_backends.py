@@ -120,12 +120,16 @@ def test_benchmark_runs_on_this_backend():
 )
 def test_model_benchmark_quick_run(tmp_path):
     """examples/benchmark_models.py --quick runs and reports both steps of
-    its model (the figures themselves are the benchmark's)."""
+    its model, with fused activations and the floor without BN (the figures
+    themselves are the benchmark's); the floor's model holds no BN layer."""
     import math
 
+    import keras
+
     out = tmp_path / "models"
-    report = example_module("benchmark_models").main(
-        ["--quick", "--out", str(out)]
+    module = example_module("benchmark_models")
+    report = module.main(
+        ["--quick", "--fuse-activations", "--floor", "--out", str(out)]
     )
     assert [(r["model"], r["step"]) for r in report["rows"]] == [
         ("MobileNetV3Small", "train_on_batch"),
@@ -135,6 +139,17 @@ def test_model_benchmark_quick_run(tmp_path):
         assert row["input"] == [2, 32, 32, 3]
         assert row["bnlayers_ms"] > 0 and row["builtin_ms"] > 0
         assert math.isfinite(row["ratio"]) and math.isfinite(row["ratio_cpu"])
+        assert math.isfinite(row["ratio_fused"]) and row["floor_ms"] > 0
+    pair = module.model_pair("MobileNetV3Small", 32, fuse=True, floor=True)
+    kinds = {
+        name: sum(
+            isinstance(layer, keras.layers.BatchNormalization)
+            or type(layer).__name__ == "BatchNormalization"
+            for layer in model._flatten_layers()
+        )
+        for name, model in pair.items()
+    }
+    assert kinds == {"built-in": 34, "bnlayers": 34, "fused": 34, "floor": 0}
     text = out.with_suffix(".md").read_text()
     assert "| MobileNetV3Small | train_on_batch | 2x32x32x3 |" in text
     # The JSON names its backend, which docs/figures/plot.py charts by.
