@@ -517,13 +517,15 @@ def _plain_training(x, params, spec):
 
 
 def _xla_inference(x, params, spec):
-    """The compiled form in inference: the plain ops, marked for XLA in place.
+    """The compiled form in inference: plain ops, marked for XLA in place.
 
     The ops stay in the caller's graph (a `jit_scope`, not a nested
     compiled function), so TensorFlow compiles them into one loop when the
     graph runs, while `model.export`, `tf.saved_model.save`, tf2onnx and the
-    LiteRT converter read them as the ordinary ops they are. Gradients, where
-    asked for, are autodiff's, run op by op.
+    LiteRT converter read them as the ordinary ops they are. Features off
+    the last axis are seen as (before, features, after), which XLA's CPU
+    loops measured faster at than broadcasting into the 4-D layout.
+    Gradients, where asked for, are autodiff's, run op by op.
     """
     import tensorflow as tf
 
@@ -533,7 +535,11 @@ def _xla_inference(x, params, spec):
     with tf.xla.experimental.jit_scope(
         compile_ops=True, separate_compiled_gradients=False
     ):
-        return _plain_inference(x, params, spec)
+        if spec.axis == x.shape.rank - 1 or x.shape.rank <= 3:
+            return _plain_inference(x, params, spec)
+        merged = _merged(x, spec.axis)
+        y = _plain_inference(merged, params, spec._replace(axis=1))
+        return tf.reshape(y, tf.shape(x))
 
 
 def _plain_inference(x, params, spec):
