@@ -106,7 +106,7 @@ def test_plot_draws_each_chart_from_the_data(tmp_path):
     accuracy = (tmp_path / "accuracy.svg").read_text()
     # Text stays text (svg.fonttype none): each bar's label is in the file.
     assert "resnet: training step" in backends and "0.42" in backends
-    assert "DenseNet121" in models and "1.14" in models
+    assert "DenseNet121" in models and "0.85" in models
     assert "shape 16x5x5x4" in accuracy and "NaN" in accuracy
 
 
