@@ -776,7 +776,7 @@ def test_inference_graphs_are_convertible_under_any_rule(monkeypatch, rule):
         ((8, 5, 5, 3), -1, "float64"),
     ]:
         layer = _built(shape=shape, axis=axis, dtype=dtype)
-        kernel = axis == -1 and dtype == "float32" and rule == "default"
+        fits = axis == -1 and dtype == "float32"  # the kernel takes it
         for batch in (shape[0], None):
             spec = tf.TensorSpec((batch,) + shape[1:], dtype)
             infer = tf.function(
@@ -791,13 +791,24 @@ def test_inference_graphs_are_convertible_under_any_rule(monkeypatch, rule):
             ops = _graph_ops(infer, x)
             assert not _nested_compiled(infer, x), (shape, axis, dtype, batch)
             assert not ops & {"Case", "StatelessCase"}, ops
-            # 600 elements: the kernel's range where the size is known.
-            assert _marked(infer, x) == (batch is None or not kernel), ops
-            assert ("FusedBatchNormV3" in ops) == (
-                kernel or (batch is None and axis == -1 and dtype == "float32")
-            ) or rule == "compiled", ops
-            assert ops & {"If", "StatelessIf"} or rule == "compiled" or batch
-            assert _nested_compiled(train, x) == (not kernel), ops
+            if rule == "compiled":
+                expected = {"kernel": False, "marked": True, "cond": False}
+            elif batch is not None:
+                # 600 elements: the kernel's range.
+                expected = {"kernel": fits, "marked": not fits, "cond": False}
+            else:
+                # Every range's form, chosen when the graph runs.
+                expected = {"kernel": fits, "marked": True, "cond": True}
+            assert {
+                "kernel": "FusedBatchNormV3" in ops,
+                "marked": _marked(infer, x),
+                "cond": bool(ops & {"If", "StatelessIf"}),
+            } == expected, (shape, axis, dtype, batch, ops)
+            # Training: the nested compiled call wherever the kernel is not
+            # taken at 600 elements.
+            assert _nested_compiled(train, x) == (
+                rule == "compiled" or not fits
+            ), ops
 
 
 def test_set_form_rule(monkeypatch):
