@@ -190,6 +190,13 @@ def graph_forms(x, spec, inference):
     n = x.shape.num_elements()
     if n is not None:
         return forms, rule.index(n)
+    if not inference and _forms.COMPILED in forms:
+        # TensorFlow cannot differentiate a `tf.cond` one of whose branches
+        # holds the compiled form (its gradient reads the forward's
+        # statistics from inside the branch: "Could not find external tensor
+        # capture"), so training of unknown size takes the compiled form,
+        # which takes any size.
+        return (_forms.COMPILED,), 0
     if len(set(forms)) == 1:
         return forms[:1], 0
     return forms, None

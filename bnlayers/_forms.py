@@ -14,8 +14,10 @@ XLA-compiled function take "compiled". In a graph that TensorFlow runs op by
 op (Keras' `fit`, `evaluate` and `predict` without ``jit_compile``, a
 user's own `tf.function`) a `FormRule` decides by the number of elements of
 the inputs: known when traced, the form is picked then; unknown (Keras
-traces with an unknown batch size), the same table picks it when the graph
-runs (nested `tf.cond`s).
+traces with an unknown batch size), in inference the same table picks it
+when the graph runs (nested `tf.cond`s), and in training a rule that names
+the compiled form gives it every size (TensorFlow cannot differentiate a
+`tf.cond` that holds it).
 
 Inference graphs are convertible by design, whatever the rule: every form
 in inference is ordinary TensorFlow ops (XLA's mark is an attribute that
@@ -38,6 +40,13 @@ FORMS = (PLAIN, KERNEL, COMPILED)
 # (16, 2, 2, 1280), the others from (16, 4, 4, 672) up).
 PLAIN_MAX_ELEMENTS = 1 << 17
 
+# In training the compiled form beat the kernel from (16, 4, 4, 672) up to
+# (16, 32, 32, 128) on both CPUs measured (an AMD EPYC without oneDNN's
+# kernels, 0.53x to 0.80x the built-in's time against the kernel's 0.86x
+# to 1.25x, and with them, 0.44x to 0.81x against 0.62x to 0.98x), and was
+# level with it in a whole ResNet50 on an Intel Xeon; the kernel won only
+# at (32, 56, 56, 64) with oneDNN's kernels (0.51x against 0.62x).
+
 # Above this many elements the compiled form beat the kernel in inference
 # (measured on 2 CPU cores: 0.65x to 0.87x the built-in's time from
 # (16, 32, 32, 128) up against the kernel's 0.80x to 1.07x; level at and
@@ -53,15 +62,18 @@ class FormRule:
     the `breakpoints` are at most `n`; `training` and `inference` list the
     forms of each range (one more than there are breakpoints). The same
     table picks the form when the graph is traced (size known) and when
-    it runs (size unknown when traced).
+    it runs (size unknown when traced); in training, a size unknown when
+    traced takes the compiled form wherever the rule names it for some
+    range.
 
     Where a rule names "kernel" for a call the kernel cannot take on this
     device (features not on the last axis off a GPU, float64, an epsilon
     below cuDNN's bound) the call takes "compiled" instead.
 
-    The default: plain ops below `PLAIN_MAX_ELEMENTS` elements, then the
-    kernel, and in inference the compiled form above
-    `KERNEL_INFERENCE_MAX_ELEMENTS` (the fastest forms measured on CPU).
+    The default: plain ops below `PLAIN_MAX_ELEMENTS` elements; above, in
+    training the compiled form, in inference the kernel up to
+    `KERNEL_INFERENCE_MAX_ELEMENTS` and the compiled form beyond (the
+    fastest forms measured on CPU).
 
     Args:
         breakpoints: increasing element counts, each the first size of a
@@ -74,7 +86,7 @@ class FormRule:
         PLAIN_MAX_ELEMENTS,
         KERNEL_INFERENCE_MAX_ELEMENTS + 1,
     )
-    training: tuple[str, ...] = (PLAIN, KERNEL, KERNEL)
+    training: tuple[str, ...] = (PLAIN, COMPILED, COMPILED)
     inference: tuple[str, ...] = (PLAIN, KERNEL, COMPILED)
 
     def __post_init__(self):
@@ -152,9 +164,10 @@ def set_form_rule(rule: FormRule | str | None) -> FormRule | None:
     Args:
         rule: a `FormRule`; a form name ("plain", "kernel", "compiled"),
             short for `FormRule.always(name)`; or None for the default (on a
-            GPU the kernel, else plain ops for small tensors, the kernel for
-            larger ones, and in inference the compiled form for the largest:
-            see the [performance page](performance.md)).
+            GPU the kernel, else plain ops for small tensors, the compiled
+            form for larger ones in training, and in inference the kernel,
+            then the compiled form for the largest: see the
+            [performance page](performance.md)).
 
     Returns:
         The rule set before (None: the default).
