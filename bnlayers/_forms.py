@@ -41,11 +41,11 @@ FORMS = (PLAIN, KERNEL, COMPILED)
 PLAIN_MAX_ELEMENTS = 1 << 17
 
 # In training the compiled form beat the kernel from (16, 4, 4, 672) up to
-# (16, 32, 32, 128) on both CPUs measured (an AMD EPYC without oneDNN's
-# kernels, 0.53x to 0.80x the built-in's time against the kernel's 0.86x
-# to 1.25x, and with them, 0.44x to 0.81x against 0.62x to 0.98x), and was
+# (16, 32, 32, 128) (examples/benchmark_forms.py on an AMD EPYC: without
+# oneDNN's kernels 0.49x to 0.78x the built-in's time against the kernel's
+# 0.88x to 1.16x, with them 0.58x to 0.84x against 0.64x to 1.05x), and was
 # level with it in a whole ResNet50 on an Intel Xeon; the kernel won only
-# at (32, 56, 56, 64) with oneDNN's kernels (0.51x against 0.62x).
+# at (32, 56, 56, 64) with oneDNN's kernels (0.52x against 0.63x).
 
 # Above this many elements the compiled form beat the kernel in inference
 # (measured on 2 CPU cores: 0.65x to 0.87x the built-in's time from
