@@ -22,7 +22,10 @@ Run from the repository root:
     KERAS_BACKEND=jax python examples/benchmark_models.py --out /tmp/models-jax
     python examples/benchmark_models.py --quick              # a smoke test: seconds to a minute
 
-`--out PREFIX` writes PREFIX.md and PREFIX.json. `--fuse-activations`
+`--out PREFIX` writes PREFIX.md and PREFIX.json. `--fit` adds an epoch
+of `fit` on two and a half batches: as in most data sets the last batch is
+smaller, and Keras traces the training step again for a batch size it
+leaves unknown, which every later epoch then runs. `--fuse-activations`
 adds a third contender: the bnlayers model with each BN layer and the
 activation layer after it merged into one layer
 (`bnlayers.fuse_activations`), its ratio against the built-in in a column
@@ -106,8 +109,11 @@ def model_pair(name, size, seed=0, fuse=False, floor=False):
     return pair
 
 
-def bench(name, size, batch, rounds, seed=0, fuse=False, floor=False):
-    """Rows of figures for one architecture: its train step and its predict step."""
+def bench(
+    name, size, batch, rounds, seed=0, fuse=False, floor=False, fit=False
+):
+    """Rows of figures for one architecture: its train step and its predict
+    step (and, with `fit`, an epoch of `fit`)."""
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.0, 255.0, (batch, size, size, 3)).astype("float32")
     y = rng.integers(0, 10, batch)
@@ -120,6 +126,21 @@ def bench(name, size, batch, rounds, seed=0, fuse=False, floor=False):
             k: (lambda m=m: m.predict_on_batch(x)) for k, m in pair.items()
         },
     }
+    if fit:
+        # Two and a half batches: the last one smaller, as in most data sets,
+        # so that Keras traces the step again for a batch size it leaves
+        # unknown (the two warm-up epochs trace both).
+        n = 2 * batch + max(batch // 2, 1)
+        xs = rng.uniform(0.0, 255.0, (n, size, size, 3)).astype("float32")
+        ys = rng.integers(0, 10, n)
+        steps["fit (epoch)"] = {
+            k: (
+                lambda m=m: m.fit(
+                    xs, ys, batch_size=batch, epochs=1, verbose=0, shuffle=False
+                )
+            )
+            for k, m in pair.items()
+        }
     rows = []
     for step, contenders in steps.items():
         wall, cpu = interleaved(contenders, rounds)
@@ -221,6 +242,12 @@ def main(argv=None):
         "the floor a BN layer that cost nothing would reach",
     )
     parser.add_argument(
+        "--fit",
+        action="store_true",
+        help="also time an epoch of fit on two and a half batches (the last "
+        "one smaller, so that the step is traced for an unknown batch size)",
+    )
+    parser.add_argument(
         "--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.json"
     )
     args = parser.parse_args(argv)
@@ -253,6 +280,7 @@ def main(argv=None):
             rounds,
             fuse=args.fuse_activations,
             floor=args.floor,
+            fit=args.fit,
         ):
             report["rows"].append(row)
             fused = (

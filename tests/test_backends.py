@@ -120,7 +120,8 @@ def test_benchmark_runs_on_this_backend():
 )
 def test_model_benchmark_quick_run(tmp_path):
     """examples/benchmark_models.py --quick runs and reports both steps of
-    its model, with fused activations and the floor without BN (the figures
+    its model and an epoch of fit, with fused activations and the floor
+    without BN (the figures
     themselves are the benchmark's); the floor's model holds no BN layer."""
     import math
 
@@ -129,11 +130,12 @@ def test_model_benchmark_quick_run(tmp_path):
     out = tmp_path / "models"
     module = example_module("benchmark_models")
     report = module.main(
-        ["--quick", "--fuse-activations", "--floor", "--out", str(out)]
+        ["--quick", "--fuse-activations", "--floor", "--fit", "--out", str(out)]
     )
     assert [(r["model"], r["step"]) for r in report["rows"]] == [
         ("MobileNetV3Small", "train_on_batch"),
         ("MobileNetV3Small", "predict_on_batch"),
+        ("MobileNetV3Small", "fit (epoch)"),
     ]
     for row in report["rows"]:
         assert row["input"] == [2, 32, 32, 3]
