@@ -352,7 +352,13 @@ def _updated_moving(x, *pairs, momentum):
 
 @functools.cache
 def _compiled_training():
-    """`forward` and `backward`, XLA-compiled, traced once per input signature."""
+    """`forward` and `backward`, XLA-compiled, traced once per input signature.
+
+    Only graphs call them (fit(), a tf.function): there a compiled function
+    is traced once for the traced shape. Eager calls take plain ops
+    (`_plain_training`, `_plain_inference`) instead, which compile nothing
+    for a new input shape.
+    """
     import tensorflow as tf
 
     function = functools.partial(tf.function, jit_compile=True, autograph=False)
@@ -426,20 +432,6 @@ def _compiled_training():
         return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
 
     return forward, backward
-
-
-def _xla_functions():
-    """The XLA-compiled functions of training, traced once per input signature.
-
-    Only graphs call them (fit(), a tf.function): there a compiled function
-    is traced once for the traced shape. Eager calls take plain ops
-    (`_plain_training`, `_plain_inference`) instead, which compile nothing
-    for a new input shape.
-
-    Returns:
-        tuple: ``(forward, backward)``.
-    """
-    return _compiled_training()
 
 
 def _xla_training(x, params, spec):

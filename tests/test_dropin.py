@@ -122,7 +122,7 @@ def test_eager_calls_on_many_batch_sizes_trace_nothing():
         tf.get_logger().removeHandler(handler)
     assert not [m for m in records if "retracing" in m], records
 
-    compiled = _fast_tf._xla_functions()
+    compiled = _fast_tf._compiled_training()
     before = [f.experimental_get_tracing_count() for f in compiled]
     calls(range(13, 23))
     # Eager calls run plain ops: 10 more batch sizes compiled nothing.
