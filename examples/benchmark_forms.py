@@ -22,6 +22,7 @@ Run from the repository root (TensorFlow backend):
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -146,9 +147,7 @@ def main(argv=None):
         "rows": [],
     }
     for shape in shapes:
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         index = rule.index(n)
         row = {
             "shape": list(shape),
