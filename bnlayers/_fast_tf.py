@@ -19,8 +19,9 @@ Which form a call takes is `choose`'s answer (the rule is `_forms`'s):
   inference the plain ops marked for XLA where they stand, so that the
   graph stays readable by converters; inlined into a function that is
   XLA-compiled as a whole (`jit_compile=True`).
-- ``"plain"``: the same arithmetic as plain TensorFlow ops, in the inputs'
-  own layout, differentiated by autodiff.
+- ``"plain"``: the same arithmetic as plain TensorFlow ops: in training
+  in a graph the compiled form's forward and backward uncompiled, eagerly
+  (and in inference) in the inputs' own layout, differentiated by autodiff.
 
 All compute what the reference path in `_math` computes (see `_fused`).
 TensorFlow is imported inside the functions, so that importing bnlayers on
@@ -195,7 +196,10 @@ def graph_forms(x, spec, inference):
         # holds the compiled form (its gradient reads the forward's
         # statistics from inside the branch: "Could not find external tensor
         # capture"), so training of unknown size takes the compiled form,
-        # which takes any size.
+        # which takes any size. (Plain ops and the compiled form chosen by a
+        # `tf.cond` inside one custom gradient can be differentiated, but
+        # measured slower in DenseNet121's `fit`: 1.00x the built-in's epoch
+        # against 0.98x, and a first epoch of 117 s against 100 s.)
         return (_forms.COMPILED,), 0
     if len(set(forms)) == 1:
         return forms[:1], 0
@@ -350,9 +354,82 @@ def _updated_moving(x, *pairs, momentum):
     ]
 
 
+def _forward(
+    x,
+    gamma,
+    beta,
+    moving_mean,
+    moving_var,
+    momentum,
+    epsilon,
+    axis,
+    out_dtype,
+    activation,
+):
+    """Outputs, the shift and residual mean, the variance, the new moving statistics."""
+    import tensorflow as tf
+
+    shape = tf.shape(x)
+    x = tf.cast(_merged(x, axis), gamma.dtype)
+    n = _merged_count(x, gamma.dtype)
+    # Every sum is of x - shift, values of the order of the spread: the
+    # offset of the data never enters the rounding (see _math).
+    shift = _first_sample(x)
+    d = x - _per_feature(shift, x)
+    # Two passes on shifted values (_math.shifted_moments). The one-pass
+    # form (both sums in one read of x) measured slower compiled: XLA's CPU
+    # reductions take a materialized operand, so sum(d) and sum(d^2) cost
+    # two temporaries either way.
+    residual = tf.reduce_sum(d, _stats_axes(x)) / n
+    centred = d - _per_feature(residual, x)
+    var = tf.reduce_sum(tf.square(centred), _stats_axes(x)) / n
+    y = centred * _per_feature(
+        tf.math.rsqrt(var + epsilon) * gamma, x
+    ) + _per_feature(beta, x)
+    new_mean, new_var = _updated_moving(
+        x,
+        (moving_mean, shift + residual),
+        (moving_var, var),
+        momentum=momentum,
+    )
+    y = tf.reshape(tf.cast(_activate(y, activation), out_dtype), shape)
+    return y, shift, residual, var, new_mean, new_var
+
+
+def _backward(
+    dy, x, shift, residual, var, gamma, beta, epsilon, axis, activation
+):
+    """The gradients `(dx, dgamma, dbeta)` of `_forward`'s outputs `y`."""
+    import tensorflow as tf
+
+    shape, dtype = tf.shape(x), x.dtype
+    x = tf.cast(_merged(x, axis), gamma.dtype)
+    dy = tf.cast(_merged(dy, axis), gamma.dtype)
+    n = _merged_count(x, gamma.dtype)
+    inv = tf.math.rsqrt(var + epsilon)
+    # (x - shift) - residual, as in the forward: exact at any offset.
+    centred = (x - _per_feature(shift, x)) - _per_feature(residual, x)
+    if activation is not None:
+        # The activation's input, recomputed from x: nothing more stored.
+        pre = centred * _per_feature(inv * gamma, x) + _per_feature(beta, x)
+        dy = _activation_backward(dy, pre, activation)
+    dbeta = tf.reduce_sum(dy, _stats_axes(x))
+    dgamma = tf.reduce_sum(dy * centred, _stats_axes(x)) * inv
+    # With xhat = (x - mean) * inv and the batch statistics depending on
+    # x, the derivative of gamma * xhat + beta is
+    # gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), and
+    # sum(dy * xhat) is dgamma.
+    dx = _per_feature(gamma * inv, x) * (
+        dy
+        - _per_feature(dbeta / n, x)
+        - centred * _per_feature(inv * dgamma / n, x)
+    )
+    return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
+
+
 @functools.cache
 def _compiled_training():
-    """`forward` and `backward`, XLA-compiled, traced once per input signature.
+    """`_forward` and `_backward`, XLA-compiled, traced once per input signature.
 
     Only graphs call them (fit(), a tf.function): there a compiled function
     is traced once for the traced shape. Eager calls take plain ops
@@ -362,80 +439,12 @@ def _compiled_training():
     import tensorflow as tf
 
     function = functools.partial(tf.function, jit_compile=True, autograph=False)
-
-    @function
-    def forward(
-        x,
-        gamma,
-        beta,
-        moving_mean,
-        moving_var,
-        momentum,
-        epsilon,
-        axis,
-        out_dtype,
-        activation,
-    ):
-        """Outputs, the shift and residual mean, the variance, the new moving statistics."""
-        shape = tf.shape(x)
-        x = tf.cast(_merged(x, axis), gamma.dtype)
-        n = _merged_count(x, gamma.dtype)
-        # Every sum is of x - shift, values of the order of the spread: the
-        # offset of the data never enters the rounding (see _math).
-        shift = _first_sample(x)
-        d = x - _per_feature(shift, x)
-        # Two passes on shifted values (_math.shifted_moments). The one-pass
-        # form (both sums in one read of x) measured slower here: XLA's CPU
-        # reductions take a materialized operand, so sum(d) and sum(d^2) cost
-        # two temporaries either way.
-        residual = tf.reduce_sum(d, _stats_axes(x)) / n
-        centred = d - _per_feature(residual, x)
-        var = tf.reduce_sum(tf.square(centred), _stats_axes(x)) / n
-        y = centred * _per_feature(
-            tf.math.rsqrt(var + epsilon) * gamma, x
-        ) + _per_feature(beta, x)
-        new_mean, new_var = _updated_moving(
-            x,
-            (moving_mean, shift + residual),
-            (moving_var, var),
-            momentum=momentum,
-        )
-        y = tf.reshape(tf.cast(_activate(y, activation), out_dtype), shape)
-        return y, shift, residual, var, new_mean, new_var
-
-    @function
-    def backward(
-        dy, x, shift, residual, var, gamma, beta, epsilon, axis, activation
-    ):
-        shape, dtype = tf.shape(x), x.dtype
-        x = tf.cast(_merged(x, axis), gamma.dtype)
-        dy = tf.cast(_merged(dy, axis), gamma.dtype)
-        n = _merged_count(x, gamma.dtype)
-        inv = tf.math.rsqrt(var + epsilon)
-        # (x - shift) - residual, as in the forward: exact at any offset.
-        centred = (x - _per_feature(shift, x)) - _per_feature(residual, x)
-        if activation is not None:
-            # The activation's input, recomputed from x: nothing more stored.
-            pre = centred * _per_feature(inv * gamma, x) + _per_feature(beta, x)
-            dy = _activation_backward(dy, pre, activation)
-        dbeta = tf.reduce_sum(dy, _stats_axes(x))
-        dgamma = tf.reduce_sum(dy * centred, _stats_axes(x)) * inv
-        # With xhat = (x - mean) * inv and the batch statistics depending on
-        # x, the derivative of gamma * xhat + beta is
-        # gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), and
-        # sum(dy * xhat) is dgamma.
-        dx = _per_feature(gamma * inv, x) * (
-            dy
-            - _per_feature(dbeta / n, x)
-            - centred * _per_feature(inv * dgamma / n, x)
-        )
-        return tf.reshape(tf.cast(dx, dtype), shape), dgamma, dbeta
-
-    return forward, backward
+    return function(_forward), function(_backward)
 
 
-def _xla_training(x, params, spec):
-    """The compiled form in training (`forward` and `backward`)."""
+def _xla_training(x, params, spec, compiled=True):
+    """Training by `_forward` and `_backward` (a `tf.custom_gradient`),
+    XLA-compiled (the compiled form) or as plain ops (`compiled` False)."""
     import tensorflow as tf
 
     gamma, beta, moving_mean, moving_var, epsilon = _in_statistics_dtype(
@@ -443,13 +452,22 @@ def _xla_training(x, params, spec):
     )
     momentum = _momentum(params, spec, gamma.dtype)
     axis, out_dtype, activation = spec.axis, spec.out_dtype, spec.activation
-    forward, backward = _compiled_training()
+    forward, backward = (
+        _compiled_training() if compiled else (_forward, _backward)
+    )
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
         moving = (moving_mean, moving_var, momentum)
         outputs = forward(
-            x, gamma, beta, *moving, epsilon, axis, out_dtype, activation
+            x,
+            gamma,
+            beta,
+            *moving,
+            epsilon,
+            axis,
+            out_dtype,
+            activation,
         )
         y, shift, residual, var, new_mean, new_var = outputs
 
@@ -476,8 +494,8 @@ def _xla_training(x, params, spec):
 
 
 def _plain_training(x, params, spec):
-    """`forward` as plain TensorFlow ops on `x` in its own layout (autodiff
-    gives the gradients)."""
+    """Training as plain TensorFlow ops on `x` in its own layout (autodiff
+    gives the gradients): eager calls' form."""
     import tensorflow as tf
 
     gamma, beta, moving_mean, moving_var, epsilon = _in_statistics_dtype(
@@ -692,9 +710,22 @@ def _kernel_inference(x, params, spec):
     return tf.cast(y, out_dtype)
 
 
+def _ops_training(x, params, spec):
+    """The plain form in training: in a graph `_forward` and `_backward` as
+    plain ops (a training step measured 0.84x to 0.97x of autodiff's time
+    on 2 CPU cores, AMD EPYC, from (256, 128) to (64, 26, 26, 32)); eagerly
+    autodiff of `_plain_training` (there a custom gradient costs more than
+    the ops it saves: 1.25x to 1.8x)."""
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return _plain_training(x, params, spec)
+    return _xla_training(x, params, spec, compiled=False)
+
+
 # What each form runs, in training and in inference.
 _TRAINING = {
-    _forms.PLAIN: _plain_training,
+    _forms.PLAIN: _ops_training,
     _forms.KERNEL: _kernel_training,
     _forms.COMPILED: _xla_training,
 }
