@@ -198,8 +198,9 @@ def graph_forms(x, spec, inference):
         # capture"), so training of unknown size takes the compiled form,
         # which takes any size. (Plain ops and the compiled form chosen by a
         # `tf.cond` inside one custom gradient can be differentiated, but
-        # measured slower in DenseNet121's `fit`: 1.00x the built-in's epoch
-        # against 0.98x, and a first epoch of 117 s against 100 s.)
+        # measured slower in DenseNet121's `fit` on 2 CPU cores, AMD EPYC:
+        # 1.00x the built-in's epoch against 0.98x, a first epoch of 117 s
+        # against 100 s.)
         return (_forms.COMPILED,), 0
     if len(set(forms)) == 1:
         return forms[:1], 0
@@ -291,8 +292,9 @@ def _count(x, axis, dtype):
 # arithmetic is in the dtype of `gamma` (the statistics dtype).
 
 
-# The compiled functions' helpers, on inputs in the merged layout
-# (`_geometry.merged_shape`); run when the functions are traced.
+# The helpers of `_forward` and `_backward`, on inputs in the merged layout
+# (`_geometry.merged_shape`); run when the functions are traced (compiled,
+# or as plain ops in a graph).
 
 
 def _merged(x, axis):

@@ -24,8 +24,8 @@ Run from the repository root:
 
 `--out PREFIX` writes PREFIX.md and PREFIX.json. `--fit` adds an epoch
 of `fit` on two and a half batches: as in most data sets the last batch is
-smaller, and Keras traces the training step again for a batch size it
-leaves unknown, which every later epoch then runs. `--fuse-activations`
+smaller, and Keras then traces the training step for a batch size it
+leaves unknown, which every step of every epoch runs. `--fuse-activations`
 adds a third contender: the bnlayers model with each BN layer and the
 activation layer after it merged into one layer
 (`bnlayers.fuse_activations`), its ratio against the built-in in a column
@@ -128,8 +128,8 @@ def bench(
     }
     if fit:
         # Two and a half batches: the last one smaller, as in most data sets,
-        # so that Keras traces the step again for a batch size it leaves
-        # unknown (the two warm-up epochs trace both).
+        # so that Keras traces the step for a batch size it leaves unknown
+        # (the warm-up epochs trace and compile it).
         n = 2 * batch + max(batch // 2, 1)
         xs = rng.uniform(0.0, 255.0, (n, size, size, 3)).astype("float32")
         ys = rng.integers(0, 10, n)
