@@ -444,7 +444,7 @@ def _compiled_training():
     return function(_forward), function(_backward)
 
 
-def _xla_training(x, params, spec, compiled=True):
+def _hand_written_training(x, params, spec, compiled=True):
     """Training by `_forward` and `_backward` (a `tf.custom_gradient`),
     XLA-compiled (the compiled form) or as plain ops (`compiled` False)."""
     import tensorflow as tf
@@ -722,14 +722,14 @@ def _ops_training(x, params, spec):
 
     if tf.executing_eagerly():
         return _plain_training(x, params, spec)
-    return _xla_training(x, params, spec, compiled=False)
+    return _hand_written_training(x, params, spec, compiled=False)
 
 
 # What each form runs, in training and in inference.
 _TRAINING = {
     _forms.PLAIN: _ops_training,
     _forms.KERNEL: _kernel_training,
-    _forms.COMPILED: _xla_training,
+    _forms.COMPILED: _hand_written_training,
 }
 _INFERENCE = {
     _forms.PLAIN: _plain_inference,

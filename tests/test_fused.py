@@ -556,6 +556,18 @@ def test_forms_benchmark_quick_run(tmp_path):
     assert "| 8x6x6x4 | 1,152 |" in out.with_suffix(".md").read_text()
 
 
+def _penalty_and_gradients(layer, x, training):
+    """A gradient penalty (the squared input gradient of a loss) and its
+    gradients with respect to the inputs and gamma."""
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(layer(x, training=training) ** 3)
+        penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
+    return [penalty] + outer.gradient(penalty, [x, layer.gamma.value])
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 def test_second_order_gradients(implementation, training):
     """A gradient penalty differentiates the gradient: same as the reference path."""
@@ -567,18 +579,8 @@ def test_second_order_gradients(implementation, training):
     for fused in (True, False):
         layer = _built(shape=x.shape, fused=fused)
         layer.set_weights(weights)
-        with tf.GradientTape() as outer:
-            outer.watch(x)
-            with tf.GradientTape() as inner:
-                inner.watch(x)
-                loss = tf.reduce_sum(layer(x, training=training) ** 3)
-            penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
         results.append(
-            [penalty.numpy()]
-            + [
-                g.numpy()
-                for g in outer.gradient(penalty, [x, layer.gamma.value])
-            ]
+            [t.numpy() for t in _penalty_and_gradients(layer, x, training)]
         )
     for a, e in zip(*results, strict=False):
         ref.assert_close(
@@ -603,17 +605,8 @@ def test_second_order_gradients_in_graphs(monkeypatch, form):
         layer = _built(shape=x.shape, fused=fused)
         layer.set_weights(weights)
 
-        @tf.function
-        def penalty_and_gradients(x, layer=layer):
-            with tf.GradientTape() as outer:
-                outer.watch(x)
-                with tf.GradientTape() as inner:
-                    inner.watch(x)
-                    loss = tf.reduce_sum(layer(x, training=True) ** 3)
-                penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
-            return [penalty] + outer.gradient(penalty, [x, layer.gamma.value])
-
-        results.append([t.numpy() for t in penalty_and_gradients(x)])
+        in_graph = tf.function(_penalty_and_gradients)
+        results.append([t.numpy() for t in in_graph(layer, x, True)])
     for a, e in zip(*results, strict=True):
         ref.assert_close(
             a, e, 1e-5, f"penalty, its gradients ({form})"
