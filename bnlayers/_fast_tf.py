@@ -462,14 +462,7 @@ def _hand_written_training(x, params, spec, compiled=True):
     def normalize(x, gamma, beta):
         moving = (moving_mean, moving_var, momentum)
         outputs = forward(
-            x,
-            gamma,
-            beta,
-            *moving,
-            epsilon,
-            axis,
-            out_dtype,
-            activation,
+            x, gamma, beta, *moving, epsilon, axis, out_dtype, activation
         )
         y, shift, residual, var, new_mean, new_var = outputs
 

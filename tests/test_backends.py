@@ -121,8 +121,8 @@ def test_benchmark_runs_on_this_backend():
 def test_model_benchmark_quick_run(tmp_path):
     """examples/benchmark_models.py --quick runs and reports both steps of
     its model and an epoch of fit, with fused activations and the floor
-    without BN (the figures
-    themselves are the benchmark's); the floor's model holds no BN layer."""
+    without BN (the figures themselves are the benchmark's); the floor's
+    model holds no BN layer."""
     import math
 
     import keras

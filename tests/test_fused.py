@@ -785,7 +785,7 @@ def test_forms_by_size_when_traced_and_when_run(monkeypatch, case, batch):
 
 @pytest.mark.parametrize("axis", [1, -1])
 def test_fit_with_a_last_partial_batch(monkeypatch, axis):
-    """`fit` with a last batch smaller than the others traces its step again
+    """`fit` on data that is not a whole number of batches traces its step
     with the batch size unknown; training of unknown size then takes the
     compiled form (here at 150 elements: the rule's first breakpoint
     lowered to 50), with features on the last axis and off it, and trains
