@@ -181,14 +181,24 @@ def _normalize_function():
             # the mean; exact at the cost of one pass over the data more.
             y = torch.sub(d, _per_feature(residual, d), out=buffer)
             y = _scale_and_offset(y, scale, beta, y)
-            # In place, on the buffer this function owns.
-            y = _activate(y, activation, True)
-            # relu and relu6 take their gradient's mask from the outputs
-            # (`keep_y`: they are the outputs returned, not a float32 copy
-            # kept besides them); other activations recompute their input
-            # from `d` in the backward: no further tensor is stored.
-            saved_y = y if activation in _MASKED and keep_y else None
-            ctx.save_for_backward(d, gamma, beta, residual, invstd, saved_y)
+            # relu and relu6 are computed in place, on the buffer this
+            # function owns, and take their gradient's mask from the
+            # outputs (`keep_y`: they are the outputs returned; with
+            # outputs in another dtype the backward recomputes their input
+            # from `d`, no float32 copy is kept). Other activations keep
+            # their input, the buffer, for the backward (the tensor that
+            # the built-in layer followed by the activation keeps too):
+            # recomputing it there would cost two passes over the data.
+            saved_y = saved_pre = None
+            if activation is None or activation in _MASKED:
+                y = _activate(y, activation, True)
+                saved_y = y if activation is not None and keep_y else None
+            else:
+                saved_pre = y
+                y = _activate(y, activation, False)
+            ctx.save_for_backward(
+                d, gamma, beta, residual, invstd, saved_y, saved_pre
+            )
             ctx.dims, ctx.epsilon = dims, epsilon
             ctx.activation = activation
             ctx.mark_non_differentiable(residual, var)
@@ -229,10 +239,10 @@ def _kernel_backward(ctx, dy, needs):
     then PyTorch's batch-norm backward kernel on the saved tensors."""
     import torch
 
-    d, gamma, beta, residual, invstd, y = ctx.saved_tensors
+    d, gamma, beta, residual, invstd, y, pre = ctx.saved_tensors
     if ctx.activation is not None:
-        pre = None
-        if y is None:
+        if y is None and pre is None:
+            # relu or relu6 with outputs in another dtype.
             pre = _scale_and_offset(
                 d - _per_feature(residual, d),
                 invstd if gamma is None else invstd * gamma,
