@@ -14,10 +14,26 @@ Whether TensorFlow runs oneDNN's kernels (by default only on CPUs with
 AVX-512 features; `TF_ENABLE_ONEDNN_OPTS=1` or `0` sets it) changes the
 kernel's and the built-in's speed, so the report says which.
 
+`--model NAME` times the BN layers of a `keras.applications` model
+instead (input 64x64, batch 16, each BN layer with the activation after
+it merged as `bnlayers.fuse_activations` merges them): each distinct
+layer's training step in each form and with the default rule, against
+the built-in layer followed by the same activation, each net of the same
+step with an identity layer (the cost of the step itself: a function
+call, the upstream gradient, returning the gradients). The totals weigh
+each layer by how many the model holds: what batch normalization and its
+activations cost in a training step of that model, in each form, with
+the default rule, and with the fastest form for each layer (chosen on
+the same measurements, so an optimistic bound). With the model's ratio
+without BN (`benchmark_models.py --fuse-activations --floor`), that bounds
+what any choice among the forms can give the whole model: its ratio is at
+least ``no_bn + (1 - no_bn) * total``.
+
 Run from the repository root (TensorFlow backend):
 
     python examples/benchmark_forms.py           # 8 shapes, 7 rounds: minutes on 2 cores
     TF_ENABLE_ONEDNN_OPTS=1 python examples/benchmark_forms.py --out /tmp/forms-onednn
+    python examples/benchmark_forms.py --model EfficientNetB0 --rounds 5  # ~10 minutes
     python examples/benchmark_forms.py --quick   # seconds: checks the script works
 """
 
@@ -87,6 +103,143 @@ def bench_shape(shape, rounds):
     }
 
 
+def model_layers(name, size, batch):
+    """The BN layers of `keras.applications` model `name` with activations
+    fused, as ``[(shape, axis, activation, count)]``, largest first."""
+    import collections
+
+    import keras
+
+    import bnlayers
+
+    model = bnlayers.fuse_activations(
+        bnlayers.swap_batchnorm(
+            getattr(keras.applications, name)(
+                weights=None, input_shape=(size, size, 3), classes=10
+            ),
+            to="bnlayers",
+        )
+    )
+    counts = collections.Counter(
+        ((batch,) + tuple(layer.input.shape[1:]), layer.axis, layer.activation)
+        for layer in model.layers
+        if isinstance(layer, bnlayers.BatchNormalization)
+    )
+    return sorted(
+        ((shape, axis, act, k) for (shape, axis, act), k in counts.items()),
+        key=lambda t: (-math.prod(t[0]), t[2] or ""),
+    )
+
+
+def bench_model_layer(shape, axis, activation, rounds):
+    """Training-step seconds (medians) of one BN layer of a model: "step"
+    (an identity layer), "built-in" (Keras' BN, then the activation), each
+    form and "default", the rule in force."""
+    import statistics
+
+    import keras
+
+    import bnlayers
+    from benchmark import layer_steps
+
+    def builtin():
+        layers = [keras.layers.BatchNormalization(axis=axis)]
+        if activation is not None:
+            layers.append(keras.layers.Activation(activation))
+        return keras.Sequential(layers)
+
+    contenders = {
+        "step": layer_steps(keras.layers.Identity(), shape, 0)[0],
+        "built-in": layer_steps(builtin(), shape, 0)[0],
+    }
+    for form in FORMS + ("default",):
+        previous = bnlayers.set_form_rule(None if form == "default" else form)
+        try:
+            layer = bnlayers.BatchNormalization(
+                axis=axis, activation=activation
+            )
+            train = layer_steps(layer, shape, 0)[0]
+            train()  # traced under this form's rule
+        finally:
+            bnlayers.set_form_rule(previous)
+        contenders[form] = train
+    wall, _ = interleaved(contenders, rounds)
+    return {name: statistics.median(times) for name, times in wall.items()}
+
+
+def bench_model(name, size, batch, rounds, last=None):
+    """Rows of `bench_model_layer` for each distinct BN layer of `name` (the
+    `last` smallest only, where given), and the totals (milliseconds per
+    training step, net of "step")."""
+    layers = model_layers(name, size, batch)
+    if last is not None:
+        layers = layers[-last:]
+    rows = []
+    contenders = ("built-in",) + FORMS + ("default",)
+    totals = dict.fromkeys(contenders + ("best",), 0.0)
+    for shape, axis, activation, count in layers:
+        seconds = bench_model_layer(shape, axis, activation, rounds)
+        net = {c: 1e3 * (seconds[c] - seconds["step"]) for c in contenders}
+        net["best"] = min(net[f] for f in FORMS + ("default",))
+        for c in totals:
+            totals[c] += count * net[c]
+        rows.append(
+            {
+                "shape": list(shape),
+                "activation": activation,
+                "count": count,
+                "step_ms": 1e3 * seconds["step"],
+                "net_ms": net,
+            }
+        )
+        print(f"{count} x {shape} {activation}: {net}")
+    ratios = {c: totals[c] / totals["built-in"] for c in totals}
+    return {"rows": rows, "total_ms": totals, "total_ratio": ratios}
+
+
+def markdown_model(report):
+    columns = ("built-in",) + FORMS + ("default", "best")
+    lines = [
+        f"{report['machine']}; oneDNN's kernels "
+        f"{'on' if report['onednn'] else 'off'}; {report['rounds']} interleaved "
+        f"rounds, medians; load average {report['load_before']} before, "
+        f"{report['load_after']} after.",
+        f"Command: `{report['command']}`",
+        "",
+        f"{report['model']}'s BN layers (input {report['size']}x{report['size']}, "
+        f"batch {report['batch']}), training step net of the step itself, "
+        "milliseconds (ratio to the built-in layer and activation):",
+        "",
+        "| layers | shape | activation | step itself | "
+        + " | ".join(columns)
+        + " |",
+        "|---:|---|---|---:|" + "---:|" * len(columns),
+    ]
+
+    def cells(ms, builtin):
+        return " | ".join(
+            f"{ms[c]:.3f} ({ms[c] / builtin:.2f})"
+            if c != "built-in"
+            else f"{ms[c]:.3f}"
+            for c in columns
+        )
+
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['count']} | {'x'.join(map(str, r['shape']))} | "
+            f"{r['activation'] or '-'} | {r['step_ms']:.3f} | "
+            + cells(r["net_ms"], r["net_ms"]["built-in"])
+            + " |"
+        )
+    total = report["total_ms"]
+    lines.append(
+        f"| {sum(r['count'] for r in report['rows'])} | all, weighted | | | "
+        + cells(total, total["built-in"])
+        + " |"
+    )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report):
     lines = [
         f"{report['machine']}; oneDNN's kernels "
@@ -122,6 +275,12 @@ def main(argv=None):
         "--quick", action="store_true", help="one small shape, one round"
     )
     parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="time the BN layers (activations fused) of this "
+        "keras.applications model instead of the shapes",
+    )
+    parser.add_argument(
         "--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.json"
     )
     args = parser.parse_args(argv)
@@ -146,6 +305,22 @@ def main(argv=None):
         "load_before": load_average(),
         "rows": [],
     }
+    if args.model is not None:
+        import keras
+
+        if not hasattr(keras.applications, args.model):
+            raise SystemExit(
+                "`--model` must name a keras.applications model. "
+                f"Received: --model={args.model!r}"
+            )
+        # With --quick: a small input and batch, the two smallest layers.
+        size, batch = (32, 2) if args.quick else (64, 16)
+        report |= {"model": args.model, "size": size, "batch": batch}
+        last = 2 if args.quick else None
+        report |= bench_model(args.model, size, batch, rounds, last)
+        report["load_after"] = load_average()
+        publish(markdown_model(report), report, args.out)
+        return report
     for shape in shapes:
         n = math.prod(shape)
         index = rule.index(n)

@@ -556,6 +556,43 @@ def test_forms_benchmark_quick_run(tmp_path):
     assert "| 8x6x6x4 | 1,152 |" in out.with_suffix(".md").read_text()
 
 
+def test_forms_benchmark_model_quick_run(tmp_path):
+    """examples/benchmark_forms.py --model: the BN layers of a real model
+    (activations merged as fuse_activations merges them), each form's step
+    net of the step itself, totals weighted by the number of layers."""
+    forms = example_module("benchmark_forms")
+    layers = forms.model_layers("MobileNetV3Small", 32, 2)
+    # 34 BN layers, 23 of them merged with their activation (what
+    # fuse_activations reports for this model).
+    assert sum(k for *_, k in layers) == 34
+    assert sum(k for _, _, act, k in layers if act is not None) == 23
+    out = tmp_path / "model"
+    report = forms.main(
+        ["--model", "MobileNetV3Small", "--quick", "--out", str(out)]
+    )
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert [
+        (r["shape"], r["activation"], r["count"]) for r in saved["rows"]
+    ] == [(list(shape), act, k) for shape, _, act, k in layers[-2:]]
+    for name, total in saved["total_ms"].items():
+        weighted = sum(r["count"] * r["net_ms"][name] for r in saved["rows"])
+        assert total == pytest.approx(weighted, rel=1e-12)
+        assert saved["total_ratio"][name] == pytest.approx(
+            total / saved["total_ms"]["built-in"], rel=1e-12
+        )
+    for r in saved["rows"]:
+        assert r["net_ms"]["best"] == min(
+            r["net_ms"][f] for f in ("plain", "kernel", "compiled", "default")
+        )
+    counted = sum(k for *_, k in layers[-2:])
+    assert (
+        f"| {counted} | all, weighted |" in out.with_suffix(".md").read_text()
+    )
+    with pytest.raises(SystemExit, match="--model='NoSuchNet'"):
+        forms.main(["--model", "NoSuchNet", "--quick"])
+
+
 def _penalty_and_gradients(layer, x, training):
     """A gradient penalty (the squared input gradient of a loss) and its
     gradients with respect to the inputs and gamma."""
