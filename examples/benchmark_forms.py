@@ -197,14 +197,20 @@ def bench_model(name, size, batch, rounds, last=None):
     return {"rows": rows, "total_ms": totals, "total_ratio": ratios}
 
 
-def markdown_model(report):
-    columns = ("built-in",) + FORMS + ("default", "best")
-    lines = [
+def heading(report):
+    """The lines on the machine, the load and the command that open a report."""
+    return [
         f"{report['machine']}; oneDNN's kernels "
         f"{'on' if report['onednn'] else 'off'}; {report['rounds']} interleaved "
         f"rounds, medians; load average {report['load_before']} before, "
         f"{report['load_after']} after.",
         f"Command: `{report['command']}`",
+    ]
+
+
+def markdown_model(report):
+    columns = ("built-in",) + FORMS + ("default", "best")
+    lines = heading(report) + [
         "",
         f"{report['model']}'s BN layers (input {report['size']}x{report['size']}, "
         f"batch {report['batch']}), training step net of the step itself, "
@@ -241,12 +247,7 @@ def markdown_model(report):
 
 
 def markdown(report):
-    lines = [
-        f"{report['machine']}; oneDNN's kernels "
-        f"{'on' if report['onednn'] else 'off'}; {report['rounds']} interleaved "
-        f"rounds, medians; load average {report['load_before']} before, "
-        f"{report['load_after']} after.",
-        f"Command: `{report['command']}`",
+    lines = heading(report) + [
         "",
         "| shape | elements | training: plain | kernel | compiled "
         "| inference: plain | kernel | compiled | default rule (training, inference) |",
