@@ -33,7 +33,7 @@ Run from the repository root (TensorFlow backend):
 
     python examples/benchmark_forms.py           # 8 shapes, 7 rounds: minutes on 2 cores
     TF_ENABLE_ONEDNN_OPTS=1 python examples/benchmark_forms.py --out /tmp/forms-onednn
-    python examples/benchmark_forms.py --model EfficientNetB0 --rounds 5  # ~10 minutes
+    python examples/benchmark_forms.py --model EfficientNetB0 --rounds 5  # about 2 minutes
     python examples/benchmark_forms.py --quick   # seconds: checks the script works
 """
 
