@@ -36,9 +36,17 @@ COMPILED = "compiled"
 FORMS = (PLAIN, KERNEL, COMPILED)
 
 # Below this many elements plain ops beat the kernel and the compiled call
-# (measured on 2 CPU cores: plain the faster at (256, 128) and
+# in inference (measured on 2 CPU cores: plain the faster at (256, 128) and
 # (16, 2, 2, 1280), the others from (16, 4, 4, 672) up).
 PLAIN_MAX_ELEMENTS = 1 << 17
+
+# In training the compiled form beat plain ops from this many elements
+# (3 * 2^15): in every BN layer of EfficientNetB0, MobileNetV3Small and
+# DenseNet121 from 98,304 elements to 2^17, with its activation, 0.48x to
+# 0.70x the built-in's time against plain ops' 0.77x to 0.90x
+# (examples/benchmark_forms.py --model, AMD EPYC, three runs); below, each
+# form won about as often as the other.
+PLAIN_TRAINING_MAX_ELEMENTS = 3 << 15
 
 # In training the compiled form beat the kernel from (16, 4, 4, 672) up to
 # (16, 32, 32, 128) (examples/benchmark_forms.py on an AMD EPYC: without
@@ -70,10 +78,10 @@ class FormRule:
     device (features not on the last axis off a GPU, float64, an epsilon
     below cuDNN's bound) the call takes "compiled" instead.
 
-    The default: plain ops below `PLAIN_MAX_ELEMENTS` elements; above, in
-    training the compiled form, in inference the kernel up to
-    `KERNEL_INFERENCE_MAX_ELEMENTS` and the compiled form beyond (the
-    fastest forms measured on CPU).
+    The default: in training plain ops below `PLAIN_TRAINING_MAX_ELEMENTS`
+    elements and the compiled form from there; in inference plain ops below
+    `PLAIN_MAX_ELEMENTS`, the kernel up to `KERNEL_INFERENCE_MAX_ELEMENTS`
+    and the compiled form beyond (the fastest forms measured on CPU).
 
     Args:
         breakpoints: increasing element counts, each the first size of a
@@ -83,11 +91,12 @@ class FormRule:
     """
 
     breakpoints: tuple[int, ...] = (
+        PLAIN_TRAINING_MAX_ELEMENTS,
         PLAIN_MAX_ELEMENTS,
         KERNEL_INFERENCE_MAX_ELEMENTS + 1,
     )
-    training: tuple[str, ...] = (PLAIN, COMPILED, COMPILED)
-    inference: tuple[str, ...] = (PLAIN, KERNEL, COMPILED)
+    training: tuple[str, ...] = (PLAIN, COMPILED, COMPILED, COMPILED)
+    inference: tuple[str, ...] = (PLAIN, PLAIN, KERNEL, COMPILED)
 
     def __post_init__(self):
         points = tuple(self.breakpoints)

@@ -719,8 +719,11 @@ def test_graphs_pick_the_form_by_size_axis_and_dtype(monkeypatch, case):
 # (shape, form in inference, form in training) with the breakpoints of the
 # default rule lowered to 100 elements (plain below) and 1001 (the compiled
 # form in inference from there on).
+# Shapes and (inference, training) forms under the default rule with its
+# breakpoints scaled down to (200, 500, 1001) elements.
 SIZED_FORMS = {
     "small": ((2, 4, 4, 3), "plain", "plain"),
+    "between": ((4, 5, 5, 3), "plain", "compiled"),
     "mid": ((8, 5, 5, 3), "kernel", "compiled"),
     "large": ((16, 10, 10, 3), "compiled", "compiled"),
 }
@@ -747,8 +750,9 @@ def _counting_forms(monkeypatch):
 @pytest.mark.parametrize("case", list(SIZED_FORMS))
 def test_forms_by_size_when_traced_and_when_run(monkeypatch, case, batch):
     """One table picks the form by size when traced and when run: plain ops
-    below the first breakpoint; above it the compiled form in training, and
-    in inference the kernel, then the compiled form from the second. With
+    below the first breakpoint; from it the compiled form in training, and
+    in inference plain ops still, the kernel from the second and the
+    compiled form from the third. With
     the batch size unknown when traced (as Keras' `fit`, `evaluate` and
     `predict` trace), inference chooses when the graph runs and training
     takes the compiled form, which takes any size (a `tf.cond` holding it
@@ -759,7 +763,7 @@ def test_forms_by_size_when_traced_and_when_run(monkeypatch, case, batch):
     default = _forms.FormRule()
     _rule_for_the_test(
         monkeypatch,
-        _forms.FormRule((100, 1001), default.training, default.inference),
+        _forms.FormRule((200, 500, 1001), default.training, default.inference),
     )
     monkeypatch.setattr(_fast_tf, "gpu_visible", lambda: False)
     counts = _counting_forms(monkeypatch)
@@ -871,12 +875,14 @@ def test_one_table_feeds_the_traced_and_the_run_time_choice():
         traced = rule.index(n)
         run = int(rule.runtime_index(tf.constant(n, tf.int64)).numpy())
         assert traced == run, (rule, n, traced, run)
-    assert [rule.index(n) for n in (0, 1 << 17, 1 << 20, (1 << 20) + 1)] == [
-        0,
-        1,
-        1,
-        2,
-    ]
+    sizes = (0, 98_303, 98_304, 1 << 17, 1 << 20, (1 << 20) + 1)
+    assert [rule.index(n) for n in sizes] == [0, 0, 1, 2, 2, 3]
+    assert [rule.training[rule.index(n)] for n in sizes] == (
+        ["plain"] * 2 + ["compiled"] * 4
+    )
+    assert [rule.inference[rule.index(n)] for n in sizes] == (
+        ["plain"] * 3 + ["kernel"] * 2 + ["compiled"]
+    )
 
 
 @pytest.mark.parametrize("rule", ["default", "compiled"])
@@ -890,7 +896,7 @@ def test_inference_graphs_are_convertible_under_any_rule(monkeypatch, rule):
     default = _forms.FormRule()
     _rule_for_the_test(
         monkeypatch,
-        _forms.FormRule((50, 1000), default.training, default.inference)
+        _forms.FormRule((30, 50, 1000), default.training, default.inference)
         if rule == "default"
         else _forms.FormRule.always("compiled"),
     )
