@@ -42,10 +42,10 @@ PLAIN_MAX_ELEMENTS = 1 << 17
 
 # In training the compiled form beat plain ops from this many elements
 # (3 * 2^15): in every BN layer of EfficientNetB0, MobileNetV3Small and
-# DenseNet121 from 98,304 elements to 2^17, with its activation, 0.48x to
-# 0.70x the built-in's time against plain ops' 0.77x to 0.90x
-# (examples/benchmark_forms.py --model, AMD EPYC, three runs); below, each
-# form won about as often as the other.
+# DenseNet121 from 98,304 elements to 2^17, activation or not (0.43x to
+# 0.74x the built-in's time against plain ops' 0.65x to 0.82x, and so in
+# each of three runs: examples/benchmark_forms.py --model, AMD EPYC);
+# below, plain ops won in most layers (all under 32,768 elements).
 PLAIN_TRAINING_MAX_ELEMENTS = 3 << 15
 
 # In training the compiled form beat the kernel from (16, 4, 4, 672) up to
