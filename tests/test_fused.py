@@ -716,11 +716,10 @@ def test_graphs_pick_the_form_by_size_axis_and_dtype(monkeypatch, case):
         np.testing.assert_allclose(auto, reference, rtol=8e-6, atol=4e-6)
 
 
-# (shape, form in inference, form in training) with the breakpoints of the
-# default rule lowered to 100 elements (plain below) and 1001 (the compiled
-# form in inference from there on).
-# Shapes and (inference, training) forms under the default rule with its
-# breakpoints scaled down to (200, 500, 1001) elements.
+# (shape, form in inference, form in training) under the default rule with
+# its breakpoints lowered to 200 elements (plain below; the compiled form in
+# training from there), 500 (the kernel in inference) and 1001 (the
+# compiled form in inference from there on).
 SIZED_FORMS = {
     "small": ((2, 4, 4, 3), "plain", "plain"),
     "between": ((4, 5, 5, 3), "plain", "compiled"),
