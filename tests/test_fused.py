@@ -561,34 +561,32 @@ def test_forms_benchmark_model_quick_run(tmp_path):
     (activations merged as fuse_activations merges them), each form's step
     net of the step itself, totals weighted by the number of layers."""
     forms = example_module("benchmark_forms")
-    layers = forms.model_layers("MobileNetV3Small", 32, 2)
-    # 34 BN layers, 23 of them merged with their activation (what
-    # fuse_activations reports for this model).
-    assert sum(k for *_, k in layers) == 34
-    assert sum(k for _, _, act, k in layers if act is not None) == 23
     out = tmp_path / "model"
     report = forms.main(
         ["--model", "MobileNetV3Small", "--quick", "--out", str(out)]
     )
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved == json.loads(json.dumps(report))
-    assert [
+    # 34 BN layers, 23 of them merged with their activation (what
+    # fuse_activations reports for this model).
+    assert (saved["bn_layers"], saved["with_activation"]) == (34, 23)
+    # --quick: the smallest layer of the model at 32x32, batch 2.
+    ((shape, activation, count),) = [
         (r["shape"], r["activation"], r["count"]) for r in saved["rows"]
-    ] == [(list(shape), act, k) for shape, _, act, k in layers[-2:]]
+    ]
+    assert (shape, activation, count) == ([2, 1, 1, 96], None, 3)
     for name, total in saved["total_ms"].items():
-        weighted = sum(r["count"] * r["net_ms"][name] for r in saved["rows"])
-        assert total == pytest.approx(weighted, rel=1e-12)
+        assert total == pytest.approx(
+            count * saved["rows"][0]["net_ms"][name], rel=1e-12
+        )
         assert saved["total_ratio"][name] == pytest.approx(
             total / saved["total_ms"]["built-in"], rel=1e-12
         )
-    for r in saved["rows"]:
-        assert r["net_ms"]["best"] == min(
-            r["net_ms"][f] for f in ("plain", "kernel", "compiled", "default")
-        )
-    counted = sum(k for *_, k in layers[-2:])
-    assert (
-        f"| {counted} | all, weighted |" in out.with_suffix(".md").read_text()
+    net = saved["rows"][0]["net_ms"]
+    assert net["best"] == min(
+        net[f] for f in ("plain", "kernel", "compiled", "default")
     )
+    assert "| 3 | all, weighted |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="--model='NoSuchNet'"):
         forms.main(["--model", "NoSuchNet", "--quick"])
 
