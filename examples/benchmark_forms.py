@@ -108,17 +108,11 @@ def model_layers(name, size, batch):
     fused, as ``[(shape, axis, activation, count)]``, largest first."""
     import collections
 
-    import keras
-
     import bnlayers
+    from benchmark_models import application
 
     model = bnlayers.fuse_activations(
-        bnlayers.swap_batchnorm(
-            getattr(keras.applications, name)(
-                weights=None, input_shape=(size, size, 3), classes=10
-            ),
-            to="bnlayers",
-        )
+        bnlayers.swap_batchnorm(application(name, size), to="bnlayers")
     )
     counts = collections.Counter(
         ((batch,) + tuple(layer.input.shape[1:]), layer.axis, layer.activation)

@@ -83,6 +83,16 @@ def without_batchnorm(model):
     return keras.models.clone_model(model, clone_function=clone)
 
 
+def application(name, size):
+    """The keras.applications model `name` at `size`x`size`, no weights
+    loaded, 10 classes, as the benchmarks time it."""
+    import keras
+
+    return getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, 3), classes=10
+    )
+
+
 def model_pair(name, size, seed=0, fuse=False, floor=False):
     """{"bnlayers": model, "built-in": model}: the same weights, all compiled
     (and "fused": BN layers with their activations, where `fuse`; "floor":
@@ -93,9 +103,7 @@ def model_pair(name, size, seed=0, fuse=False, floor=False):
     import bnlayers
 
     keras.utils.set_random_seed(seed)
-    builtin = getattr(keras.applications, name)(
-        weights=None, input_shape=(size, size, 3), classes=10
-    )
+    builtin = application(name, size)
     pair = {
         "bnlayers": bnlayers.swap_batchnorm(builtin, to="bnlayers"),
         "built-in": builtin,
