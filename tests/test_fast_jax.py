@@ -202,6 +202,25 @@ def test_fast_path_matches_float64_and_the_reference_path(
         _compare(dtype, shape, axis, jit, monkeypatch)
 
 
+@pytest.mark.parametrize("copies", [True, False], ids=["copies", "shared"])
+@pytest.mark.parametrize("geometry", [CONV_LAST, CONV_FIRST], ids=["last", "first"])
+def test_with_and_without_the_broadcast_copies(copies, geometry, monkeypatch):
+    """Both sides of the size above which each loop broadcasts its own copy
+    of a per-feature vector (`_fast_jax._own_copy`): the same results."""
+    from bnlayers import _fast_jax
+
+    monkeypatch.setattr(
+        _fast_jax, "_COPIES_MIN_SIZE", 0 if copies else np.iinfo("int64").max
+    )
+    # The jitted function keeps its traces per shape: trace it anew here,
+    # and leave no trace of this setting to the tests after.
+    _fast_jax._training.clear_cache()
+    try:
+        _compare("float32", *geometry, True, monkeypatch)
+    finally:
+        _fast_jax._training.clear_cache()
+
+
 def test_without_gamma_and_beta_and_with_an_empty_batch(monkeypatch):
     spy = _Spy(monkeypatch)
     shape = (6, 5, 3)
