@@ -203,7 +203,9 @@ def test_fast_path_matches_float64_and_the_reference_path(
 
 
 @pytest.mark.parametrize("copies", [True, False], ids=["copies", "shared"])
-@pytest.mark.parametrize("geometry", [CONV_LAST, CONV_FIRST], ids=["last", "first"])
+@pytest.mark.parametrize(
+    "geometry", [CONV_LAST, CONV_FIRST], ids=["last", "first"]
+)
 def test_with_and_without_the_broadcast_copies(copies, geometry, monkeypatch):
     """Both sides of the size above which each loop broadcasts its own copy
     of a per-feature vector (`_fast_jax._own_copy`): the same results."""
