@@ -87,7 +87,7 @@ def _tensorflow_steps(layer, x, dy):
     import tensorflow as tf
 
     x, dy = tf.constant(x), tf.constant(dy)
-    params = [layer.gamma.value, layer.beta.value]
+    params = [v.value for v in layer.trainable_weights]
 
     @tf.function
     def train(x, dy):
@@ -149,7 +149,7 @@ def _torch_steps(layer, x, dy):
 
     # On Keras' device (a GPU where there is one), not copied there each call.
     x, dy = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(dy)
-    params = [layer.gamma.value, layer.beta.value]
+    params = [v.value for v in layer.trainable_weights]
     # CUDA calls return before the GPU is done: wait for it, or the time is
     # only the launching.
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)

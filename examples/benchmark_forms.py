@@ -29,12 +29,19 @@ without BN (`benchmark_models.py --fuse-activations --floor`), that bounds
 what any choice among the forms can give the whole model: its ratio is at
 least ``no_bn + (1 - no_bn) * total``.
 
+`--model` runs on PyTorch too (``KERAS_BACKEND=torch``), where the fast
+path has one form: bnlayers' layer against the built-in layer and
+activation, layer by layer, and the same bound. (Not on JAX: there a
+model's step is one XLA computation, fused across layers, so its BN
+layers' costs do not add up one by one.)
+
 Run from the repository root (TensorFlow backend):
 
     python examples/benchmark_forms.py           # 8 shapes, 7 rounds: minutes on 2 cores
     TF_ENABLE_ONEDNN_OPTS=1 python examples/benchmark_forms.py --out /tmp/forms-onednn
     python examples/benchmark_forms.py --model EfficientNetB0 --rounds 5  # about 2 minutes
     python examples/benchmark_forms.py --quick   # seconds: checks the script works
+    KERAS_BACKEND=torch python examples/benchmark_forms.py --model EfficientNetB0 --rounds 5
 """
 
 import argparse
@@ -64,6 +71,15 @@ SHAPES = (
 )
 QUICK_SHAPES = ((8, 6, 6, 4),)
 FORMS = ("plain", "kernel", "compiled")
+# The backends `--model` runs on.
+MODEL_BACKENDS = ("tensorflow", "torch")
+
+
+def backend_forms():
+    """The forms of this Keras backend's fast path that can be chosen."""
+    import keras
+
+    return FORMS if keras.backend.backend() == "tensorflow" else ()
 
 
 def onednn_enabled():
@@ -134,7 +150,11 @@ def bench_model_layer(shape, axis, activation, rounds):
     import keras
 
     import bnlayers
-    from benchmark import layer_steps
+
+    if keras.backend.backend() == "tensorflow":
+        from benchmark import layer_steps
+    else:
+        from benchmark_backends import layer_steps
 
     def builtin():
         layers = [keras.layers.BatchNormalization(axis=axis)]
@@ -146,7 +166,13 @@ def bench_model_layer(shape, axis, activation, rounds):
         "step": layer_steps(keras.layers.Identity(), shape, 0)[0],
         "built-in": layer_steps(builtin(), shape, 0)[0],
     }
-    for form in FORMS + ("default",):
+    for form in backend_forms() + ("default",):
+        if not backend_forms():
+            layer = bnlayers.BatchNormalization(
+                axis=axis, activation=activation
+            )
+            contenders[form] = layer_steps(layer, shape, 0)[0]
+            continue
         previous = bnlayers.set_form_rule(None if form == "default" else form)
         try:
             layer = bnlayers.BatchNormalization(
@@ -168,12 +194,12 @@ def bench_model(name, size, batch, rounds, last=None):
     everything = model_layers(name, size, batch)
     layers = everything if last is None else everything[-last:]
     rows = []
-    contenders = ("built-in",) + FORMS + ("default",)
+    contenders = ("built-in",) + backend_forms() + ("default",)
     totals = dict.fromkeys(contenders + ("best",), 0.0)
     for shape, axis, activation, count in layers:
         seconds = bench_model_layer(shape, axis, activation, rounds)
         net = {c: 1e3 * (seconds[c] - seconds["step"]) for c in contenders}
-        net["best"] = min(net[f] for f in FORMS + ("default",))
+        net["best"] = min(net[f] for f in backend_forms() + ("default",))
         for c in totals:
             totals[c] += count * net[c]
         rows.append(
@@ -198,9 +224,14 @@ def bench_model(name, size, batch, rounds, last=None):
 
 def heading(report):
     """The lines on the machine, the load and the command that open a report."""
+    onednn = report["onednn"]
+    kernels = (
+        ""
+        if onednn is None
+        else f"; oneDNN's kernels {'on' if onednn else 'off'}"
+    )
     return [
-        f"{report['machine']}; oneDNN's kernels "
-        f"{'on' if report['onednn'] else 'off'}; {report['rounds']} interleaved "
+        f"{report['machine']}{kernels}; {report['rounds']} interleaved "
         f"rounds, medians; load average {report['load_before']} before, "
         f"{report['load_after']} after.",
         f"Command: `{report['command']}`",
@@ -208,7 +239,7 @@ def heading(report):
 
 
 def markdown_model(report):
-    columns = ("built-in",) + FORMS + ("default", "best")
+    columns = ("built-in",) + tuple(report["forms"]) + ("default", "best")
     lines = heading(report) + [
         "",
         f"{report['model']}'s BN layers (input {report['size']}x{report['size']}, "
@@ -286,10 +317,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import keras
 
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if args.model is None and backend != "tensorflow":
         raise SystemExit(
-            "The forms are TensorFlow's: run with KERAS_BACKEND=tensorflow. "
-            f"Received: KERAS_BACKEND={keras.backend.backend()!r}"
+            "The forms are TensorFlow's: run with KERAS_BACKEND=tensorflow "
+            "(or time a model's layers with --model). "
+            f"Received: KERAS_BACKEND={backend!r}"
+        )
+    if backend not in MODEL_BACKENDS:
+        raise SystemExit(
+            "`--model` runs on TensorFlow and PyTorch (a JAX model's step is "
+            "one XLA computation, fused across its layers). "
+            f"Received: KERAS_BACKEND={backend!r}"
         )
     import bnlayers
 
@@ -298,16 +337,19 @@ def main(argv=None):
     rule = bnlayers.FormRule()
     report = {
         "machine": machine_line(),
-        "onednn": onednn_enabled(),
+        "backend": backend,
+        "onednn": onednn_enabled() if backend == "tensorflow" else None,
+        "forms": list(backend_forms()),
         "rounds": rounds,
-        "command": "python examples/benchmark_forms.py"
+        "command": (
+            "" if backend == "tensorflow" else f"KERAS_BACKEND={backend} "
+        )
+        + "python examples/benchmark_forms.py"
         + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "load_before": load_average(),
         "rows": [],
     }
     if args.model is not None:
-        import keras
-
         if not hasattr(keras.applications, args.model):
             raise SystemExit(
                 "`--model` must name a keras.applications model. "

@@ -158,3 +158,48 @@ def test_model_benchmark_quick_run(tmp_path):
     written = json.loads(out.with_suffix(".json").read_text())
     assert written["backend"] == BACKEND
     assert "benchmark_models.py --quick" in text
+
+
+@pytest.mark.backends(
+    "torch", reason="`--model` on PyTorch: one form, the fast path"
+)
+def test_forms_benchmark_model_quick_run(tmp_path):
+    """examples/benchmark_forms.py --model on PyTorch: the BN layers of a real
+    model (activations merged), bnlayers' step against the built-in layer
+    and activation, net of the step itself, weighted by the layer count."""
+    import json
+
+    forms = example_module("benchmark_forms")
+    out = tmp_path / "model"
+    report = forms.main(
+        ["--model", "MobileNetV3Small", "--quick", "--out", str(out)]
+    )
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert (saved["forms"], saved["onednn"]) == ([], None)
+    assert saved["command"].startswith(
+        "KERAS_BACKEND=torch python examples/benchmark_forms.py --model"
+    )
+    # The census does not depend on the backend (34 BN layers, 23 merged).
+    assert (saved["bn_layers"], saved["with_activation"]) == (34, 23)
+    (row,) = saved["rows"]
+    assert (row["shape"], row["activation"], row["count"]) == (
+        [2, 1, 1, 96],
+        None,
+        3,
+    )
+    assert set(row["net_ms"]) == {"built-in", "default", "best"}
+    assert row["net_ms"]["best"] == row["net_ms"]["default"]
+    for name, total in saved["total_ms"].items():
+        assert total == pytest.approx(3 * row["net_ms"][name], rel=1e-12)
+    text = out.with_suffix(".md").read_text()
+    assert "| 3 | all, weighted |" in text and "oneDNN" not in text
+
+
+@pytest.mark.backends("jax", reason="what the forms benchmark refuses on JAX")
+def test_forms_benchmark_refuses_jax():
+    forms = example_module("benchmark_forms")
+    with pytest.raises(SystemExit, match="KERAS_BACKEND='jax'"):
+        forms.main(["--model", "MobileNetV3Small", "--quick"])
+    with pytest.raises(SystemExit, match="The forms are TensorFlow's"):
+        forms.main(["--quick"])
