@@ -141,6 +141,28 @@ def model_layers(name, size, batch):
     )
 
 
+class Chain:
+    """Layers called one after the other, as a model calls them (a
+    `keras.Sequential` around them would add a call of its own, which on
+    PyTorch, run eagerly, costs as much as a small layer's step)."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def build(self, shape):
+        for layer in self.layers:
+            layer.build(shape)
+
+    @property
+    def trainable_weights(self):
+        return [w for layer in self.layers for w in layer.trainable_weights]
+
+    def __call__(self, x, training=None):
+        for layer in self.layers:
+            x = layer(x, training=training)
+        return x
+
+
 def bench_model_layer(shape, axis, activation, rounds):
     """Training-step seconds (medians) of one BN layer of a model: "step"
     (an identity layer), "built-in" (Keras' BN, then the activation), each
@@ -160,7 +182,7 @@ def bench_model_layer(shape, axis, activation, rounds):
         layers = [keras.layers.BatchNormalization(axis=axis)]
         if activation is not None:
             layers.append(keras.layers.Activation(activation))
-        return keras.Sequential(layers)
+        return Chain(layers)
 
     contenders = {
         "step": layer_steps(keras.layers.Identity(), shape, 0)[0],
