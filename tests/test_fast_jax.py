@@ -214,6 +214,9 @@ def test_with_and_without_the_broadcast_copies(copies, geometry, monkeypatch):
     monkeypatch.setattr(
         _fast_jax, "_COPIES_MIN_SIZE", 0 if copies else np.iinfo("int64").max
     )
+    # With an activation the loops take no copies at any size.
+    assert _fast_jax._copies(np.zeros(geometry[0]), None) is copies
+    assert _fast_jax._copies(np.zeros(geometry[0]), "relu") is False
     # The jitted function keeps its traces per shape: trace it anew here,
     # and leave no trace of this setting to the tests after.
     _fast_jax._training.clear_cache()
