@@ -26,6 +26,7 @@ from bnlayers import _fast_tf
 from bnlayers import _forms
 from bnlayers import _fused
 from example_scripts import example_module
+from example_scripts import forms_model_quick_run
 
 
 @pytest.fixture(params=["compiled", "kernel"])
@@ -560,35 +561,18 @@ def test_forms_benchmark_model_quick_run(tmp_path):
     """examples/benchmark_forms.py --model: the BN layers of a real model
     (activations merged as fuse_activations merges them), each form's step
     net of the step itself, totals weighted by the number of layers."""
-    forms = example_module("benchmark_forms")
-    out = tmp_path / "model"
-    report = forms.main(
-        ["--model", "MobileNetV3Small", "--quick", "--out", str(out)]
-    )
-    saved = json.loads(out.with_suffix(".json").read_text())
-    assert saved == json.loads(json.dumps(report))
-    # 34 BN layers, 23 of them merged with their activation (what
-    # fuse_activations reports for this model).
-    assert (saved["bn_layers"], saved["with_activation"]) == (34, 23)
-    # --quick: the smallest layer of the model at 32x32, batch 2.
-    ((shape, activation, count),) = [
-        (r["shape"], r["activation"], r["count"]) for r in saved["rows"]
-    ]
-    assert (shape, activation, count) == ([2, 1, 1, 96], None, 3)
-    for name, total in saved["total_ms"].items():
-        assert total == pytest.approx(
-            count * saved["rows"][0]["net_ms"][name], rel=1e-12
-        )
-        assert saved["total_ratio"][name] == pytest.approx(
-            total / saved["total_ms"]["built-in"], rel=1e-12
-        )
+    saved = forms_model_quick_run(tmp_path)
+    assert saved["forms"] == ["plain", "kernel", "compiled"]
+    assert isinstance(saved["onednn"], bool)
     net = saved["rows"][0]["net_ms"]
     assert net["best"] == min(
         net[f] for f in ("plain", "kernel", "compiled", "default")
     )
-    assert "| 3 | all, weighted |" in out.with_suffix(".md").read_text()
+    assert "oneDNN's kernels" in saved["markdown"]
     with pytest.raises(SystemExit, match="--model='NoSuchNet'"):
-        forms.main(["--model", "NoSuchNet", "--quick"])
+        example_module("benchmark_forms").main(
+            ["--model", "NoSuchNet", "--quick"]
+        )
 
 
 def _penalty_and_gradients(layer, x, training):
