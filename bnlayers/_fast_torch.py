@@ -3,8 +3,9 @@
 Keras' torch backend runs eagerly under autograd, so a call costs what its
 chain of operations costs: every elementwise op is a pass over the data in
 the forward and usually another in the backward. Here a training step is
-a subtraction, two pairwise reductions and two elementwise passes into one
-buffer, then PyTorch's native batch-norm backward kernel; an inference
+a subtraction (the shift), the centred values squared into one buffer,
+two pairwise reductions and one folded pass into that buffer for the
+outputs, then PyTorch's native batch-norm backward kernel; an inference
 step is one or two passes.
 
 Every single feature axis fits PyTorch's batch-norm layout by a reshape
@@ -27,9 +28,13 @@ torch 2.13 on CPU, against float64):
   digits when the first sample lies far out.)
 - Normalizing: the kernel computes ``x * a + (beta - mean * a)``, which
   rounds at the size of ``x * a``: fed raw inputs near 1e6 its outputs
-  are 0.03 off. Training normalizes ``(d - r) * a + beta``, subtract-first
-  as the reference path, into the buffer that held the centred values.
-  Inference does the same with the moving statistics, except that on CPU
+  are 0.03 off. Training folds too, but on the shifted values, in one
+  pass ``d * a + (beta - r * a)`` into the buffer that held the centred
+  values: that rounds at the size of ``r * a``, how far a feature's first
+  sample lies from the mean in output units, which is at most that
+  sample's own output (n * var >= (x0 - mean)^2), so the outputs stay
+  within float32 rounding of the largest of them, at any offset.
+  Inference subtracts the mean first, except that on CPU
   for tensors of 2^17 elements or more it takes the folded one pass
   ``x * a + (beta - mean * a)`` when every feature's ``|mean * a|`` is at
   most 16, where it is within 2e-6 of the subtract-first outputs (one
@@ -176,11 +181,7 @@ def _normalize_function():
             var = buffer.square_().mean(dim=dims)
             invstd = torch.rsqrt(var + epsilon)
             scale = invstd if gamma is None else invstd * gamma
-            # Subtract first, into the buffer: the folded form on `d` would
-            # round at the size of `d`, i.e. of how far the shift lies from
-            # the mean; exact at the cost of one pass over the data more.
-            y = torch.sub(d, _per_feature(residual, d), out=buffer)
-            y = _scale_and_offset(y, scale, beta, y)
+            y = _normalized(d, residual, scale, beta, buffer)
             # relu and relu6 are computed in place, on the buffer this
             # function owns, and take their gradient's mask from the
             # outputs (`keep_y`: they are the outputs returned; with
@@ -243,12 +244,8 @@ def _kernel_backward(ctx, dy, needs):
     if ctx.activation is not None:
         if y is None and pre is None:
             # relu or relu6 with outputs in another dtype.
-            pre = _scale_and_offset(
-                d - _per_feature(residual, d),
-                invstd if gamma is None else invstd * gamma,
-                beta,
-                None,
-            )
+            scale = invstd if gamma is None else invstd * gamma
+            pre = _normalized(d, residual, scale, beta, None)
         dy = _activation_backward(dy, y, pre, ctx.activation)
     # The kernel forms (d - residual) * invstd itself, subtract-first; its
     # float32 sums of dy and dy * xhat stay well within the gradients'
@@ -403,6 +400,19 @@ def _recorded(x, gamma, beta):
         x.requires_grad
         or (gamma is not None and gamma.requires_grad)
         or (beta is not None and beta.requires_grad)
+    )
+
+
+def _normalized(d, residual, scale, beta, out):
+    """``(d - residual) * scale + beta`` as one pass over the shifted values
+    `d`, folded: ``d * scale + (beta - residual * scale)``, into `out` if
+    given (see the module docstring for why this is exact here)."""
+    import torch
+
+    folded = residual * scale
+    offset = -folded if beta is None else beta - folded
+    return torch.addcmul(
+        _per_feature(offset, d), d, _per_feature(scale, d), out=out
     )
 
 
