@@ -372,13 +372,9 @@ def inference(x, params, spec):
     if _foldable(view, mean, scale):
         # One pass, x * scale + (beta - mean * scale). (torch's batch-norm
         # kernel computes the same, at twice the fixed cost per call.)
-        folded = mean * scale
-        offset = -folded if beta is None else beta - folded
         if view.dtype not in (dtype, out_dtype):
             view = view.to(dtype)
-        y = torch.addcmul(
-            _per_feature(offset, view), view, _per_feature(scale, view)
-        )
+        y = _normalized(view, mean, scale, beta, None)
         y = _activate(y, spec.activation, not _recorded(x, gamma, beta))
         return _restore(y, x, out_dtype)
     # Subtract first: (x - mean) is of the order of the spread, where the
@@ -403,17 +399,13 @@ def _recorded(x, gamma, beta):
     )
 
 
-def _normalized(d, residual, scale, beta, out):
-    """``(d - residual) * scale + beta`` as one pass over the shifted values
-    `d`, folded: ``d * scale + (beta - residual * scale)``, into `out` if
-    given (see the module docstring for why this is exact here)."""
-    import torch
-
-    folded = residual * scale
+def _normalized(d, mean, scale, beta, out):
+    """``(d - mean) * scale + beta`` in one pass, folded:
+    ``d * scale + (beta - mean * scale)``, into `out` if given (where this
+    is exact: the module docstring)."""
+    folded = mean * scale
     offset = -folded if beta is None else beta - folded
-    return torch.addcmul(
-        _per_feature(offset, d), d, _per_feature(scale, d), out=out
-    )
+    return _scale_and_offset(d, scale, offset, out)
 
 
 def _scale_and_offset(centred, scale, beta, out):
